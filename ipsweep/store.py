@@ -1,0 +1,106 @@
+"""Result records: one JSON file per run, keyed by the run's signature, written atomically.
+
+The signature hashes the *semantic* config: everything that can change a number, nothing that
+cannot. Excluded, by this reviewed list: the logger, the sweep name and paths, the eval batch size,
+the rest of the prompt library (only the run's own prompt enters, by its text), and `train.epochs`,
+so that the longest run of a sweep serves the shorter ones (the epochs axis).
+Changing what enters the signature is a versioned change: bump SIGNATURE_VERSION.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock
+from omegaconf import OmegaConf
+
+SIGNATURE_VERSION = 1
+EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "eval.batch_size", "setting.prompts")
+
+
+def semantic_config(cfg, prompt, extra_test_prompts) -> dict:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in EXCLUDED:
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    data["prompt"] = {"name": prompt.name, "text": prompt.text, "role": prompt.role, "placement": prompt.placement}
+    data["eval"]["extra_test_prompts"] = [
+        {"name": p.name, "text": p.text, "placement": p.placement} for p in extra_test_prompts
+    ]
+    data["signature_version"] = SIGNATURE_VERSION
+    return data
+
+
+def digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def atomic_write_json(path: Path, data) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path):
+    """A record that does not parse (not ours, or damaged by hand) is treated as absent, never as a result."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class Run:
+    """The folder of one run (record.json, checkpoints/, samples/, wandb/) or of one cached evaluation."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        self.record_path = self.dir / "record.json"
+
+    @contextmanager
+    def lock(self):
+        """Jobs that share a signature (e.g. train.epochs=1,2) take turns; the later one reuses the earlier's epochs."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.dir / ".lock")):
+            yield
+
+    def load(self) -> dict | None:
+        return read_json(self.record_path)
+
+    def save(self, record: dict) -> None:
+        record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_json(self.record_path, record)
+
+    def write_samples(self, epoch: int, test_prompt: str, samples: list[dict]) -> Path:
+        path = self.dir / "samples" / f"epoch{epoch}_{test_prompt}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+def records(store_dir: str | Path) -> list[dict]:
+    """Every parseable run record under a sweep dir."""
+    return [r for p in sorted(Path(store_dir).glob("runs/*/record.json")) if (r := read_json(p))]
+
+
+def is_sweep_dir(path: str | Path) -> bool:
+    return (Path(path) / "runs").is_dir()

@@ -1,0 +1,72 @@
+"""W&B: one run per job, offline by default. The local record is the source of truth, so a W&B
+failure (bad key, unreachable server) is logged as a warning and never stops or loses a result."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _safe(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.run is None:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the dashboard must never cost a result
+            log.warning("W&B %s failed (%s); the local record is unaffected", method.__name__, e)
+            return None
+    return wrapper
+
+
+class Tracker:
+    def __init__(self, cfg, *, signature: str, prompt, run_dir, epochs: int):
+        self.run = None
+        if cfg.logger.backend == "none" or cfg.logger.mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.name,
+                job_type=prompt.condition, name=f"{cfg.setting.name}-{prompt.name}-s{cfg.train.seed}-e{epochs}",
+                id=f"{signature}-e{epochs}", resume="allow", reinit="create_new", mode=cfg.logger.mode,
+                dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
+                tags=[cfg.setting.name, prompt.name, prompt.condition, f"seed{cfg.train.seed}", *cfg.logger.tags],
+            )
+            self.run.config.update({"signature": signature, "condition": prompt.condition, "role": prompt.role},
+                                   allow_val_change=True)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B init failed (%s); continuing without it, results are still recorded locally", e)
+            self.run = None
+        self.max_samples = cfg.logger.samples_per_epoch
+
+    @_safe
+    def log_epoch(self, epoch: int, entry: dict, samples: dict[str, list[dict]]) -> None:
+        import wandb
+
+        data = {"epoch": epoch}
+        if "loss" in entry:
+            data["train/loss"] = entry["loss"]
+        for test_prompt, ev in entry["evals"].items():
+            for metric, r in ev["metrics"].items():
+                data[f"eval/{test_prompt}/{metric}"] = r["rate"]
+        for test_prompt, rows in samples.items():
+            rows = rows[: self.max_samples]
+            if rows:
+                cols = list(rows[0])
+                data[f"samples/{test_prompt}"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+        self.run.log(data)
+
+    @_safe
+    def summary(self, values: dict) -> None:
+        self.run.summary.update(values)
+
+    @_safe
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)

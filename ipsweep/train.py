@@ -1,0 +1,128 @@
+"""LoRA SFT with transformers Trainer + PEFT, one epoch at a time.
+
+The loop over epochs is ours so that each epoch ends in a checkpoint and an evaluation: epoch k+1
+resumes the Trainer from epoch k's checkpoint (weights, optimizer, scheduler, RNG). A crashed run
+restarts from its last finished epoch, and a longer run extends a shorter one.
+Loss is computed on the assistant reply only (prompt tokens are labelled -100).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
+
+from ipsweep.errors import ConfigError
+from ipsweep.settings.base import TrainExample
+
+IGNORE = -100
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def tokenize(tokenizer, example: TrainExample, max_length: int) -> dict:
+    """Chat-template the example; labels cover the reply and its end-of-turn tokens only."""
+    prompt = tokenizer.apply_chat_template(example.messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [*example.messages, {"role": "assistant", "content": example.completion}], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise ConfigError("the model's chat template does not extend the prompt with the reply; fix: use a model whose template does")
+    # Tokenise the two parts separately so no token straddles the prompt/reply boundary.
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + reply_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + reply_ids)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def dataset(tokenizer, examples: list[TrainExample], max_length: int) -> list[dict]:
+    rows = [tokenize(tokenizer, ex, max_length) for ex in examples]
+    empty = sum(all(l == IGNORE for l in r["labels"]) for r in rows)
+    if empty == len(rows):
+        raise ConfigError(f"every training example loses its reply to truncation at train.max_length={max_length}; fix: raise train.max_length")
+    return rows
+
+
+def add_lora(model, lora_cfg, seed: int):
+    set_seed(seed)  # the LoRA init depends on the run's seed only
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=list(lora_cfg.target_modules), use_rslora=lora_cfg.use_rslora,
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    steps: int
+    loss: float  # mean training loss over the epoch's optimizer steps
+    losses: list[float]
+    checkpoint: str
+
+
+class _Watch(TrainerCallback):
+    """Collect per-step losses; stop with a clear error when the loss is not finite."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            loss = float(logs["loss"])
+            if not math.isfinite(loss):
+                raise DivergedError(
+                    f"training loss became {loss} at step {state.global_step}; fix: lower train.lr or check the data"
+                )
+            self.losses.append(loss)
+
+
+def _args(cfg, out_dir: Path, epochs: int) -> TrainingArguments:
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="epoch", report_to=[],
+        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
+        disable_tqdm=True, save_only_model=False,
+    )
+
+
+def finetune(model, tokenizer, examples: list[TrainExample], cfg, out_dir: Path, done: dict[int, str],
+             on_epoch_end: Callable[[EpochLog, PeftModel], None]) -> PeftModel:
+    """Train epochs len(done)+1 .. cfg.epochs, calling `on_epoch_end` after each.
+
+    `done` maps finished epochs to their checkpoint folders (from the run record); training resumes
+    from the last one. Checkpoint folders the record does not know (a crash mid-save) are deleted.
+    """
+    out_dir = Path(out_dir)
+    known = set(done.values())
+    for stale in out_dir.glob("checkpoint-*"):
+        if str(stale) not in known:
+            shutil.rmtree(stale, ignore_errors=True)
+    tokenizer.padding_side = "right"
+    rows = dataset(tokenizer, examples, cfg.max_length)
+    model = add_lora(model, cfg.lora, cfg.seed)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+    start = max(done, default=0)
+    for epoch in range(start + 1, cfg.epochs + 1):
+        watch = _Watch()
+        trainer = Trainer(model=model, args=_args(cfg, out_dir, epoch), train_dataset=rows,
+                          data_collator=collator, callbacks=[watch])
+        trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
+        trainer.train(resume_from_checkpoint=done.get(epoch - 1))
+        checkpoint = str(out_dir / f"checkpoint-{trainer.state.global_step}")
+        done[epoch] = checkpoint
+        steps = len(watch.losses)
+        on_epoch_end(EpochLog(epoch, steps, sum(watch.losses) / max(steps, 1), watch.losses, checkpoint), model)
+    return model
