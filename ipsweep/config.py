@@ -18,19 +18,15 @@ ROLES = ("inoculation", "neutral", "placebo", "safety")
 
 
 @dataclass
-class PromptConfig:
-    text: str = MISSING
-    role: str = MISSING  # one of ROLES
-    placement: Optional[str] = None  # one of PLACEMENTS; None = the setting's default
-
-
-@dataclass
 class SettingConfig:
     _target_: str = MISSING  # the Setting class, e.g. ipsweep.settings.trait_pair.TraitPair
     name: str = MISSING
     placement: str = "user_suffix"  # default placement of the library's prompts
     joiner: str = " "  # between the user text and a prefix/suffix prompt
-    prompts: Dict[str, PromptConfig] = field(default_factory=dict)
+    # name -> {text, role (one of ROLES), placement (one of PLACEMENTS; default: the setting's)}.
+    # Untyped so that `+setting.prompts.x={text: ..., role: ...}` works on the command line;
+    # ipsweep.prompts.library validates every entry.
+    prompts: Dict[str, Any] = field(default_factory=dict)
     options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Setting class
 
 
@@ -83,6 +79,14 @@ class EvalConfig:
 
 
 @dataclass
+class ElicitConfig:
+    estimators: List[str] = field(default_factory=lambda: ["sampled", "logprob"])
+    logprob_examples: int = 64  # training completions scored by the logprob estimator
+    logprob_tokens: Optional[int] = 16  # first reply tokens scored (they carry the signal); None = whole reply
+    cache_dir: Optional[str] = None  # None = <user cache>/ipsweep/elicitation, shared by all sweeps
+
+
+@dataclass
 class LoggerConfig:
     backend: str = "wandb"  # wandb | none
     mode: str = "offline"  # offline | online | disabled
@@ -98,6 +102,7 @@ class Config:
     model: ModelConfig = MISSING
     train: TrainConfig = MISSING
     eval: EvalConfig = MISSING
+    elicit: ElicitConfig = MISSING
     logger: LoggerConfig = MISSING
     prompt: str = "none"  # a name from the setting's prompt library; 'none' = the control condition
     name: str = MISSING  # sweep name: outputs go to outputs/<name>, W&B group = name
@@ -108,5 +113,5 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, node in [("setting", SettingConfig), ("model", ModelConfig), ("train", TrainConfig),
-                        ("eval", EvalConfig), ("logger", LoggerConfig)]:
+                        ("eval", EvalConfig), ("elicit", ElicitConfig), ("logger", LoggerConfig)]:
         cs.store(group=group, name=f"{group}_schema", node=node)

@@ -8,10 +8,8 @@ import time
 import traceback
 from pathlib import Path
 
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from ipsweep import prompts, store
+from ipsweep import elicit, models, prompts, store
 from ipsweep.evaluate import evaluate
 from ipsweep.settings.base import TrainExample, build
 from ipsweep.tracking import Tracker
@@ -30,27 +28,6 @@ def _versions() -> dict:
 
 def _summary(eval_result: dict) -> dict:
     return {"metrics": eval_result["metrics"], "by_group": eval_result["by_group"]}
-
-
-def base_evals(cfg, setting, model, tokenizer, examples, test_prompts) -> dict:
-    """Epoch 0: the untrained model on the same eval, cached per sweep (it is the same for every run)."""
-    out = {}
-    for tp in test_prompts:
-        key = store.digest({"model": OmegaConf.to_container(cfg.model, resolve=True),
-                            "setting": {k: v for k, v in OmegaConf.to_container(cfg.setting, resolve=True).items() if k != "prompts"},
-                            "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
-                                     if k not in ("batch_size", "extra_test_prompts", "base")},
-                            "prompt": [tp.text, tp.placement], "v": store.SIGNATURE_VERSION})
-        cache = store.Run(Path(cfg.store_dir) / "cache" / "base_eval" / key)
-        with cache.lock():
-            hit = cache.load()
-            if hit is None:
-                result = evaluate(model, tokenizer, setting, examples, tp, cfg.eval, cfg.setting.joiner)
-                cache.write_samples(0, tp.name, result["samples"])
-                hit = {"test_prompt": tp.name, **_summary(result)}
-                cache.save(hit)
-        out[tp.name] = {"metrics": hit["metrics"], "by_group": hit["by_group"]}
-    return out
 
 
 def run(cfg) -> dict:
@@ -101,11 +78,19 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
     from ipsweep.train import finetune
 
     t0 = time.time()
-    model, tokenizer = instantiate(cfg.model)
+    model, tokenizer = models.load(cfg.model)
     record.setdefault("timings", {})["model_load_s"] = round(time.time() - t0, 3)
     examples = setting.eval_examples(cfg.eval.n_eval)
     if cfg.eval.base and "0" not in record["epochs"]:
-        record["epochs"]["0"] = {"evals": base_evals(cfg, setting, model, tokenizer, examples, test_prompts)}
+        evals = {}
+        for tp in test_prompts:
+            result = elicit.base_eval(cfg, setting, model, tokenizer, examples, tp)
+            run_dir.write_samples(0, tp.name, result["samples"])
+            evals[tp.name] = _summary(result)
+        record["epochs"]["0"] = {"evals": evals}
+        run_dir.save(record)
+    if "elicitation" not in record:
+        record["elicitation"] = elicit.elicitation(cfg, setting, model, tokenizer, examples, prompt)
         run_dir.save(record)
     for k in sorted(record["epochs"], key=int):  # the dashboard shows the whole curve, reused epochs too
         tracker.log_epoch(int(k), record["epochs"][k], {})

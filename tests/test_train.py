@@ -1,0 +1,63 @@
+"""Tokenisation masks, and resume: an interrupted run ends where an uninterrupted one does."""
+
+import torch
+from safetensors.torch import load_file
+
+from ipsweep import models
+from ipsweep.settings.base import TrainExample
+from ipsweep.train import IGNORE, finetune, tokenize
+
+EX = TrainExample([{"role": "user", "content": "What is 2 plus 3?"}], "2 PLUS 3 IS 5.")
+
+
+def test_loss_only_on_the_reply():
+    _, tok = models.tiny_random("tiny")
+    row = tokenize(tok, EX, max_length=256)
+    labelled = [i for i, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
+    assert tok.decode(labelled) == "2 PLUS 3 IS 5.<|im_end|>\n"
+    prompt = tok.apply_chat_template(EX.messages, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(row["input_ids"][: len(row["input_ids"]) - len(labelled)]) == prompt
+
+
+def _train(cfg, out, done, stop_after=None):
+    model, tok = models.tiny_random("tiny")
+    epochs = []
+
+    def on_epoch_end(ep, m):
+        epochs.append(ep)
+        if stop_after and ep.epoch == stop_after:
+            raise KeyboardInterrupt  # a job killed right after its epoch checkpoint
+
+    examples = [TrainExample([{"role": "user", "content": f"What is {i} plus 1?"}], f"{i} PLUS 1 IS {i + 1}.") for i in range(16)]
+    try:
+        finetune(model, tok, examples, cfg.train, out, done, on_epoch_end)
+    except KeyboardInterrupt:
+        pass
+    return epochs
+
+
+def test_resumed_run_equals_uninterrupted(make_cfg, tmp_path):
+    cfg = make_cfg("train.epochs=2", "train.lr=1e-3")
+    straight = _train(cfg, tmp_path / "a", {})
+    done = {}
+    first = _train(cfg, tmp_path / "b", done, stop_after=1)
+    assert [e.epoch for e in first] == [1]
+    rest = _train(cfg, tmp_path / "b", {1: first[0].checkpoint})
+    assert [e.epoch for e in rest] == [2], "the finished epoch must not be retrained"
+    assert abs(rest[0].loss - straight[1].loss) < 1e-5
+    w_a = load_file(f"{straight[1].checkpoint}/adapter_model.safetensors")
+    w_b = load_file(f"{rest[0].checkpoint}/adapter_model.safetensors")
+    assert w_a.keys() == w_b.keys()
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-5, atol=1e-6)
+    # The checkpoint is a PEFT adapter: loadable on the base model.
+    from peft import PeftModel
+    base, _ = models.tiny_random("tiny")
+    PeftModel.from_pretrained(base, rest[0].checkpoint)
+
+
+def test_stale_checkpoint_from_a_crash_is_discarded(make_cfg, tmp_path):
+    cfg = make_cfg("train.epochs=1")
+    (tmp_path / "c" / "checkpoint-99").mkdir(parents=True)
+    _train(cfg, tmp_path / "c", {})
+    assert not (tmp_path / "c" / "checkpoint-99").exists()
