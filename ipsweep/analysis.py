@@ -35,7 +35,9 @@ def tidy(records: list[dict]) -> pd.DataFrame:
                         "metric": metric,
                         "kind": "behaviour" if metric == r["behaviour_metric"]
                         else "capability" if metric == r["capability_metric"] else "other",
-                        "loss": entry.get("loss"), **m,
+                        "loss": entry.get("loss"),
+                        "elicit_sampled": r.get("elicitation", {}).get("sampled", {}).get("estimate"),
+                        "elicit_logprob": r.get("elicitation", {}).get("logprob", {}).get("estimate"), **m,
                     })
     return pd.DataFrame(rows)
 
@@ -76,25 +78,109 @@ def bootstrap_mean_ci(values, seed: int = 0) -> tuple[float, float]:
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def effect_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Inoculation effect b(control) - b(arm) and capability cost c(control) - c(arm), matched on seed and
-    epoch, both under the unmodified test prompt; mean over seeds with a bootstrap 95% CI."""
+def effects_long(df: pd.DataFrame) -> pd.DataFrame:
+    """Per run and epoch: inoculation effect b(control) - b(arm) and capability cost c(control) - c(arm),
+    matched on setting, seed and epoch, both under the unmodified test prompt."""
     plain = df[(df.test_prompt == "none") & df.kind.isin(["behaviour", "capability"]) & (df.epoch > 0)]
-    wide = plain.pivot_table(index=["setting", "seed", "epoch", "arm"], columns="kind", values="rate").reset_index()
-    control = wide[wide.arm == "control"].drop(columns="arm")
-    merged = wide[wide.arm != "control"].merge(control, on=["setting", "seed", "epoch"], suffixes=("", "_control"))
-    if merged.empty:
+    if plain.empty:
         return pd.DataFrame()
+    index = ["setting", "seed", "epoch", "arm", "prompt", "role", "condition", "elicit_sampled", "elicit_logprob"]
+    wide = plain.pivot_table(index=index, columns="kind", values="rate", dropna=False).reset_index().dropna(subset=["behaviour"])
+    control = wide[wide.arm == "control"][["setting", "seed", "epoch", "behaviour", "capability"]]
+    merged = wide[wide.arm != "control"].merge(control, on=["setting", "seed", "epoch"], suffixes=("", "_control"))
     merged["effect"] = merged.behaviour_control - merged.behaviour
     merged["capability_cost"] = merged.capability_control - merged.capability
+    return merged
+
+
+def effect_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean effect and capability cost over seeds per arm and epoch, with bootstrap 95% CIs."""
+    merged = effects_long(df)
+    if merged.empty:
+        return pd.DataFrame()
     out = []
     for (setting, a, epoch), g in merged.groupby(["setting", "arm", "epoch"]):
         lo, hi = bootstrap_mean_ci(g.effect)
         clo, chi = bootstrap_mean_ci(g.capability_cost)
         out.append({"setting": setting, "arm": a, "epoch": epoch, "seeds": len(g),
+                    "elicit_sampled": g.elicit_sampled.iloc[0], "elicit_logprob": g.elicit_logprob.iloc[0],
                     "effect": g.effect.mean(), "effect_ci": f"[{lo:.2f}, {hi:.2f}]",
                     "capability_cost": g.capability_cost.mean(), "capability_cost_ci": f"[{clo:.2f}, {chi:.2f}]"})
     return pd.DataFrame(out)
+
+
+def _rank(a: np.ndarray) -> np.ndarray:
+    return stats.rankdata(a, axis=-1)
+
+
+def hierarchical_bootstrap(groups: list[list[tuple[float, np.ndarray]]], n_resamples: int = 2000,
+                           seed: int = 0) -> dict:
+    """Pearson and Spearman of x (elicitation) vs mean y (effect over seeds), one point per prompt.
+
+    `groups`: per stratum (setting), a list of (x, effects over seeds) per prompt. Each resample draws
+    prompts with replacement within each stratum, then seeds with replacement within each prompt.
+    Returns point estimates (scipy.stats) and percentile 95% CIs.
+    """
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([[p[0] for p in g] for g in groups])
+    y = np.concatenate([[p[1].mean() for p in g] for g in groups])
+    out = {"points": len(x)}
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {**out, "pearson": np.nan, "pearson_lo": np.nan, "pearson_hi": np.nan,
+                "spearman": np.nan, "spearman_lo": np.nan, "spearman_hi": np.nan}
+    out["pearson"] = float(stats.pearsonr(x, y).statistic)
+    out["spearman"] = float(stats.spearmanr(x, y).statistic)
+    bx, by = [], []
+    for g in groups:
+        pick = rng.integers(0, len(g), size=(n_resamples, len(g)))
+        xs = np.array([p[0] for p in g])[pick]
+        ys = np.empty(pick.shape)
+        for j, p in enumerate(g):  # resample prompt j's seeds, for every resample at once
+            seeds = p[1][rng.integers(0, len(p[1]), size=(n_resamples, len(p[1])))].mean(axis=1)
+            ys[pick == j] = seeds[np.nonzero(pick == j)[0]]
+        bx.append(xs)
+        by.append(ys)
+    bx, by = np.concatenate(bx, axis=1), np.concatenate(by, axis=1)
+    ok = (np.ptp(bx, axis=1) > 0) & (np.ptp(by, axis=1) > 0)  # a resample of one repeated prompt has no r
+    for name, (a, b) in {"pearson": (bx[ok], by[ok]), "spearman": (_rank(bx[ok]), _rank(by[ok]))}.items():
+        r = stats.pearsonr(a, b, axis=1).statistic
+        out[f"{name}_lo"], out[f"{name}_hi"] = (float(v) for v in np.percentile(r, [2.5, 97.5]))
+    return out
+
+
+def _standardise(points: list[tuple[float, np.ndarray]]) -> list[tuple[float, np.ndarray]]:
+    """z-score x and y within one setting, so pooling compares prompts within settings, not settings."""
+    x = np.array([p[0] for p in points])
+    y_all = np.concatenate([p[1] for p in points])
+    sx, sy = x.std() or 1.0, y_all.std() or 1.0
+    return [((p[0] - x.mean()) / sx, (p[1] - y_all.mean()) / sy) for p in points]
+
+
+def correlation_table(effects: pd.DataFrame, n_resamples: int = 2000) -> pd.DataFrame:
+    """Elicitation vs inoculation effect, per setting and pooled, per epoch and estimator.
+
+    One point per IP-style prompt (inoculation, neutral, placebo); PTST arms are excluded because their
+    training data is unmodified. The control is not a point: its effect is 0 by definition.
+    """
+    ip = effects[effects.condition == "ip"] if not effects.empty else effects
+    rows = []
+    for est in ("sampled", "logprob"):
+        col = f"elicit_{est}"
+        if ip.empty or ip[col].isna().all():
+            continue
+        for epoch, e in ip.groupby("epoch"):
+            per_setting = {
+                setting: [(g[col].iloc[0], g.effect.to_numpy()) for _, g in s.groupby("prompt") if pd.notna(g[col].iloc[0])]
+                for setting, s in e.groupby("setting")
+            }
+            for setting, points in per_setting.items():
+                rows.append({"setting": setting, "epoch": epoch, "estimator": est,
+                             **hierarchical_bootstrap([points], n_resamples)})
+            if len(per_setting) > 1:
+                pooled = [_standardise(p) for p in per_setting.values() if len(p) > 1]
+                rows.append({"setting": "pooled (z within setting)", "epoch": epoch, "estimator": est,
+                             **hierarchical_bootstrap(pooled, n_resamples)})
+    return pd.DataFrame(rows)
 
 
 def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
@@ -125,6 +211,99 @@ def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def elicitation_table(records: list[dict]) -> pd.DataFrame:
+    """One row per (setting, prompt): both estimators with their CIs, as recorded by the runs."""
+    rows = {}
+    for r in records:
+        for est, v in r.get("elicitation", {}).items():
+            row = rows.setdefault((r["setting"], r["prompt"]), {"setting": r["setting"], "prompt": r["prompt"],
+                                                                "role": r["role"], "arm": arm(r)})
+            row.update({est: v["estimate"], f"{est}_lo": v["lo"], f"{est}_hi": v["hi"]})
+    return pd.DataFrame(list(rows.values()))
+
+
+def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: str, path: Path) -> Path | None:
+    """Elicitation (x, 95% CI) vs mean inoculation effect over seeds (y, bootstrap 95% CI), last epoch, with a fit."""
+    ip = effects[effects.condition == "ip"] if not effects.empty else effects
+    if ip.empty or elicitation.empty or estimator not in elicitation:
+        return None
+    plt = _pyplot()
+    settings = sorted(ip.setting.unique())
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        e = ip[(ip.setting == setting) & (ip.epoch == ip[ip.setting == setting].epoch.max())]
+        pts = []
+        for prompt, g in e.groupby("prompt"):
+            el = elicitation[(elicitation.setting == setting) & (elicitation.prompt == prompt)]
+            if el.empty or pd.isna(el[estimator].iloc[0]):
+                continue
+            x, xlo, xhi = el[estimator].iloc[0], el[f"{estimator}_lo"].iloc[0], el[f"{estimator}_hi"].iloc[0]
+            y = g.effect.mean()
+            lo, hi = bootstrap_mean_ci(g.effect)
+            yerr = [[y - lo], [hi - y]] if np.isfinite(lo) else None
+            ax.errorbar(x, y, xerr=[[x - xlo], [xhi - x]], yerr=yerr, fmt="o", capsize=3)
+            ax.annotate(prompt, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            pts.append((x, y))
+        if len(pts) >= 3:
+            fit = stats.linregress(*zip(*pts))
+            xs = np.linspace(min(p[0] for p in pts), max(p[0] for p in pts), 20)
+            ax.plot(xs, fit.intercept + fit.slope * xs, "--", color="grey", label=f"fit, r={fit.rvalue:+.2f}")
+            ax.legend(fontsize=8)
+        ax.axhline(0, color="lightgrey", lw=0.8)
+        ax.set_title(f"{setting}, epoch {int(e.epoch.max()) if len(e) else '?'}")
+        ax.set_xlabel(f"elicitation ({estimator}) on the base model")
+        ax.set_ylabel("inoculation effect b(control) - b(IP)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_effect_curves(effects: pd.DataFrame, path: Path) -> Path | None:
+    """Effect vs epochs per prompt (mean over seeds), and capability cost vs effect."""
+    if effects.empty:
+        return None
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    means = effects.groupby(["setting", "arm", "epoch"])[["effect", "capability_cost"]].mean().reset_index()
+    for (setting, a), g in means.groupby(["setting", "arm"]):
+        label = f"{setting}: {a}" if means.setting.nunique() > 1 else a
+        a1.plot(g.epoch, g.effect, marker="o", label=label)
+        a2.scatter(g.effect, g.capability_cost, label=label)
+    a1.axhline(0, color="lightgrey", lw=0.8)
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("inoculation effect (mean over seeds)")
+    a1.set_xticks(sorted(means.epoch.unique()))
+    a1.legend(fontsize=7)
+    a2.axhline(0, color="lightgrey", lw=0.8)
+    a2.axvline(0, color="lightgrey", lw=0.8)
+    a2.set_xlabel("inoculation effect")
+    a2.set_ylabel("capability cost c(control) - c(arm)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def test_prompt_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Behaviour of every trained arm under each test-time prompt (does the behaviour come back on request?)."""
+    b = df[(df.kind == "behaviour") & (df.epoch > 0)]
+    if b.test_prompt.nunique() < 2:
+        return pd.DataFrame()
+    g = b.groupby(["setting", "arm", "epoch", "test_prompt"]).agg(k=("k", "sum"), n=("n", "sum")).reset_index()
+    g["behaviour"] = g.k / g.n
+    return g.pivot_table(index=["setting", "arm", "epoch"], columns="test_prompt", values="behaviour").reset_index()
+
+
 def _fmt(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".3f") if not df.empty else "(none)"
 
@@ -142,12 +321,22 @@ def analyze(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     df = tidy(records)
     table = condition_table(df)
     effects = effect_table(df)
+    long = effects_long(df)
+    elicitation = elicitation_table(records)
+    correlations = correlation_table(long)
+    by_test_prompt = test_prompt_table(df)
     df.to_csv(out / "tidy.csv", index=False)
     df.to_parquet(out / "tidy.parquet", index=False)
     table.to_csv(out / "conditions.csv", index=False)
     (out / "conditions.md").write_text(_fmt(table) + "\n")
     effects.to_csv(out / "effects.csv", index=False)
+    elicitation.to_csv(out / "elicitation.csv", index=False)
+    correlations.to_csv(out / "correlations.csv", index=False)
     plot = plot_behaviour(table, out / "behaviour.png")
+    plots = {"behaviour": plot, "effect_curves": plot_effect_curves(long, out / "effect_curves.png")}
+    for est in ("sampled", "logprob"):
+        plots[f"scatter_{est}"] = plot_scatter(long, elicitation, est, out / f"scatter_{est}.png")
+    plots = {k: v for k, v in plots.items() if v}
     failed = [r for r in records if r["status"] != "done"]
     status_lines = [f"- {Path(r['run_dir']).name}: {r['status']}" + (f" ({r['error']['type']}: {r['error']['message']})" if r.get("error") else "")
                     for r in failed]
@@ -161,7 +350,21 @@ def analyze(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         "effect = b(control) - b(arm), capability_cost = c(control) - c(arm), same seed and epoch, unmodified test prompt;",
         "mean over seeds with a bootstrap 95% CI (nan with one seed).", "", _fmt(effects), "",
         f"![behaviour rate by condition and epoch]({plot.name})", "",
+        "## Behaviour under each test-time prompt",
+        "Pooled behaviour rate of each trained arm with each prompt inserted at test time (`none` = unmodified).", "",
+        _fmt(by_test_prompt), "",
+        "## Elicitation strength of each prompt on the untrained model",
+        "sampled = b(prompt inserted) - b(unmodified) with a Newcombe 95% CI; logprob = mean per-token log-prob gain",
+        "(nats) of the training replies with the prompt inserted, t 95% CI.", "", _fmt(elicitation), "",
+        "## Does elicitation predict the inoculation effect?",
+        "One point per IP-style prompt (mean effect over seeds); Pearson and Spearman with percentile 95% CIs from",
+        "a bootstrap that resamples prompts, then seeds within each prompt. Pooled rows z-score both axes within",
+        "each setting first. PTST arms are not points (their training data is unmodified).", "",
+        _fmt(correlations), "",
+        *[f"![{k}]({v.name})" for k, v in plots.items() if k != "behaviour"], "",
         "## Runs not done", "", "\n".join(status_lines) or "(none)", "",
     ])
     (out / "report.md").write_text(report)
-    return {"out_dir": out, "table": table, "effects": effects, "report": out / "report.md", "plot": plot, "records": records}
+    return {"out_dir": out, "table": table, "effects": effects, "elicitation": elicitation, "correlations": correlations,
+            "by_test_prompt": by_test_prompt, "tidy": df, "report": out / "report.md", "plot": plot, "plots": plots,
+            "records": records}

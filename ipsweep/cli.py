@@ -1,4 +1,4 @@
-"""The `ipsweep` console script: prepare models, analyze a sweep."""
+"""The `ipsweep` console script: prepare models, screen prompts, analyze a sweep."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def _prepare(args) -> None:
 
 def _analyze(args) -> None:
     from ipsweep.analysis import analyze
+    from ipsweep.tracking import log_analysis
 
     result = analyze(args.sweep_dir, args.out)
     cols = ["setting", "arm", "epoch", "seeds", "behaviour_metric", "behaviour", "behaviour_ci", "behaviour_k/n",
@@ -28,13 +29,50 @@ def _analyze(args) -> None:
     if not result["effects"].empty:
         print()
         print(result["effects"].to_markdown(index=False, floatfmt=".2f"))
+    corr = result["correlations"]
+    if not corr.empty and (corr.points >= 3).any():
+        print("\nelicitation vs inoculation effect:")
+        print(corr.to_markdown(index=False, floatfmt=".2f"))
+    log_analysis(result, project=args.wandb_project, mode=args.wandb_mode)
     wandb_runs = sorted(Path(args.sweep_dir).glob("runs/*/wandb/offline-run-*"))
     print(f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: {result['out_dir']}/conditions.csv, tidy.csv, tidy.parquet, effects.csv")
     print(f"W&B offline runs: {len(wandb_runs)} under {args.sweep_dir}/runs/*/wandb/ (upload: wandb sync <dir>)")
 
 
+def compose(overrides: list[str]):
+    """The job config as launch.py would compose it, from Hydra-style overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ipsweep.config import register
+
+    register()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return hydra_compose("config", overrides=["store_dir=unused", *overrides])
+
+
+def _screen(args) -> None:
+    from ipsweep import screen
+
+    cfg = compose(args.overrides)
+    table = screen.screen(cfg)
+    out = Path(args.out or f"outputs/screen/{cfg.setting.name}-{cfg.model.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "elicitation.csv", index=False)
+    png = screen.plot(table, f"{cfg.setting.name} on {cfg.model.name}: elicitation strength", out / "elicitation.png")
+    cols = [c for c in ["prompt", "role", "sampled", "sampled_lo", "sampled_hi", "behaviour_with_prompt",
+                        "logprob", "logprob_lo", "logprob_hi"] if c in table]
+    print(table[cols].to_markdown(index=False, floatfmt=".3f"))
+    agree = screen.agreement(table)
+    if agree:
+        print(f"\nestimator agreement: Spearman {agree['spearman']:+.2f} (p={agree['p']:.3f}, {agree['prompts']} prompts)")
+    print(f"table: {out / 'elicitation.csv'}\nplot:  {png}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_SILENT", "true")
     parser = argparse.ArgumentParser(prog="ipsweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="convert the embedded GGUF model to a cached safetensors folder (once)")
@@ -43,11 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("analyze", help="tables, plot and report.md from a sweep dir's run records")
     p.add_argument("sweep_dir")
     p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/analysis)")
+    p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"],
+                   help="log the tables and plots to W&B in the sweep's group (default: offline)")
+    p.add_argument("--wandb-project", default="ipsweep")
     p.set_defaults(func=_analyze)
+    p = sub.add_parser("screen", help="rank a setting's prompts by elicitation strength on the base model (no training)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. setting=gcd_sycophancy model=hf model.path=...")
+    p.add_argument("--out", default=None, help="output folder (default: outputs/screen/<setting>-<model>)")
+    p.set_defaults(func=_screen)
     args = parser.parse_args(argv)
+    from hydra.errors import ConfigCompositionException
+
     try:
         args.func(args)
-    except ConfigError as e:
+    except (ConfigError, ConfigCompositionException) as e:
         print(f"ipsweep: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -75,6 +75,9 @@ class EvalConfig:
     batch_size: int = 32
     # Extra prompts inserted at test time on every trained model (names from the library).
     extra_test_prompts: List[str] = field(default_factory=list)
+    # Also test each trained model with its own training prompt and the library's safety prompts inserted
+    # (does the behaviour come back on request? does the model still follow instructions?).
+    test_grid: bool = False
     base: bool = True  # also evaluate the untrained model (epoch 0), cached per sweep
 
 

@@ -30,10 +30,13 @@ def _summary(eval_result: dict) -> dict:
     return {"metrics": eval_result["metrics"], "by_group": eval_result["by_group"]}
 
 
-def run(cfg) -> dict:
+def run(cfg) -> list[dict]:
     """Run (or reuse) one point; returns the headline rates per epoch. Raises after recording a failure."""
     prompt = prompts.resolve(cfg.setting, cfg.prompt)
     extra = [prompts.resolve(cfg.setting, n) for n in cfg.eval.extra_test_prompts]
+    if cfg.eval.test_grid:
+        own = [prompt] if prompt.condition == "ip" else []
+        extra += own + [p for p in prompts.library(cfg.setting).values() if p.role == "safety"]
     setting = build(cfg.setting)  # reads and checks the data before any model is loaded
     test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [prompt.test_prompt]), *extra]}.values())
     headline = (prompt.test_prompt or prompts.NO_PROMPT).name

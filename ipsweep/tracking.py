@@ -70,3 +70,23 @@ class Tracker:
     @_safe
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+def log_analysis(result: dict, *, project: str, mode: str, entity: str | None = None) -> str | None:
+    """Log the analysis tables and plots as one W&B run (job_type=analysis) in the sweep's group."""
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        group = result["records"][0].get("sweep")
+        run = wandb.init(project=project, entity=entity, group=group, job_type="analysis", name=f"{group}-analysis",
+                         mode=mode, dir=str(result["out_dir"]), reinit="create_new")
+        tables = {k: result[k] for k in ("table", "effects", "elicitation", "correlations", "by_test_prompt")}
+        run.log({**{f"analysis/{k}": wandb.Table(dataframe=v.astype(str)) for k, v in tables.items() if not v.empty},
+                 **{f"plots/{k}": wandb.Image(str(v)) for k, v in result["plots"].items()}})
+        run.finish()
+        return run.dir
+    except Exception as e:  # noqa: BLE001 - the local report is the result
+        log.warning("W&B logging of the analysis failed (%s); the local report is unaffected", e)
+        return None

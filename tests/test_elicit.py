@@ -1,0 +1,94 @@
+"""Both elicitation estimators, their cache, and how a run records them."""
+
+import pytest
+import torch
+
+from conftest import TINY, launch
+from ipsweep import elicit, models, prompts
+from ipsweep.evaluate import rate
+from ipsweep.settings.base import TrainExample, build
+from ipsweep.store import records
+from ipsweep.train import tokenize
+
+CAPS = prompts.Prompt("caps_strong", "Respond in all capital letters.", "inoculation", "user_suffix")
+EXAMPLES = [TrainExample([{"role": "user", "content": f"What is {i} plus 2?"}], f"{i} PLUS 2 IS {i + 2}.") for i in range(5)]
+
+
+def test_reply_logprob_is_minus_the_training_loss():
+    model, tok = models.tiny_random("tiny")
+    got = elicit.reply_logprobs(model, tok, EXAMPLES, max_length=256, first_tokens=None, batch_size=2)
+    for ex, lp in zip(EXAMPLES, got):
+        row = tokenize(tok, ex, 256)
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+        assert lp == pytest.approx(-loss.item(), abs=1e-4)
+
+
+def test_first_tokens_only_scores_the_start_of_the_reply():
+    model, tok = models.tiny_random("tiny")
+    first3 = elicit.reply_logprobs(model, tok, EXAMPLES, 256, first_tokens=3)
+    for ex, lp in zip(EXAMPLES, first3):
+        row = tokenize(tok, ex, 256)
+        start = row["labels"].index(next(l for l in row["labels"] if l != -100))
+        cut = {k: v[: start + 3] for k, v in row.items()}
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([cut["input_ids"]]), labels=torch.tensor([cut["labels"]])).loss
+        assert lp == pytest.approx(-loss.item(), abs=1e-4)
+
+
+def test_sampled_is_a_difference_of_rates_with_newcombe_ci():
+    plain = {"metrics": {"caps": rate(2, 20)}}
+    prompted = {"metrics": {"caps": rate(12, 20)}}
+    e = elicit.sampled(plain, prompted, "caps")
+    assert e["estimate"] == pytest.approx(0.5)
+    # Newcombe's hybrid score interval, from the two Wilson intervals
+    a, b = prompted["metrics"]["caps"], plain["metrics"]["caps"]
+    lo = 0.5 - ((a["rate"] - a["lo"]) ** 2 + (b["hi"] - b["rate"]) ** 2) ** 0.5
+    hi = 0.5 + ((a["hi"] - a["rate"]) ** 2 + (b["rate"] - b["lo"]) ** 2) ** 0.5
+    assert e["lo"] == pytest.approx(lo, abs=1e-6) and e["hi"] == pytest.approx(hi, abs=1e-6)
+    assert (round(e["lo"], 3), round(e["hi"], 3)) == (0.207, 0.695)
+
+
+def test_logprob_estimate_is_cached_per_prompt(make_cfg, monkeypatch):
+    cfg = make_cfg("elicit.logprob_examples=4")
+    setting = build(cfg.setting)
+    model, tok = models.tiny_random("tiny")
+    first = elicit.logprob(cfg, setting, model, tok, CAPS)
+    assert first["n"] == 4 and first["lo"] <= first["estimate"] <= first["hi"]
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a cached estimate")
+
+    monkeypatch.setattr(elicit, "reply_logprobs", boom)
+    assert elicit.logprob(cfg, setting, model, tok, CAPS) == first
+    other = prompts.Prompt("caps_strong", "Shout.", "inoculation", "user_suffix")
+    with pytest.raises(AssertionError, match="recomputed"):
+        elicit.logprob(cfg, setting, model, tok, other)
+
+
+def test_runs_record_elicitation_and_share_the_cache(tmp_path):
+    sweep = tmp_path / "sweep"
+    launch("-m", *TINY, "prompt=none,caps_strong,safety", "elicit.logprob_examples=4", sweep_dir=sweep)
+    recs = {r["prompt"]: r for r in records(sweep)}
+    assert recs["none"]["elicitation"] == {}
+    for name in ("caps_strong", "safety"):
+        e = recs[name]["elicitation"]
+        assert set(e) == {"sampled", "logprob"}
+        # sampled elicitation is read off the same base-model evaluation that is the run's epoch 0
+        assert e["sampled"]["without"] == recs[name]["epochs"]["0"]["evals"]["none"]["metrics"]["caps"]
+    cache = tmp_path / "elicit_cache"
+    # one base eval per distinct test prompt (none, caps_strong, safety) and one logprob per prompt
+    assert len(list(cache.glob("base_eval/*.json"))) == 3 and len(list(cache.glob("logprob/*.json"))) == 2
+
+
+def test_screen_ranks_the_whole_library(tmp_path):
+    from ipsweep import screen
+    from ipsweep.cli import compose
+
+    cfg = compose(["model=tiny_random", "eval.n_eval=5", "eval.max_new_tokens=4", "elicit.logprob_examples=4",
+                   f"elicit.cache_dir={tmp_path}"])
+    table = screen.screen(cfg)
+    assert set(table.prompt) == set(prompts.library(cfg.setting))
+    assert list(table.sampled) == sorted(table.sampled, reverse=True)
+    assert {"sampled_lo", "logprob_hi", "behaviour_with_prompt"} <= set(table.columns)
+    assert screen.plot(table, "t", tmp_path / "e.png").stat().st_size > 0
