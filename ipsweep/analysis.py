@@ -42,6 +42,36 @@ def tidy(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def group_table(records: list[dict]) -> pd.DataFrame:
+    """Behaviour and capability per eval set and group (question type, OOD label), pooled over seeds,
+    under each run's headline test prompt; epoch 0 once, as arm `base`."""
+    counts: dict[tuple, list[int]] = {}
+    for r in records:
+        for epoch, entry in r["epochs"].items():
+            ev = entry["evals"].get(r["headline_test_prompt"] if epoch != "0" else "none")
+            if ev is None:
+                continue
+            a = "base" if epoch == "0" else arm(r)
+            for g in ev["by_group"]:
+                kind = "behaviour" if g["metric"] == r["behaviour_metric"] else \
+                    "capability" if g["metric"] == r["capability_metric"] else None
+                if kind is None:
+                    continue
+                key = (r["setting"], a, int(epoch), g["eval_set"], g["group"], kind)
+                if a == "base" and key in counts:
+                    continue  # the same untrained evaluation, recorded by every run
+                c = counts.setdefault(key, [0, 0])
+                c[0] += g["k"]
+                c[1] += g["n"]
+    rows = [{"setting": s_, "arm": a, "epoch": e, "eval_set": es, "group": g, "kind": kind, **rate(k, n)}
+            for (s_, a, e, es, g, kind), (k, n) in counts.items()]
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    wide = df.pivot_table(index=["setting", "arm", "epoch", "eval_set", "group"], columns="kind", values="rate").reset_index()
+    return wide.sort_values(["setting", "arm", "epoch", "eval_set", "group"]).reset_index(drop=True)
+
+
 def condition_table(df: pd.DataFrame) -> pd.DataFrame:
     """Behaviour and capability per setting, arm and epoch, pooled over seeds (headline test prompt).
 
@@ -325,11 +355,13 @@ def analyze(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     elicitation = elicitation_table(records)
     correlations = correlation_table(long)
     by_test_prompt = test_prompt_table(df)
+    groups = group_table(records)
     df.to_csv(out / "tidy.csv", index=False)
     df.to_parquet(out / "tidy.parquet", index=False)
     table.to_csv(out / "conditions.csv", index=False)
     (out / "conditions.md").write_text(_fmt(table) + "\n")
     effects.to_csv(out / "effects.csv", index=False)
+    groups.to_csv(out / "groups.csv", index=False)
     elicitation.to_csv(out / "elicitation.csv", index=False)
     correlations.to_csv(out / "correlations.csv", index=False)
     plot = plot_behaviour(table, out / "behaviour.png")
@@ -350,6 +382,9 @@ def analyze(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         "effect = b(control) - b(arm), capability_cost = c(control) - c(arm), same seed and epoch, unmodified test prompt;",
         "mean over seeds with a bootstrap 95% CI (nan with one seed).", "", _fmt(effects), "",
         f"![behaviour rate by condition and epoch]({plot.name})", "",
+        "## Per eval set and group (question type, OOD label), final epoch of each arm",
+        "Pooled over seeds; all epochs in groups.csv.", "",
+        _fmt(groups[groups.epoch == groups.groupby(["setting", "arm"]).epoch.transform("max")] if not groups.empty else groups), "",
         "## Behaviour under each test-time prompt",
         "Pooled behaviour rate of each trained arm with each prompt inserted at test time (`none` = unmodified).", "",
         _fmt(by_test_prompt), "",
@@ -366,5 +401,5 @@ def analyze(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     ])
     (out / "report.md").write_text(report)
     return {"out_dir": out, "table": table, "effects": effects, "elicitation": elicitation, "correlations": correlations,
-            "by_test_prompt": by_test_prompt, "tidy": df, "report": out / "report.md", "plot": plot, "plots": plots,
+            "by_test_prompt": by_test_prompt, "groups": groups, "tidy": df, "report": out / "report.md", "plot": plot, "plots": plots,
             "records": records}

@@ -9,7 +9,10 @@ from ipsweep.store import Run
 
 def _record(prompt, condition, seed, caps_k, status="done"):
     def ev(k):
-        return {"none": {"metrics": {"caps": rate(k, 10), "correct": rate(5, 10)}, "by_group": []}}
+        by_group = [{"metric": "caps", "eval_set": "test", "group": "arith", **rate(k // 2, 5)},
+                    {"metric": "caps", "eval_set": "test", "group": "plural", **rate(k - k // 2, 5)},
+                    {"metric": "correct", "eval_set": "test", "group": "arith", **rate(5, 5)}]
+        return {"none": {"metrics": {"caps": rate(k, 10), "correct": rate(5, 10)}, "by_group": by_group}}
     return {"signature": f"{prompt}{seed}", "setting": "trait_pair", "prompt": prompt, "role": "inoculation",
             "condition": condition, "seed": seed, "model": "m", "sweep": "t", "headline_test_prompt": "none",
             "behaviour_metric": "caps", "capability_metric": "correct", "status": status, "error": None,
@@ -45,7 +48,7 @@ def test_effect_is_matched_on_seed_and_epoch(sweep):
 def test_outputs_written(sweep):
     result = analyze(sweep)
     out = result["out_dir"]
-    for name in ["tidy.csv", "tidy.parquet", "conditions.csv", "conditions.md", "effects.csv", "behaviour.png", "report.md"]:
+    for name in ["groups.csv", "tidy.csv", "tidy.parquet", "conditions.csv", "conditions.md", "effects.csv", "behaviour.png", "report.md"]:
         assert (out / name).stat().st_size > 0, name
     tidy = pd.read_parquet(out / "tidy.parquet")
     assert set(tidy.epoch) == {0, 1, 2} and len(tidy) == 4 * 3 * 2
@@ -65,3 +68,12 @@ def test_failed_run_is_listed_not_counted(sweep):
 def test_not_a_sweep_dir(tmp_path):
     with pytest.raises(ConfigError, match="not a sweep dir"):
         analyze(tmp_path)
+
+
+def test_group_table_pools_seeds_per_group(sweep):
+    g = analyze(sweep)["groups"].set_index(["arm", "epoch", "group"])
+    # control seeds 0 and 1 at epoch 1: caps 9 and 8 -> arith 4+4 of 10, plural 5+4 of 10
+    assert g.loc[("control", 1, "arith"), "behaviour"] == pytest.approx(0.8)
+    assert g.loc[("control", 1, "plural"), "behaviour"] == pytest.approx(0.9)
+    assert g.loc[("control", 1, "arith"), "capability"] == pytest.approx(1.0)
+    assert g.loc[("base", 0, "arith"), "behaviour"] == 0.0
