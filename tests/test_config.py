@@ -82,3 +82,19 @@ def test_prompt_added_on_the_command_line_is_validated(make_cfg):
     cfg = make_cfg("+setting.prompts.mine={text: Shout., role: inoculatoin}")
     with pytest.raises(ConfigError, match=r"prompt 'mine' of setting 'trait_pair' has role 'inoculatoin'.*inoculation"):
         prompts.library(cfg.setting)
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_every_library_spans_roles(make_cfg, name):
+    roles = [p.role for p in prompts.library(make_cfg(f"setting={name}").setting).values()]
+    assert roles.count("inoculation") >= 8 and "safety" in roles and "placebo" in roles and "neutral" in roles
+
+
+@pytest.mark.parametrize("experiment", ["elicitation_correlation", "elicitation_correlation_gcd"])
+def test_correlation_presets_sweep_the_whole_library(make_cfg, experiment):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}", "store_dir=x"], return_hydra_config=True)
+    swept = set(cfg.hydra.sweeper.params.prompt.split(","))
+    assert swept == {"none", *prompts.library(cfg.setting)}
