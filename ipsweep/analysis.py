@@ -283,7 +283,7 @@ def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: st
             ax.errorbar(x, y, xerr=[[x - xlo], [xhi - x]], yerr=yerr, fmt="o", capsize=3)
             ax.annotate(prompt, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             pts.append((x, y))
-        if len(pts) >= 3:
+        if len(pts) >= 3 and np.ptp([p[0] for p in pts]) > 0:  # no line through points that share one x
             fit = stats.linregress(*zip(*pts))
             xs = np.linspace(min(p[0] for p in pts), max(p[0] for p in pts), 20)
             ax.plot(xs, fit.intercept + fit.slope * xs, "--", color="grey", label=f"fit, r={fit.rvalue:+.2f}")

@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -77,3 +78,16 @@ def test_group_table_pools_seeds_per_group(sweep):
     assert g.loc[("control", 1, "plural"), "behaviour"] == pytest.approx(0.9)
     assert g.loc[("control", 1, "arith"), "capability"] == pytest.approx(1.0)
     assert g.loc[("base", 0, "arith"), "behaviour"] == 0.0
+
+
+def test_scatter_with_no_spread_in_elicitation(sweep):
+    # A small model can ignore every prompt before training: all sampled elicitations are 0.
+    for i, prompt in enumerate(["a", "b", "c"]):
+        rec = _record(prompt, "ip", 0, (i, i))
+        rec["elicitation"] = {"sampled": {"estimate": 0.0, "lo": -0.1, "hi": 0.1},
+                              "logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.3}}
+        Run(sweep / "runs" / f"{prompt}").save(rec)
+    result = analyze(sweep)
+    assert {"scatter_sampled", "scatter_logprob"} <= set(result["plots"])
+    c = result["correlations"].query("epoch == 1").set_index("estimator")
+    assert np.isnan(c.loc["sampled", "pearson"]) and c.loc["logprob", "points"] == 3
