@@ -65,7 +65,9 @@ def _screen(args) -> None:
                         "logprob", "logprob_lo", "logprob_hi"] if c in table]
     print(table[cols].to_markdown(index=False, floatfmt=".3f"))
     agree = screen.agreement(table)
-    if agree:
+    if agree and "undefined" in agree:
+        print(f"\nestimator agreement: undefined ({agree['undefined']})")
+    elif agree:
         print(f"\nestimator agreement: Spearman {agree['spearman']:+.2f} (p={agree['p']:.3f}, {agree['prompts']} prompts)")
     print(f"table: {out / 'elicitation.csv'}\nplot:  {png}")
 

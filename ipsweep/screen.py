@@ -35,6 +35,9 @@ def agreement(table: pd.DataFrame) -> dict | None:
     """Spearman rank correlation of the two estimators across prompts."""
     if not {"sampled", "logprob"} <= set(table) or len(table) < 3:
         return None
+    constant = [e for e in ("sampled", "logprob") if table[e].nunique() < 2]
+    if constant:
+        return {"undefined": f"{', '.join(constant)} is the same for every prompt"}
     res = stats.spearmanr(table.sampled, table.logprob)
     return {"spearman": float(res.statistic), "p": float(res.pvalue), "prompts": len(table)}
 

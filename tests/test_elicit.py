@@ -92,3 +92,7 @@ def test_screen_ranks_the_whole_library(tmp_path):
     assert list(table.sampled) == sorted(table.sampled, reverse=True)
     assert {"sampled_lo", "logprob_hi", "behaviour_with_prompt"} <= set(table.columns)
     assert screen.plot(table, "t", tmp_path / "e.png").stat().st_size > 0
+    flat = table.assign(sampled=0.0)
+    assert screen.agreement(flat) == {"undefined": "sampled is the same for every prompt"}
+    ranked = table.assign(sampled=range(len(table)), logprob=range(len(table)))
+    assert screen.agreement(ranked)["spearman"] == 1.0
