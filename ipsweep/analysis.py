@@ -88,7 +88,7 @@ def condition_table(df: pd.DataFrame) -> pd.DataFrame:
             part = g[g.kind == kind]
             r = rate(int(part.k.sum()), int(part.n.sum()))
             row[f"{kind}_metric"] = part.metric.iloc[0] if len(part) else None
-            row[kind] = r["rate"]
+            row[kind], row[f"{kind}_lo"], row[f"{kind}_hi"] = r["rate"], r["lo"], r["hi"]
             row[f"{kind}_ci"] = f"[{r['lo']:.2f}, {r['hi']:.2f}]" if r["n"] else ""
             row[f"{kind}_k/n"] = f"{r['k']}/{r['n']}"
         out.append(row)
@@ -213,12 +213,18 @@ def correlation_table(effects: pd.DataFrame, n_resamples: int = 2000) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on clusters or CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
+    plt = pyplot()
     settings = list(dict.fromkeys(table.setting))
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
@@ -226,9 +232,10 @@ def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
         base = t[t.arm == "base"]
         for a in [a for a in dict.fromkeys(t.arm) if a != "base"]:
             rows = pd.concat([base.assign(arm=a), t[t.arm == a]]).sort_values("epoch")
-            lo = rows.behaviour - rows.behaviour_ci.map(lambda s: float(s.strip("[]").split(",")[0]))
-            hi = rows.behaviour_ci.map(lambda s: float(s.strip("[]").split(",")[1])) - rows.behaviour
-            ax.errorbar(rows.epoch, rows.behaviour, yerr=[lo, hi], marker="o", capsize=3, label=a)
+            rows = rows[["epoch", "behaviour", "behaviour_lo", "behaviour_hi"]].astype(float)  # None (n=0) -> nan
+            # clip: a Wilson bound can sit 1e-17 on the wrong side of the rate
+            yerr = [(rows.behaviour - rows.behaviour_lo).clip(lower=0), (rows.behaviour_hi - rows.behaviour).clip(lower=0)]
+            ax.errorbar(rows.epoch, rows.behaviour, yerr=yerr, marker="o", capsize=3, label=a)
         ax.set_title(f"{setting}: {t.behaviour_metric.dropna().iloc[0]} (unmodified test prompt)")
         ax.set_xlabel("epoch (0 = untrained)")
         ax.set_ylabel("behaviour rate, 95% Wilson CI (pooled over seeds)")
@@ -239,15 +246,6 @@ def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def elicitation_table(records: list[dict]) -> pd.DataFrame:
@@ -266,7 +264,7 @@ def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: st
     ip = effects[effects.condition == "ip"] if not effects.empty else effects
     if ip.empty or elicitation.empty or estimator not in elicitation:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     settings = sorted(ip.setting.unique())
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), squeeze=False)
     for ax, setting in zip(axes[0], settings):
@@ -302,7 +300,7 @@ def plot_effect_curves(effects: pd.DataFrame, path: Path) -> Path | None:
     """Effect vs epochs per prompt (mean over seeds), and capability cost vs effect."""
     if effects.empty:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     means = effects.groupby(["setting", "arm", "epoch"])[["effect", "capability_cost"]].mean().reset_index()
     for (setting, a), g in means.groupby(["setting", "arm"]):

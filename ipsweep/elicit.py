@@ -26,7 +26,7 @@ from statsmodels.stats.proportion import confint_proportions_2indep
 from ipsweep import prompts, store
 from ipsweep.evaluate import evaluate
 from ipsweep.settings.base import TrainExample
-from ipsweep.train import IGNORE, tokenize
+from ipsweep.train import IGNORE, collator, tokenize
 
 
 def cache_root(cfg) -> Path:
@@ -59,7 +59,7 @@ def _setting_key(cfg) -> dict:
 
 def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) -> dict:
     """The untrained model's metrics with `prompt` inserted at test time (NO_PROMPT: unmodified)."""
-    eval_key = {k: v for k, v in _plain(cfg.eval).items() if k not in ("batch_size", "extra_test_prompts", "base")}
+    eval_key = {k: v for k, v in _plain(cfg.eval).items() if k not in ("batch_size", "extra_test_prompts", "test_grid", "base")}
 
     def compute() -> dict:
         result = evaluate(model, tokenizer, setting, examples, prompt, cfg.eval, cfg.setting.joiner)
@@ -83,19 +83,15 @@ def reply_logprobs(model, tokenizer, examples: list[TrainExample], max_length: i
                    batch_size: int = 8) -> np.ndarray:
     """Mean log-prob per reply token (the first `first_tokens` of each reply, or all) for each example."""
     rows = [tokenize(tokenizer, ex, max_length) for ex in examples]
+    pad = collator(tokenizer)  # the same batching as training
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     out = []
     was_training = model.training
     model.eval()
     for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        width = max(len(r["input_ids"]) for r in batch)
-        ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch], device=device)
-        mask = torch.tensor([r["attention_mask"] + [0] * (width - len(r["input_ids"])) for r in batch], device=device)
-        labels = torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in batch], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
+        batch = pad(rows[start:start + batch_size]).to(device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
         valid = target != IGNORE
         if first_tokens:
             valid &= valid.cumsum(dim=1) <= first_tokens

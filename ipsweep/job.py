@@ -8,7 +8,6 @@ import time
 import traceback
 from pathlib import Path
 
-
 from ipsweep import elicit, models, prompts, store
 from ipsweep.evaluate import evaluate
 from ipsweep.settings.base import TrainExample, build

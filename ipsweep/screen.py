@@ -43,11 +43,9 @@ def agreement(table: pd.DataFrame) -> dict | None:
 
 
 def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
-    import matplotlib
+    from ipsweep.analysis import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ests = [e for e in ("sampled", "logprob") if e in table]
     fig, axes = plt.subplots(1, len(ests), figsize=(5.5 * len(ests), 0.45 * len(table) + 1.5), squeeze=False)
     for ax, est in zip(axes[0], ests):

@@ -56,6 +56,12 @@ def dataset(tokenizer, examples: list[TrainExample], max_length: int) -> list[di
     return rows
 
 
+def collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """Right-pads a batch of tokenized rows to its longest row; padded labels are ignored by the loss."""
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+
+
 def add_lora(model, lora_cfg, seed: int):
     set_seed(seed)  # the LoRA init depends on the run's seed only
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
@@ -113,15 +119,13 @@ def finetune(model, tokenizer, examples: list[TrainExample], cfg, out_dir: Path,
     for stale in out_dir.glob("checkpoint-*"):
         if str(stale) not in known:
             shutil.rmtree(stale, ignore_errors=True)
-    tokenizer.padding_side = "right"
     rows = dataset(tokenizer, examples, cfg.max_length)
     model = add_lora(model, cfg.lora, cfg.seed)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
     start = max(done, default=0)
     for epoch in range(start + 1, cfg.epochs + 1):
         watch = _Watch()
         trainer = Trainer(model=model, args=_args(cfg, out_dir, epoch), train_dataset=rows,
-                          data_collator=collator, callbacks=[watch])
+                          data_collator=collator(tokenizer), callbacks=[watch])
         trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
         trainer.train(resume_from_checkpoint=done.get(epoch - 1))
         checkpoint = str(out_dir / f"checkpoint-{trainer.state.global_step}")
