@@ -78,7 +78,7 @@ class EvalConfig:
     # Also test each trained model with its own training prompt and the library's safety prompts inserted
     # (does the behaviour come back on request? does the model still follow instructions?).
     test_grid: bool = False
-    base: bool = True  # also evaluate the untrained model (epoch 0), cached per sweep
+    base: bool = True  # also evaluate the untrained model (epoch 0); cached per machine with the elicitation
 
 
 @dataclass
