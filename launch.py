@@ -2,7 +2,10 @@
 
     python launch.py --cfg job
     python launch.py -m experiment=demo
+    python launch.py -m experiment=demo --dry-run      # check and list every point; launch nothing
 """
+
+import sys
 
 import hydra
 
@@ -18,4 +21,6 @@ def main(cfg) -> list[dict]:
 
 
 if __name__ == "__main__":
+    if "--dry-run" in sys.argv:  # shorthand for the sweeper's own option
+        sys.argv = [a if a != "--dry-run" else "hydra.sweeper.dry_run=true" for a in sys.argv]
     main()

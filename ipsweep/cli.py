@@ -1,4 +1,4 @@
-"""The `ipsweep` console script: prepare models, screen prompts, analyze a sweep."""
+"""The `ipsweep` console script: prepare models, screen prompts, follow, analyze and sync a sweep."""
 
 from __future__ import annotations
 
@@ -37,6 +37,45 @@ def _analyze(args) -> None:
     wandb_runs = sorted(Path(args.sweep_dir).glob("runs/*/wandb/offline-run-*"))
     print(f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: {result['out_dir']}/conditions.csv, tidy.csv, tidy.parquet, effects.csv")
     print(f"W&B offline runs: {len(wandb_runs)} under {args.sweep_dir}/runs/*/wandb/ (upload: wandb sync <dir>)")
+
+
+def _sweep_dir(path: str) -> Path:
+    from ipsweep import plan, store
+
+    sweep = Path(path)
+    if not (store.is_sweep_dir(sweep) or (sweep / plan.MANIFEST).is_file()):
+        raise ConfigError(f"'{path}' is not a sweep dir (no runs/ and no {plan.MANIFEST}); "
+                          "fix: pass the folder a sweep wrote, e.g. outputs/<name>")
+    return sweep
+
+
+def _status(args) -> None:
+    from ipsweep.status import sweep_status
+
+    table = sweep_status(_sweep_dir(args.sweep_dir))
+    if args.state:
+        table = table[table.state.isin(args.state)]
+    if table.empty:
+        print("no points" + (f" in state {', '.join(args.state)}" if args.state else ""))
+        return
+    print(table.to_markdown(index=False))
+    print("\n" + ", ".join(f"{n} {s}" for s, n in table.state.value_counts().items()))
+
+
+def _sync(args) -> None:
+    import subprocess
+
+    runs = sorted(str(p) for p in _sweep_dir(args.sweep_dir).glob("**/wandb/offline-run-*"))
+    if not runs:
+        print(f"no offline W&B runs under {args.sweep_dir}")
+        return
+    cmd = [str(Path(sys.executable).with_name("wandb")), "sync", "--skip-synced", *runs]
+    cmd[3:3] = [*(["--dry-run"] if args.dry_run else []), *(["-p", args.project] if args.project else []),
+                *(["-e", args.entity] if args.entity else [])]
+    print(f"{'would sync' if args.dry_run else 'syncing'} {len(runs)} offline W&B runs (already synced ones are skipped)", flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise ConfigError("wandb sync failed (see its message above); fix: `wandb login` on a machine with network, "
+                          "then rerun `ipsweep sync`; the local runs are untouched")
 
 
 def compose(overrides: list[str]):
@@ -91,6 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. setting=gcd_sycophancy model=hf model.path=...")
     p.add_argument("--out", default=None, help="output folder (default: outputs/screen/<setting>-<model>)")
     p.set_defaults(func=_screen)
+    p = sub.add_parser("status", help="every point of a sweep: done / running / requeued / interrupted / failed / pending")
+    p.add_argument("sweep_dir")
+    p.add_argument("--state", nargs="*", choices=["done", "running", "requeued", "interrupted", "failed", "pending"],
+                   help="show only these states")
+    p.set_defaults(func=_status)
+    p = sub.add_parser("sync", help="upload a sweep's offline W&B runs (from a machine with network)")
+    p.add_argument("sweep_dir")
+    p.add_argument("--project", default=None, help="override the W&B project")
+    p.add_argument("--entity", default=None, help="override the W&B entity")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
+    p.set_defaults(func=_sync)
     args = parser.parse_args(argv)
     from hydra.errors import ConfigCompositionException
 

@@ -1,5 +1,5 @@
-"""Errors a user can fix: each message names the problem and the fix."""
+from hydra.errors import CompactHydraException
 
 
-class ConfigError(ValueError):
-    """Bad input (config, data, model path), detected before any training starts."""
+class ConfigError(CompactHydraException, ValueError):
+    """Bad user input. The message names the problem and the fix; Hydra prints it without a traceback."""

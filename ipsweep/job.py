@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 import traceback
 from pathlib import Path
 
 from ipsweep import elicit, models, prompts, store
+from ipsweep.plan import plan
 from ipsweep.evaluate import evaluate
-from ipsweep.settings.base import TrainExample, build
+from ipsweep.settings.base import TrainExample
 from ipsweep.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -29,19 +31,30 @@ def _summary(eval_result: dict) -> dict:
     return {"metrics": eval_result["metrics"], "by_group": eval_result["by_group"]}
 
 
+def _attempt() -> dict:
+    """Where this attempt runs and logs: a requeued or rerun job adds one more to the record."""
+    import torch
+
+    out = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_s": round(time.time(), 3), "host": platform.node(),
+           "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+           "torch_threads": torch.get_num_threads()}
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        out.update(job_id=env.job_id, log=str(env.paths.stdout))
+    except (RuntimeError, KeyError):  # not a submitit job: Hydra's job log
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            out["log"] = str(Path(HydraConfig.get().runtime.output_dir) / f"{HydraConfig.get().job.name}.log")
+    return out
+
+
 def run(cfg) -> list[dict]:
     """Run (or reuse) one point; returns the headline rates per epoch. Raises after recording a failure."""
-    prompt = prompts.resolve(cfg.setting, cfg.prompt)
-    extra = [prompts.resolve(cfg.setting, n) for n in cfg.eval.extra_test_prompts]
-    if cfg.eval.test_grid:
-        own = [prompt] if prompt.condition == "ip" else []
-        extra += own + [p for p in prompts.library(cfg.setting).values() if p.role == "safety"]
-    setting = build(cfg.setting)  # reads and checks the data before any model is loaded
-    test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [prompt.test_prompt]), *extra]}.values())
-    headline = (prompt.test_prompt or prompts.NO_PROMPT).name
-    epochs = cfg.train.epochs
-    signature = store.digest(store.semantic_config(cfg, prompt, extra))
-    run_dir = store.Run(Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{prompt.name}-s{cfg.train.seed}-{signature}")
+    point = plan(cfg)
+    prompt, extra, run_dir, signature, epochs = point.prompt, point.extra, point.run, point.signature, cfg.train.epochs
 
     with run_dir.lock():
         record = run_dir.load()
@@ -51,24 +64,37 @@ def run(cfg) -> list[dict]:
         record = record or {
             "signature": signature, "setting": cfg.setting.name, "prompt": prompt.name, "prompt_text": prompt.text,
             "role": prompt.role, "condition": prompt.condition, "seed": cfg.train.seed, "model": cfg.model.name,
-            "sweep": cfg.name, "headline_test_prompt": headline,
-            "behaviour_metric": setting.behaviour_metric, "capability_metric": setting.capability_metric,
+            "sweep": cfg.name, "headline_test_prompt": point.headline,
+            "behaviour_metric": point.setting.behaviour_metric, "capability_metric": point.setting.capability_metric,
             "config": store.semantic_config(cfg, prompt, extra), "epochs": {},
         }
+        attempt = {**_attempt(), "resumed_from_epoch": max((int(k) for k in record["epochs"] if k != "0"), default=0)}
+        record.setdefault("attempts", []).append(attempt)
         record.update(status="running", error=None, target_epochs=max(epochs, record.get("target_epochs", 0)),
                       versions=_versions(), run_dir=str(run_dir.dir))
         run_dir.save(record)
         tracker = Tracker(cfg, signature=signature, prompt=prompt, run_dir=run_dir.dir, epochs=epochs)
         try:
-            _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tracker)
+            _train_and_evaluate(cfg, point.setting, prompt, point.test_prompts, record, run_dir, tracker)
+        except (SystemExit, KeyboardInterrupt) as e:
+            # Preempted or timed out (submitit requeues, then exits), or Ctrl-C: not a failure; a rerun resumes.
+            record.update(status="interrupted", error={"type": type(e).__name__, "message": "interrupted",
+                                                        "log": attempt.get("log")})
+            run_dir.save(record)
+            tracker.finish(exit_code=1)
+            log.warning("run %s interrupted after epoch %s; a rerun or requeue resumes it", run_dir.dir.name,
+                        max((int(k) for k in record["epochs"]), default=0))
+            raise
         except BaseException as e:
             record.update(status="failed", error={"type": type(e).__name__, "message": str(e),
-                                                   "traceback": traceback.format_exc(limit=20)})
+                                                   "traceback": traceback.format_exc(limit=20),
+                                                   "log": attempt.get("log")})
             run_dir.save(record)
             tracker.finish(exit_code=1)
             log.error("run %s failed: %s (record: %s)", run_dir.dir.name, e, run_dir.record_path)
             raise
         record["status"] = "done"
+        attempt["end_s"] = round(time.time(), 3)
         run_dir.save(record)
         result = headline_rates(record, epochs)
         tracker.summary({"signature": signature, **{f"final/{k}": v for k, v in result[-1].items()}})

@@ -134,12 +134,36 @@ def tiny_random(name: str, dtype: str = "auto", path: str | None = None):
     return _load(prepare_tiny_random(), dtype)
 
 
-def pretrained(name: str, dtype: str = "auto", path: str | None = None):
-    """Any local folder or (if the user allows network) hub id."""
+def _pretrained_path(path: str | None) -> str | Path:
+    """A local folder that holds weights, or a hub id (only usable when the user allows network)."""
     if not path:
         raise ConfigError("model=hf needs model.path; fix: add `model.path=/path/to/model` (or a hub id)")
     local = Path(path).expanduser()
-    looks_local = local.exists() or path.startswith((".", "/", "~"))
-    if looks_local and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+    if not (local.exists() or path.startswith((".", "/", "~"))):
+        return path
+    if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
         raise ConfigError(f"model.path '{path}' holds no weights (*.safetensors or *.bin); fix: point it at a saved model folder")
-    return _load(local if looks_local else path, dtype)
+    return local
+
+
+def pretrained(name: str, dtype: str = "auto", path: str | None = None):
+    """Any local folder or (if the user allows network) hub id."""
+    return _load(_pretrained_path(path), dtype)
+
+
+def check(model_cfg) -> None:
+    """Pre-flight, without loading anything: raise ConfigError now if the job could not find its model."""
+    loader = model_cfg._target_.rsplit(".", 1)[-1]
+    if loader == "pretrained":
+        _pretrained_path(model_cfg.path)
+    elif loader in ("smollm2_135m", "tiny_random"):
+        if not (cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file():
+            embedded_gguf()  # not prepared yet: the job will prepare it from the wheel, which must be there
+    else:
+        from hydra.utils import get_method
+
+        try:
+            get_method(model_cfg._target_)
+        except Exception as e:  # noqa: BLE001 - hydra raises several types for a bad dotted path
+            raise ConfigError(f"model._target_ '{model_cfg._target_}' cannot be imported ({e}); "
+                              "fix: name a loader function, e.g. ipsweep.models.pretrained") from None

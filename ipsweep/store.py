@@ -81,6 +81,16 @@ class Run:
         with FileLock(str(self.dir / ".lock")):
             yield
 
+    def is_locked(self) -> bool:
+        """True while a job works on this run (the lock dies with its process, even on kill -9)."""
+        from filelock import Timeout
+
+        try:
+            with FileLock(str(self.dir / ".lock"), timeout=0):
+                return False
+        except Timeout:
+            return True
+
     def load(self) -> dict | None:
         return read_json(self.record_path)
 

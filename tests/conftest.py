@@ -42,3 +42,27 @@ def launch(*args: str, sweep_dir: Path, check: bool = True, timeout: int = 900) 
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    """Two run records trained the same model: per-step losses, evaluations and final LoRA weights agree."""
+    import torch
+    from safetensors.torch import load_file
+
+    assert sorted(a["epochs"]) == sorted(b["epochs"])
+    for e in a["epochs"]:
+        assert a["epochs"][e]["evals"] == b["epochs"][e]["evals"], f"epoch {e} evaluations differ"
+        if e != "0":
+            assert a["epochs"][e]["losses"] == pytest.approx(b["epochs"][e]["losses"], rel=1e-4), f"epoch {e} losses differ"
+    last = max(a["epochs"], key=int)
+    wa, wb = (load_file(str(Path(r["epochs"][last]["checkpoint"]) / "adapter_model.safetensors")) for r in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def ipsweep_cli(*args: str) -> str:
+    """Run the `ipsweep` console script; return its stdout."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("ipsweep")), *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from conftest import TINY, launch
+from conftest import TINY, ipsweep_cli, launch
 from ipsweep.store import records
 
 
@@ -31,14 +31,17 @@ def test_longer_run_extends_a_shorter_one(tmp_path):
     assert sorted(rec["epochs"]) == ["0", "1", "2"] and rec["target_epochs"] == 2
 
 
-def test_failed_run_is_recorded_as_failed(tmp_path):
+def test_failed_run_is_recorded_as_failed_with_reason_and_log(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = launch(*TINY, "model=hf", f"model.path={tmp_path}/no_weights", sweep_dir=sweep, check=False)
+    # Only the tokenizer can tell that max_length=4 cuts every reply: the job fails after loading the model.
+    proc = launch(*TINY, "train.max_length=4", sweep_dir=sweep, check=False)
     assert proc.returncode != 0
     (rec,) = records(sweep)
     assert rec["status"] == "failed"
-    assert rec["error"]["type"] == "ConfigError" and "holds no weights" in rec["error"]["message"]
+    assert rec["error"]["type"] == "ConfigError" and "raise train.max_length" in rec["error"]["message"]
     assert "1" not in rec["epochs"]
+    status = ipsweep_cli("status", str(sweep))
+    assert "| failed" in status and "raise train.max_length" in status and rec["error"]["log"] in status
 
 
 def test_ptst_trains_unmodified_and_tests_with_the_safety_prompt(tmp_path):

@@ -1,0 +1,161 @@
+"""Launchers built on hydra-submitit-launcher, selected as `hydra/launcher=slurm` or `local_gpus`.
+
+- ipsweep_slurm: hydra-submitit-launcher's SLURM launcher (one job array per sweep) plus `wait`.
+  With wait=false the sweep returns as soon as sbatch has queued the array, so a dropped login shell
+  loses nothing; the jobs write their own records and `ipsweep status` follows them.
+- ipsweep_local_gpus: submitit's local executor behind a bounded pool (submitit_local alone starts
+  every job at once). Each slot is one GPU, repeated `jobs_per_gpu` times, and a job sees only its
+  slot's GPU (CUDA_VISIBLE_DEVICES). With no GPU, the slots are the machine's cores divided by
+  `cpus_per_job`, and each job's thread pools are capped to its share.
+
+Both requeue a job that receives the timeout/preemption signal (submitit's checkpoint), and the
+requeued job resumes from its last finished epoch (the run record knows which).
+"""
+
+
+import logging
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlurmConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.ipsweep_plugins.launchers.SlurmLauncher"
+    wait: bool = True  # false: return once the array is queued
+
+
+@dataclass
+class LocalGpusConf(LocalQueueConf):
+    _target_: str = "hydra_plugins.ipsweep_plugins.launchers.LocalGpusLauncher"
+    gpus: Optional[List[int]] = None  # GPU ids to use; null = every visible GPU
+    jobs_per_gpu: int = 1  # small jobs can share a GPU
+    cpus_per_job: int = 1  # CPU-only machines: concurrent jobs = cores // cpus_per_job
+    max_jobs: Optional[int] = None  # a further cap on concurrent jobs
+    signal_delay_s: int = 120  # USR2 this long before timeout_min: the job is requeued and resumes
+    max_num_timeout: int = 3
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="ipsweep_slurm", node=SlurmConf, provider="ipsweep")
+ConfigStore.instance().store(group="hydra/launcher", name="ipsweep_local_gpus", node=LocalGpusConf, provider="ipsweep")
+
+
+class _Launcher(BaseSubmititLauncher):
+    """hydra-submitit-launcher's job callable and checkpoint (requeue), with submission split out."""
+
+    _OWN_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        for key in self._OWN_KEYS:
+            setattr(self, key, self.params.pop(key))
+
+    def _executor_params(self) -> dict:
+        """Resource settings for submitit; unset (null) ones are left to the cluster's defaults."""
+        return {k: v for k, v in self.params.items() if k not in ("submitit_folder", "max_num_timeout") and v is not None}
+
+    def _job_params(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[tuple]:
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        out = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            out.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        return out
+
+
+class SlurmLauncher(_Launcher):
+    _EXECUTOR = "slurm"
+    _OWN_KEYS = ("wait",)
+
+    def executor(self):
+        """The configured submitit executor, built as hydra-submitit-launcher builds it."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
+
+        executor = submitit.AutoExecutor(cluster="slurm", folder=self.params["submitit_folder"],
+                                         slurm_max_num_timeout=self.params["max_num_timeout"])
+        generic = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in generic else f"slurm_{k}": v for k, v in self._executor_params().items()})
+        return executor
+
+    def render(self, n_jobs: int) -> str:
+        """The sbatch script this launcher would submit for an array of n_jobs."""
+        slurm = self.executor()._executor
+        slurm.parameters["map_count"] = n_jobs  # what map_array sets: renders as --array=0-<n-1>%<parallelism>
+        return slurm._make_submission_file_text("python -u -m submitit.core._submit <folder>", "<uid>")
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        executor = self.executor()
+        jobs = executor.map_array(self, *zip(*self._job_params(job_overrides, initial_job_idx)))
+        log.info("submitted %d jobs as SLURM array %s", len(jobs), jobs[0].job_id.split("_")[0])
+        if self.wait:
+            return [j.results()[0] for j in jobs]
+        sweep_dir = self.config.hydra.sweep.dir
+        log.info("not waiting (hydra.launcher.wait=false); follow with: ipsweep status %s", sweep_dir)
+        return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=f"queued as {j.job_id}")
+                for o, j in zip(job_overrides, jobs)]
+
+
+class LocalGpusLauncher(_Launcher):
+    _EXECUTOR = "local"
+    _OWN_KEYS = ("gpus", "jobs_per_gpu", "cpus_per_job", "max_jobs")
+
+    def slots(self) -> list[int | None]:
+        """One entry per concurrent job: its GPU id, or None on a CPU-only machine."""
+        gpus = self.gpus
+        if gpus is None:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible is not None:
+                gpus = [int(g) for g in visible.split(",") if g.strip()]
+            else:
+                import torch
+
+                gpus = list(range(torch.cuda.device_count()))
+        slots = [g for g in gpus for _ in range(self.jobs_per_gpu)] or [None] * max(1, (os.cpu_count() or 1) // self.cpus_per_job)
+        return slots[: self.max_jobs] if self.max_jobs else slots
+
+    def _executor_for(self, gpu: int | None):
+        import submitit
+
+        executor = submitit.LocalExecutor(folder=self.params["submitit_folder"], max_num_timeout=self.params["max_num_timeout"])
+        params = {k: v for k, v in self._executor_params().items() if k in ("timeout_min", "signal_delay_s", "stderr_to_stdout")}
+        if gpu is None:
+            threads = str(self.cpus_per_job)
+            params["setup"] = [f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"]
+        else:
+            params.update(gpus_per_node=1, visible_gpus=[gpu])
+        executor.update_parameters(**params)
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        slots = self.slots()
+        free: queue.Queue = queue.Queue()
+        for s in slots:
+            free.put(s)
+        log.info("local_gpus: %d jobs, at most %d at once (%s)", len(job_overrides), len(slots),
+                 "GPUs " + ",".join(map(str, sorted(set(slots)))) if slots[0] is not None else f"{self.cpus_per_job} CPU(s) each")
+
+        def one(params: tuple) -> JobReturn:
+            slot = free.get()
+            try:
+                return self._executor_for(slot).submit(self, *params).results()[0]
+            except Exception as e:  # noqa: BLE001 - a job killed from outside (OOM killer, kill -9): the sweep goes on
+                return JobReturn(overrides=params[0], status=JobStatus.FAILED, _return_value=e)
+            finally:
+                free.put(slot)
+
+        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            return list(pool.map(one, self._job_params(job_overrides, initial_job_idx)))

@@ -1,0 +1,95 @@
+"""The `ipsweep` sweeper: Hydra's basic sweeper, plus a pre-flight check of every point and a manifest.
+
+Before the first job starts, every point's config is composed and planned (prompts, data files,
+model path, signature). Any bad point stops the sweep with one message that lists each problem and
+its fix, so nothing fails at hour 20. The points are then added to SWEEP_DIR/sweep.json, which
+`ipsweep status` reads. With `dry_run` (`python launch.py -m ... --dry-run`) it prints the plan and,
+for a SLURM launcher, the sbatch script, and launches nothing.
+"""
+
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import filter_overrides
+from omegaconf import OmegaConf
+
+from ipsweep import plan, status
+from ipsweep.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IpsweepSweeperConf:
+    _target_: str = "hydra_plugins.ipsweep_plugins.sweeper.IpsweepSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+    dry_run: bool = False
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="ipsweep", node=IpsweepSweeperConf, provider="ipsweep")
+
+
+class IpsweepSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None, dry_run: bool = False):
+        super().__init__(max_batch_size, params)
+        self.dry_run = dry_run
+
+    def preflight(self, jobs: List[List[str]]) -> List[dict]:
+        """Plan every point; raise one ConfigError that lists every bad one."""
+        points, problems = [], {}
+        for num, overrides in enumerate(jobs):
+            try:
+                sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                cfg = plan.job_config(sweep_config)
+                point = plan.entry(num, filter_overrides(overrides), cfg, plan.plan(cfg))
+                point["config"] = OmegaConf.to_container(cfg, resolve=True)
+                points.append(point)
+            except Exception as e:  # noqa: BLE001 - composition errors come in several types; all are reported
+                problems.setdefault(str(e), []).append(num)
+        if problems:
+            lines = [f"  job(s) #{', #'.join(map(str, nums))}: {msg}" for msg, nums in problems.items()]
+            bad = sum(len(n) for n in problems.values())
+            raise ConfigError(f"{bad} of {len(jobs)} sweep points are invalid; nothing was launched:\n" + "\n".join(lines))
+        return points
+
+    def sweep(self, arguments: List[str]) -> Any:
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides([*self._parse_config(), *arguments])
+        self.overrides = self.split_arguments(overrides, self.max_batch_size)
+        points = self.preflight([job for batch in self.overrides for job in batch])
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        if self.dry_run:
+            self._print_plan(points, sweep_dir)
+            return []
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        plan.write_manifest(sweep_dir, [{k: v for k, v in p.items() if k != "config"} for p in points])
+        returns, initial_job_idx = [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+            for r in results:
+                _ = r.return_value  # raises if a job failed (after all jobs of the batch ran); its record says why
+            initial_job_idx += len(batch)
+            returns.append(results)
+        return returns
+
+    def _print_plan(self, points: List[dict], sweep_dir: Path) -> None:
+        rows = [{"job": p["num"], "overrides": " ".join(p["overrides"]) or "(none)",
+                 "run": Path(p["run_dir"]).name, "epochs": p["epochs"], "now": status.point_state(p)["state"]}
+                for p in points]
+        trainings = len({p["run_dir"] for p in points})
+        print(f"dry run: {len(points)} jobs ({trainings} trainings) into {sweep_dir}; nothing launched")
+        print(status.table(rows))
+        print(f"\nlauncher: {self.config.hydra.launcher._target_.rsplit('.', 1)[-1]}")
+        if hasattr(self.launcher, "render"):
+            print(f"sbatch script for the array:\n{self.launcher.render(len(points))}")
+        print("resolved config of job #0 (`python launch.py <overrides> --cfg job` shows any one):")
+        print(OmegaConf.to_yaml(points[0]["config"]))

@@ -1,0 +1,85 @@
+"""What one sweep point will do, worked out from its config before anything heavy runs.
+
+`plan(cfg)` resolves the prompts, reads and checks the setting's data and the model's path, and
+computes the run's signature and folder. The job calls it first; the sweeper calls it for every
+point before the first job starts, so bad input fails the whole sweep up front. The sweep's
+manifest (sweep.json) lists every point a sweep dir was asked to run: `ipsweep status` reads it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+from omegaconf import OmegaConf
+
+from ipsweep import models, prompts, store
+from ipsweep.settings.base import Setting, build
+
+MANIFEST = "sweep.json"
+
+
+@dataclass
+class Point:
+    prompt: prompts.Prompt
+    extra: list[prompts.Prompt]  # test prompts beyond the headline one (extra_test_prompts, test_grid)
+    test_prompts: list[prompts.Prompt]
+    headline: str
+    signature: str
+    run: store.Run
+    setting: Setting
+
+
+def plan(cfg) -> Point:
+    """Raises ConfigError naming the problem and the fix; loads no model."""
+    prompt = prompts.resolve(cfg.setting, cfg.prompt)
+    extra = [prompts.resolve(cfg.setting, n) for n in cfg.eval.extra_test_prompts]
+    if cfg.eval.test_grid:
+        own = [prompt] if prompt.condition == "ip" else []
+        extra += own + [p for p in prompts.library(cfg.setting).values() if p.role == "safety"]
+    setting = build(cfg.setting)  # reads and checks the data files
+    models.check(cfg.model)
+    test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [prompt.test_prompt]), *extra]}.values())
+    signature = store.digest(store.semantic_config(cfg, prompt, extra))
+    run = store.Run(Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{prompt.name}-s{cfg.train.seed}-{signature}")
+    return Point(prompt, extra, test_prompts, (prompt.test_prompt or prompts.NO_PROMPT).name, signature, run, setting)
+
+
+def job_config(sweep_config):
+    """A sweep point's config, resolved as its job will see it, without the `hydra` node."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_config = HydraConfig.instance()
+    before = hydra_config.cfg
+    hydra_config.set_config(sweep_config)  # so ${hydra:...} resolves to this point's values
+    try:
+        job_keys = [k for k in sweep_config if k != "hydra"]
+        return OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(sweep_config, job_keys), resolve=True))
+    finally:
+        hydra_config.cfg = before
+
+
+def entry(num: int, overrides: list[str], cfg, point: Point) -> dict:
+    return {"num": num, "overrides": list(overrides), "run_dir": str(point.run.dir), "signature": point.signature,
+            "setting": cfg.setting.name, "prompt": point.prompt.name, "seed": cfg.train.seed,
+            "epochs": cfg.train.epochs}
+
+
+def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
+    """Add these points to the sweep's manifest (a rerun or an extended sweep keeps the earlier ones)."""
+    path = Path(sweep_dir) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        old = store.read_json(path) or {"points": []}
+        keyed = {(p["run_dir"], p["epochs"]): p for p in old["points"]}
+        for p in points:
+            keyed[(p["run_dir"], p["epochs"])] = {**keyed.get((p["run_dir"], p["epochs"]), {}), **p}
+        store.atomic_write_json(path, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "points": list(keyed.values())})
+    return path
+
+
+def read_manifest(sweep_dir: str | Path) -> list[dict]:
+    data = store.read_json(Path(sweep_dir) / MANIFEST)
+    return data["points"] if data else []

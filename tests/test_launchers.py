@@ -1,0 +1,67 @@
+"""The sweeper and the local launcher: pre-flight checks, dry run, bounded concurrency, GPU pinning."""
+
+from conftest import TINY, launch
+from ipsweep.store import records
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_dry_run_lists_every_point_and_launches_nothing(tmp_path):
+    sweep = tmp_path / "sweep"
+    no_epochs = [a for a in TINY if not a.startswith("train.epochs")]
+    proc = launch("-m", *no_epochs, "prompt=none,caps_strong", "train.epochs=2,1", "--dry-run", sweep_dir=sweep)
+    assert "dry run: 4 jobs (2 trainings)" in proc.stdout
+    assert proc.stdout.count("| pending") == 4
+    assert "resolved config of job #0" in proc.stdout and "caps_strong" in proc.stdout
+    assert not sweep.exists(), "a dry run writes nothing"
+
+
+def test_one_bad_point_stops_the_sweep_before_any_job_starts(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = launch("-m", *TINY, "prompt=none,caps_strongg", "train.seed=0,1", sweep_dir=sweep, check=False)
+    assert proc.returncode == 1
+    assert "2 of 4 sweep points are invalid; nothing was launched" in proc.stderr
+    assert "job(s) #2, #3: unknown prompt 'caps_strongg' for setting 'trait_pair'; fix: choose one of" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (sweep / "runs").exists()
+
+
+def test_slurm_preset_renders_the_gpu_request_in_the_sbatch_script(tmp_path):
+    proc = launch("-m", *TINY, "prompt=none,caps_strong", "train.seed=0,1", "hydra/launcher=slurm",
+                  "hydra.launcher.partition=gpu", "hydra.launcher.account=lab", "hydra.launcher.qos=high",
+                  "+hydra.launcher.additional_parameters.reservation=ml", "--dry-run", sweep_dir=tmp_path / "sweep")
+    script = proc.stdout.split("sbatch script for the array:")[1]
+    for line in ["--gpus-per-node=1", "--cpus-per-task=8", "--mem=64GB", "--time=720", "--partition=gpu",
+                 "--account=lab", "--qos=high", "--reservation=ml", "--signal=USR2@300", "--array=0-3%4",
+                 "--job-name=ipsweep-trait_pair"]:
+        assert f"#SBATCH {line}\n" in script, line
+
+
+def test_local_gpus_pins_each_job_to_one_gpu_and_bounds_concurrency(tmp_path):
+    sweep = tmp_path / "sweep"
+    launch("-m", *TINY, "prompt=none,caps_strong,caps_weak,caps_loud", "hydra/launcher=local_gpus",
+           "hydra.launcher.gpus=[3,5]", sweep_dir=sweep)
+    recs = records(sweep)
+    assert len(recs) == 4 and all(r["status"] == "done" for r in recs)
+    attempts = [r["attempts"][0] for r in recs]
+    assert sorted({a["cuda_visible_devices"] for a in attempts}) == ["3", "5"]
+    for gpu in ("3", "5"):
+        assert _max_overlap([(a["start_s"], a["end_s"]) for a in attempts if a["cuda_visible_devices"] == gpu]) == 1
+    assert _max_overlap([(a["start_s"], a["end_s"]) for a in attempts]) == 2
+
+
+def test_local_gpus_on_cpu_caps_jobs_and_threads(tmp_path):
+    sweep = tmp_path / "sweep"
+    launch("-m", *TINY, "prompt=none,caps_strong,caps_weak", "hydra/launcher=local_gpus", "hydra.launcher.gpus=[]",
+           "hydra.launcher.cpus_per_job=1", "hydra.launcher.max_jobs=2", sweep_dir=sweep)
+    attempts = [r["attempts"][0] for r in records(sweep)]
+    assert len(attempts) == 3
+    assert all(a["torch_threads"] == 1 and not a["cuda_visible_devices"] for a in attempts)
+    assert _max_overlap([(a["start_s"], a["end_s"]) for a in attempts]) <= 2
