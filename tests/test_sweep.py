@@ -1,6 +1,9 @@
 """Whole sweeps through launch.py on the tiny model: records, the epochs axis, skip on rerun, failures."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import TINY, ipsweep_cli, launch
@@ -52,3 +55,15 @@ def test_ptst_trains_unmodified_and_tests_with_the_safety_prompt(tmp_path):
     assert set(rec["epochs"]["1"]["evals"]) == {"none", "safety"}
     samples = [json.loads(l) for l in open(Path(rec["run_dir"]) / "samples" / "epoch1_safety.jsonl")]
     assert all(s["prompt"].endswith("not in capital letters.") for s in samples)
+
+
+def test_sync_lists_offline_wandb_runs_and_fails_clearly_without_login(tmp_path):
+    sweep = tmp_path / "sweep"
+    launch(*TINY, "logger=wandb", sweep_dir=sweep)
+    assert "would sync 1 offline W&B runs" in ipsweep_cli("sync", str(sweep), "--dry-run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")} | {"HOME": str(tmp_path), "WANDB_SILENT": "false"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("ipsweep")), "sync", str(sweep)], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "fix: `wandb login`" in proc.stderr and "the local runs are untouched" in proc.stderr
+    assert len(list(sweep.glob("runs/*/wandb/offline-run-*/*.wandb"))) == 1
