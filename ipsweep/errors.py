@@ -3,3 +3,7 @@ from hydra.errors import CompactHydraException
 
 class ConfigError(CompactHydraException, ValueError):
     """Bad user input. The message names the problem and the fix; Hydra prints it without a traceback."""
+
+
+class OutOfMemory(RuntimeError):
+    """The accelerator ran out of memory; the message names the settings that lower the need."""

@@ -10,6 +10,7 @@ from statsmodels.stats.proportion import proportion_confint
 from tqdm.auto import tqdm
 
 from ipsweep import prompts
+from ipsweep.errors import OutOfMemory
 from ipsweep.settings.base import EvalExample
 
 
@@ -39,12 +40,17 @@ def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
     for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", leave=False):
         idx = order[start:start + cfg.batch_size]
         batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        gen = model.generate(
-            **batch, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
-            temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None,
-            top_k=None, num_return_sequences=cfg.samples_per_prompt,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
+        try:
+            gen = model.generate(
+                **batch, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
+                temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None,
+                top_k=None, num_return_sequences=cfg.samples_per_prompt,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemory(
+                f"out of GPU memory while generating (eval.batch_size={cfg.batch_size}, eval.max_new_tokens={cfg.max_new_tokens}); "
+                "fix: lower eval.batch_size (results do not change) or eval.max_new_tokens") from e
         decoded = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, i in enumerate(idx):
             out[i] = [d.strip() for d in decoded[j * cfg.samples_per_prompt:(j + 1) * cfg.samples_per_prompt]]

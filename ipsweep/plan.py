@@ -16,7 +16,9 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 
 from ipsweep import models, prompts, store
+from ipsweep.errors import ConfigError
 from ipsweep.settings.base import Setting, build
+from ipsweep.validate import check_values
 
 MANIFEST = "sweep.json"
 
@@ -32,8 +34,18 @@ class Point:
     setting: Setting
 
 
+def require_values(cfg) -> None:
+    """Mandatory values (??? in the YAML) must be set; say which, before anything resolves them."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"no value for {', '.join(missing)} (??? in the config); fix: set it on the command line, "
+                          f"e.g. {missing[0]}=<value>")
+
+
 def plan(cfg) -> Point:
     """Raises ConfigError naming the problem and the fix; loads no model."""
+    require_values(cfg)
+    check_values(cfg)
     prompt = prompts.resolve(cfg.setting, cfg.prompt)
     extra = [prompts.resolve(cfg.setting, n) for n in cfg.eval.extra_test_prompts]
     if cfg.eval.test_grid:
@@ -55,8 +67,9 @@ def job_config(sweep_config):
     before = hydra_config.cfg
     hydra_config.set_config(sweep_config)  # so ${hydra:...} resolves to this point's values
     try:
-        job_keys = [k for k in sweep_config if k != "hydra"]
-        return OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(sweep_config, job_keys), resolve=True))
+        job = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
+        require_values(job)
+        return OmegaConf.create(OmegaConf.to_container(job, resolve=True))
     finally:
         hydra_config.cfg = before
 

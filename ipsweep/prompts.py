@@ -65,6 +65,9 @@ def resolve(setting_cfg, name: str) -> Prompt:
     if name == NONE:
         return NO_PROMPT
     lib = library(setting_cfg)
+    if not lib:
+        raise ConfigError(f"prompt '{name}' asked for, but setting '{setting_cfg.name}' has an empty prompt library; "
+                          f"fix: add prompts under setting.prompts in conf/setting/{setting_cfg.name}.yaml, or use prompt=none")
     if name not in lib:
         choices = ", ".join([NONE, *sorted(lib)])
         raise ConfigError(f"unknown prompt '{name}' for setting '{setting_cfg.name}'; fix: choose one of: {choices}")

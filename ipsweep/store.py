@@ -2,7 +2,8 @@
 
 The signature hashes the *semantic* config: everything that can change a number, nothing that
 cannot. Excluded, by this reviewed list: the logger, the sweep name and paths, the eval batch size,
-the rest of the prompt library (only the run's own prompt enters, by its text), and `train.epochs`,
+gradient checkpointing (they change memory, not numbers), the rest of the prompt library (only the
+run's own prompt enters, by its text), and `train.epochs`,
 so that the longest run of a sweep serves the shorter ones (the epochs axis).
 Changing what enters the signature is a versioned change: bump SIGNATURE_VERSION.
 """
@@ -21,7 +22,8 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 
 SIGNATURE_VERSION = 1
-EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "eval.batch_size", "setting.prompts")
+EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "train.gradient_checkpointing", "eval.batch_size",
+            "setting.prompts")
 
 
 def semantic_config(cfg, prompt, extra_test_prompts) -> dict:

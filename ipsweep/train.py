@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from ipsweep.errors import ConfigError
+from ipsweep.errors import ConfigError, OutOfMemory
 from ipsweep.settings.base import TrainExample
 
 IGNORE = -100
@@ -102,8 +102,10 @@ def _args(cfg, out_dir: Path, epochs: int) -> TrainingArguments:
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="epoch", report_to=[],
+        logging_nan_inf_filter=False,  # Trainer would otherwise log a NaN step as the running mean, hiding divergence
         use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
-        disable_tqdm=True, save_only_model=False,
+        disable_tqdm=True, save_only_model=False, activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
 
 
@@ -127,7 +129,14 @@ def finetune(model, tokenizer, examples: list[TrainExample], cfg, out_dir: Path,
         trainer = Trainer(model=model, args=_args(cfg, out_dir, epoch), train_dataset=rows,
                           data_collator=collator(tokenizer), callbacks=[watch])
         trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
-        trainer.train(resume_from_checkpoint=done.get(epoch - 1))
+        try:
+            trainer.train(resume_from_checkpoint=done.get(epoch - 1))
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemory(
+                f"out of GPU memory while training epoch {epoch} (train.batch_size={cfg.batch_size}, "
+                f"train.max_length={cfg.max_length}, train.gradient_checkpointing={cfg.gradient_checkpointing}); fix: lower "
+                "train.batch_size and raise train.grad_accum to keep the effective batch, lower train.max_length, "
+                "or set train.gradient_checkpointing=true") from e
         checkpoint = str(out_dir / f"checkpoint-{trainer.state.global_step}")
         done[epoch] = checkpoint
         steps = len(watch.losses)

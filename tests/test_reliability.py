@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, TINY, assert_same_training, ipsweep_cli, launch
 from ipsweep.store import records
 
@@ -50,3 +52,73 @@ def test_kill_9_mid_training_then_rerun_resumes_to_the_same_result(tmp_path):
     reference = tmp_path / "reference"
     launch("-m", *LONGER, sweep_dir=reference)
     assert_same_training(rec, records(reference)[0])
+
+
+def _nan_model(tmp_path):
+    """The tiny model with one weight set to NaN: its loss is NaN from the first step."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ipsweep.models import prepare_tiny_random
+
+    src = prepare_tiny_random()
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    out = tmp_path / "nan_model"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return src, out
+
+
+def test_nan_loss_fails_that_run_with_the_reason_and_the_sweep_goes_on(tmp_path):
+    good, bad = _nan_model(tmp_path)
+    sweep = tmp_path / "sweep"
+    proc = launch("-m", *TINY, "model=hf", f"model.path={good},{bad}", sweep_dir=sweep, check=False)
+    assert proc.returncode == 1, "the sweep reports that a job failed"
+    by_path = {r["config"]["model"]["path"]: r for r in records(sweep)}
+    assert by_path[str(good)]["status"] == "done"
+    failed = by_path[str(bad)]
+    assert failed["status"] == "failed" and failed["error"]["type"] == "DivergedError"
+    assert "training loss became nan at step" in failed["error"]["message"] and "fix: lower train.lr" in failed["error"]["message"]
+    assert "1" not in failed["epochs"], "no epoch of a diverged run is recorded as a result"
+    status = ipsweep_cli("status", str(sweep))
+    assert "1 done" in status and "1 failed" in status and "DivergedError" in status
+
+
+@pytest.mark.parametrize("where, target, knobs", [
+    ("training", "transformers.Trainer.training_step",
+     ["train.batch_size=8", "fix: lower train.batch_size and raise train.grad_accum", "train.gradient_checkpointing=true"]),
+    ("generating", "transformers.GenerationMixin.generate",
+     ["eval.batch_size=32", "fix: lower eval.batch_size (results do not change) or eval.max_new_tokens"]),
+])
+def test_out_of_memory_names_the_knobs_and_is_recorded(make_cfg, monkeypatch, where, target, knobs):
+    import torch
+
+    from ipsweep import job
+    from ipsweep.errors import OutOfMemory
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(target, oom)
+    cfg = make_cfg("eval.base=false")  # the untrained model is not evaluated, so the first generation is after training
+    with pytest.raises(OutOfMemory) as err:
+        job.run(cfg)
+    assert f"out of GPU memory while {where}" in str(err.value)
+    for knob in knobs:
+        assert knob in str(err.value)
+    (rec,) = records(cfg.store_dir)
+    assert rec["status"] == "failed" and rec["error"]["type"] == "OutOfMemory"
+
+
+def test_gradient_checkpointing_trains_the_same_run(make_cfg):
+    from ipsweep import job
+
+    plain = make_cfg()
+    job.run(plain)
+    checkpointed = make_cfg("train.gradient_checkpointing=true", f"store_dir={plain.store_dir}_gc")
+    job.run(checkpointed)
+    (a,), (b,) = records(plain.store_dir), records(checkpointed.store_dir)
+    assert a["signature"] == b["signature"], "a memory knob is not part of the run's identity"
+    assert a["epochs"]["1"]["losses"] == pytest.approx(b["epochs"]["1"]["losses"], rel=1e-4)

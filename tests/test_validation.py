@@ -1,0 +1,99 @@
+"""Bad input fails before any job starts, with one message that names the problem and the fix.
+
+Each case runs a two-point sweep through launch.py, as a user would, and checks the message, the exit
+code and that nothing was written under runs/.
+"""
+
+import shutil
+
+import pytest
+
+from conftest import TINY, launch
+from ipsweep.settings.base import DATA_DIR
+
+
+def _bad_data_dir(tmp_path, content: str | None):
+    d = tmp_path / "data"
+    shutil.copytree(DATA_DIR / "gcd_sycophancy", d / "gcd_sycophancy")
+    train = d / "gcd_sycophancy" / "train.jsonl"
+    if content is None:
+        train.unlink()
+    else:
+        train.write_text(train.read_text().split("\n", 1)[0] + "\n" + content + "\n")
+    return d, train
+
+
+CASES = {
+    # Hydra composition: the message lists the valid choices.
+    "unknown setting": (["setting=nope"], ["Could not find 'setting/nope'", "trait_pair", "gcd_sycophancy"]),
+    "unknown model": (["model=nope"], ["Could not find 'model/nope'", "smollm2_135m", "tiny_random"]),
+    "unknown launcher": (["hydra/launcher=nope"], ["Could not find 'hydra/launcher/nope'", "local_gpus", "slurm"]),
+    "wrong type": (["train.epochs=two"], ["Value 'two' of type 'str' could not be converted to Integer", "train.epochs"]),
+    "unknown key": (["train.epoch=2"], ["Key 'epoch' not in 'TrainConfig'"]),
+    # ipsweep's pre-flight check of every point.
+    "unknown prompt": (["prompt=caps_strongg"], ["unknown prompt 'caps_strongg'", "fix: choose one of: none, caps_format"]),
+    "missing required value": (["model=hf"], ["model=hf needs model.path; fix: add `model.path=/path/to/model`"]),
+    "value out of range": (["train.lr=-1"], ["train.lr=-1.0 must be a positive finite number; fix: e.g. train.lr=5e-4"]),
+    "contradiction: samples of greedy decoding": (["eval.samples_per_prompt=4"],
+                                                  ["with greedy decoding (eval.temperature=0) repeats one completion",
+                                                   "fix: eval.samples_per_prompt=1, or sample with eval.temperature>0"]),
+    "contradiction: safety test grid without a safety prompt": (["~setting.prompts.safety", "eval.test_grid=true"],
+                                                                ["setting 'trait_pair' has none; fix: add one"]),
+    "unknown setting option": (["+setting.options.per_typ=3"], ["setting 'trait_pair' has no option per_typ; fix: use one of"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_before_any_job_with_the_fix(tmp_path, case):
+    overrides, messages = CASES[case]
+    sweep = tmp_path / "sweep"
+    proc = launch("-m", *TINY, *overrides, "train.seed=0,1", sweep_dir=sweep, check=False)
+    assert proc.returncode == 1
+    for m in messages:
+        assert m in proc.stderr, f"{m!r} not in:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    assert not (sweep / "runs").exists()
+
+
+def test_empty_prompt_library(tmp_path):
+    # A new setting whose YAML has no prompts yet, found through --config-dir.
+    (tmp_path / "conf" / "setting").mkdir(parents=True)
+    (tmp_path / "conf" / "setting" / "new_setting.yaml").write_text(
+        "defaults:\n  - setting_schema\n  - _self_\n_target_: ipsweep.settings.trait_pair.TraitPair\nname: new_setting\n")
+    proc = launch("-m", "--config-dir", str(tmp_path / "conf"), *TINY, "setting=new_setting", "prompt=caps_strong",
+                  "train.seed=0,1", sweep_dir=tmp_path / "sweep", check=False)
+    assert proc.returncode == 1
+    assert "setting 'new_setting' has an empty prompt library; fix: add prompts under setting.prompts" in proc.stderr, proc.stderr
+    assert not (tmp_path / "sweep" / "runs").exists()
+
+
+def test_model_path_without_weights(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = launch("-m", *TINY, "model=hf", f"model.path={tmp_path / 'empty'}", "train.seed=0,1",
+                  sweep_dir=tmp_path / "sweep", check=False)
+    assert proc.returncode == 1 and "holds no weights (*.safetensors or *.bin); fix: point it at a saved model folder" in proc.stderr
+    assert not (tmp_path / "sweep" / "runs").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "train.jsonl:2: not valid JSON"),
+    ('{"messages": []}', "train.jsonl:2: missing field(s)"),
+    (None, "data file not found:"),
+])
+def test_malformed_or_missing_data_file_names_the_file_and_line(tmp_path, content, message):
+    data_dir, _ = _bad_data_dir(tmp_path, content)
+    proc = launch("-m", *TINY, "setting=gcd_sycophancy", f"+setting.options.data_dir={data_dir}", "train.seed=0,1",
+                  sweep_dir=tmp_path / "sweep", check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "fix:" in proc.stderr, proc.stderr
+    assert not (tmp_path / "sweep" / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["status", "analyze"])
+def test_a_folder_that_is_not_a_sweep_dir(tmp_path, command):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([str(Path(sys.executable).with_name("ipsweep")), command, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"'{tmp_path}' is not a sweep dir" in proc.stderr and "fix: pass the folder a sweep wrote" in proc.stderr
