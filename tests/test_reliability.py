@@ -122,3 +122,37 @@ def test_gradient_checkpointing_trains_the_same_run(make_cfg):
     (a,), (b,) = records(plain.store_dir), records(checkpointed.store_dir)
     assert a["signature"] == b["signature"], "a memory knob is not part of the run's identity"
     assert a["epochs"]["1"]["losses"] == pytest.approx(b["epochs"]["1"]["losses"], rel=1e-4)
+
+
+def test_wandb_failure_in_online_mode_keeps_the_local_result(tmp_path, monkeypatch):
+    # A bad API key and an unreachable server: W&B cannot start a run; the job goes on without it.
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "10")
+    sweep = tmp_path / "sweep"
+    proc = launch(*TINY, "logger=wandb", "logger.mode=online", sweep_dir=sweep)
+    out = proc.stdout + proc.stderr
+    assert "W&B init failed" in out and "results are still recorded locally" in out
+    (rec,) = records(sweep)
+    assert rec["status"] == "done" and "1" in rec["epochs"]
+
+
+def test_eight_concurrent_jobs_share_one_store_and_cache(tmp_path):
+    sweep = tmp_path / "sweep"
+    no_epochs = [a for a in TINY if not a.startswith("train.epochs")]
+    # submitit_local starts all 8 at once; epochs=1,2 pairs share a run and take turns on its lock.
+    launch("-m", *no_epochs, "hydra/launcher=submitit_local", "prompt=none,caps_strong", "train.seed=0,1",
+           "train.epochs=1,2", sweep_dir=sweep, timeout=1200)
+    recs = records(sweep)
+    assert len(recs) == 4 and all(r["status"] == "done" and sorted(r["epochs"]) == ["0", "1", "2"] for r in recs)
+    assert all(r["epochs"]["1"]["steps"] == 2 and r["epochs"]["2"]["steps"] == 2 for r in recs), "no epoch trained twice"
+    assert len(list(sweep.glob("runs/*/record.json"))) == 4
+    assert len(json.loads((sweep / "sweep.json").read_text())["points"]) == 8
+    cache = list((tmp_path / "elicit_cache").rglob("*.json"))
+    assert cache and all(json.loads(p.read_text()) for p in cache), "every cache entry is complete JSON"
+    assert not list(sweep.rglob("*.tmp")) and not list((tmp_path / "elicit_cache").rglob("*.tmp"))
+    by_prompt = {}
+    for r in recs:
+        by_prompt.setdefault(r["prompt"], []).append(r["elicitation"])
+    assert all(e[0] == e[1] for e in by_prompt.values()), "one cached elicitation per prompt, shared by both seeds"
+    assert "| done" in ipsweep_cli("status", str(sweep)) and "8 done" in ipsweep_cli("status", str(sweep))

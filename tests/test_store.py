@@ -33,3 +33,22 @@ def test_unparseable_record_is_not_a_result(tmp_path):
     (run / "record.json").write_text('{"status": "done", "epo')  # truncated by hand
     assert store.records(tmp_path) == []
     assert store.Run(run).load() is None
+
+
+def test_write_interrupted_midway_keeps_the_previous_record(tmp_path, monkeypatch):
+    path = tmp_path / "r" / "record.json"
+    store.atomic_write_json(path, {"status": "done", "epochs": {"1": {}}})
+
+    def dies_halfway(data, f, **kwargs):
+        f.write('{"status": "runn')
+        f.flush()
+        raise KeyboardInterrupt  # as if the process were stopped mid-write
+
+    monkeypatch.setattr(store.json, "dump", dies_halfway)
+    try:
+        store.atomic_write_json(path, {"status": "running"})
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"status": "done", "epochs": {"1": {}}}
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"], "no temp file is left behind"
