@@ -108,7 +108,7 @@ def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
 
     def compute() -> dict:
         examples = setting.train_examples()[: ecfg.logprob_examples]
-        with_prompt = [TrainExample(prompts.insert(ex.messages, prompt, cfg.setting.joiner), ex.completion) for ex in examples]
+        with_prompt = [TrainExample(prompts.insert(ex.messages, prompt, cfg.setting.joiner, getattr(setting, "preamble", "")), ex.completion) for ex in examples]
         base = reply_logprobs(model, tokenizer, examples, cfg.train.max_length, ecfg.logprob_tokens)
         gain = reply_logprobs(model, tokenizer, with_prompt, cfg.train.max_length, ecfg.logprob_tokens) - base
         mean, sem = float(gain.mean()), float(stats.sem(gain)) if len(gain) > 1 else float("nan")

@@ -62,7 +62,7 @@ def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
 def evaluate(model, tokenizer, setting, examples: list[EvalExample], test_prompt: prompts.Prompt | None,
              cfg, joiner: str = " ") -> dict:
     """Generate for `examples` with `test_prompt` inserted; return rates overall and per group, plus samples."""
-    chats = [prompts.insert(ex.messages, test_prompt, joiner) for ex in examples]
+    chats = [prompts.insert(ex.messages, test_prompt, joiner, getattr(setting, "preamble", "")) for ex in examples]
     completions = generate(model, tokenizer, chats, cfg)
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     samples = []

@@ -124,7 +124,7 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
         tracker.log_epoch(int(k), record["epochs"][k], {})
 
     train = setting.train_examples()[: cfg.train.n_train]
-    train = [TrainExample(prompts.insert(ex.messages, prompt.train_prompt, cfg.setting.joiner), ex.completion) for ex in train]
+    train = [TrainExample(prompts.insert(ex.messages, prompt.train_prompt, cfg.setting.joiner, getattr(setting, "preamble", "")), ex.completion) for ex in train]
     record["n_train"] = len(train)
     epoch_start = time.time()
 

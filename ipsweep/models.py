@@ -140,6 +140,12 @@ def _pretrained_path(path: str | None) -> str | Path:
         raise ConfigError("model=hf needs model.path; fix: add `model.path=/path/to/model` (or a hub id)")
     local = Path(path).expanduser()
     if not (local.exists() or path.startswith((".", "/", "~"))):
+        from huggingface_hub import try_to_load_from_cache
+
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise ConfigError(f"model.path '{path}' is a hub id that is not in the local Hugging Face cache, and "
+                              "HF_HUB_OFFLINE=1 (ipsweep's default); fix: point model.path at a local folder, or let the "
+                              "job download it: add hydra.job.env_set.HF_HUB_OFFLINE=0")
         return path
     if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
         raise ConfigError(f"model.path '{path}' holds no weights (*.safetensors or *.bin); fix: point it at a saved model folder")

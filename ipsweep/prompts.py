@@ -74,8 +74,12 @@ def resolve(setting_cfg, name: str) -> Prompt:
     return lib[name]
 
 
-def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ") -> list[dict]:
-    """Return a copy of `messages` with `prompt` placed in the (first) user turn or as the system turn."""
+def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ", preamble: str = "") -> list[dict]:
+    """Return a copy of `messages` with `prompt` placed in the (first) user turn or as the system turn.
+
+    `preamble`: a setting's fixed opening sentence of every user turn (e.g. spurious_sentiment's score
+    range); a user_prefix prompt goes after it, as in the authors' prompts.
+    """
     if prompt is None or prompt.name == NONE:
         return [dict(m) for m in messages]
     out = [dict(m) for m in messages]
@@ -84,7 +88,11 @@ def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ") -> li
         return [{"role": "system", "content": prompt.text}, *out]
     user = next(m for m in out if m["role"] == "user")
     if prompt.placement == "user_prefix":
-        user["content"] = f"{prompt.text}{joiner}{user['content']}"
+        content = user["content"]
+        if preamble and content.startswith(preamble):
+            user["content"] = f"{preamble}{joiner}{prompt.text}{joiner}{content[len(preamble):].lstrip()}"
+        else:
+            user["content"] = f"{prompt.text}{joiner}{content}"
     else:
         user["content"] = f"{user['content']}{joiner}{prompt.text}"
     return out

@@ -9,6 +9,8 @@ for a SLURM launcher, the sbatch script, and launches nothing.
 
 
 import logging
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -36,6 +38,17 @@ class IpsweepSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="ipsweep", node=IpsweepSweeperConf, provider="ipsweep")
 
 
+@contextmanager
+def _job_env(env_set):
+    before = dict(os.environ)
+    os.environ.update({str(k): str(v) for k, v in env_set.items()})
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 class IpsweepSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None, dry_run: bool = False):
         super().__init__(max_batch_size, params)
@@ -48,7 +61,8 @@ class IpsweepSweeper(BasicSweeper):
             try:
                 sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
                 cfg = plan.job_config(sweep_config)
-                point = plan.entry(num, filter_overrides(overrides), cfg, plan.plan(cfg))
+                with _job_env(sweep_config.hydra.job.env_set):  # e.g. HF_HUB_OFFLINE, as the job will see it
+                    point = plan.entry(num, filter_overrides(overrides), cfg, plan.plan(cfg))
                 point["config"] = OmegaConf.to_container(cfg, resolve=True)
                 points.append(point)
             except Exception as e:  # noqa: BLE001 - composition errors come in several types; all are reported

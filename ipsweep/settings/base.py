@@ -37,6 +37,7 @@ class EvalExample:
 class Setting(Protocol):
     behaviour_metric: str  # key of score() that is the undesired behaviour
     capability_metric: str  # key of score() that is the desired capability
+    # Optional `preamble: str`: the fixed sentence that opens every user turn; user_prefix prompts go after it.
 
     def train_examples(self) -> list[TrainExample]: ...
 
