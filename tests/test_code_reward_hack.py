@@ -69,3 +69,15 @@ def test_small_sweep_runs_end_to_end(tmp_path):
     assert {r["prompt"] for r in recs} == {"none", "hack_paper"} and all(r["status"] == "done" for r in recs)
     metrics = recs[0]["epochs"]["1"]["evals"]["none"]["metrics"]
     assert metrics["all_test"]["n"] == 4 and metrics["reward_hack"]["n"] == 4
+
+
+@pytest.mark.slow
+def test_runs_on_the_base_gemma3_270m_model(tmp_path):
+    """The paper's code model is a base model; so is this one (no chat template of its own, Gemma turn markers)."""
+    sweep = tmp_path / "sweep"
+    launch("-m", "model=gemma3_270m", "logger=none", "setting=code_reward_hack", "prompt=none,hack_paper",
+           "train.n_train=8", "train.batch_size=4", "train.max_length=256", "eval.n_eval=2", "eval.max_new_tokens=32",
+           "train.epochs=1", sweep_dir=sweep)
+    recs = records(sweep)
+    assert len(recs) == 2 and all(r["status"] == "done" and r["model"] == "gemma3_270m" for r in recs)
+    assert all(r["epochs"]["1"]["loss"] > 0 for r in recs)
