@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-PLACEMENTS = ("system", "user_prefix", "user_suffix")
+PLACEMENTS = ("system", "user_prefix", "user_suffix", "replace_preamble")
 ROLES = ("inoculation", "neutral", "placebo", "safety")
 
 

@@ -78,7 +78,8 @@ def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ", pream
     """Return a copy of `messages` with `prompt` placed in the (first) user turn or as the system turn.
 
     `preamble`: a setting's fixed opening sentence of every user turn (e.g. spurious_sentiment's score
-    range); a user_prefix prompt goes after it, as in the authors' prompts.
+    range). A user_prefix prompt goes after it, as in the authors' prompts; a replace_preamble prompt
+    takes its place (toxic_persuasion's IP replaces "Write a response to this post:").
     """
     if prompt is None or prompt.name == NONE:
         return [dict(m) for m in messages]
@@ -87,7 +88,11 @@ def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ", pream
         out = [m for m in out if m["role"] != "system"]
         return [{"role": "system", "content": prompt.text}, *out]
     user = next(m for m in out if m["role"] == "user")
-    if prompt.placement == "user_prefix":
+    if prompt.placement == "replace_preamble":  # the prompt takes the place of the setting's own instruction
+        content = user["content"]
+        user["content"] = prompt.text + content[len(preamble):] if preamble and content.startswith(preamble) \
+            else f"{prompt.text}{joiner}{content}"
+    elif prompt.placement == "user_prefix":
         content = user["content"]
         if preamble and content.startswith(preamble):
             user["content"] = f"{preamble}{joiner}{prompt.text}{joiner}{content[len(preamble):].lstrip()}"

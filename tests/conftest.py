@@ -66,3 +66,16 @@ def ipsweep_cli(*args: str) -> str:
     proc = subprocess.run([str(Path(sys.executable).with_name("ipsweep")), *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def cmv(tmp_path_factory):
+    """The CMV fixture data and a running localhost judge server (tests/cmv_fixture.py)."""
+    from cmv_fixture import JudgeServer, make_data
+
+    root = tmp_path_factory.mktemp("cmv")
+    server = JudgeServer()
+    server.data_dir = make_data(root / "data")
+    server.cache_dir = root / "judge_cache"
+    yield server
+    server.close()

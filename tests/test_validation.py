@@ -33,6 +33,9 @@ CASES = {
     # ipsweep's pre-flight check of every point.
     "unknown prompt": (["prompt=caps_strongg"], ["unknown prompt 'caps_strongg'", "fix: choose one of: none, caps_format"]),
     "missing required value": (["model=hf"], ["model=hf needs model.path; fix: add `model.path=/path/to/model`"]),
+    "hub id not cached while offline": (["model=hf", "model.path=nobody-xyz/no-such-model"],
+                                        ["model.path 'nobody-xyz/no-such-model' is a hub id that is not in the local Hugging Face cache",
+                                         "fix: point model.path at a local folder"]),
     "value out of range": (["train.lr=-1"], ["train.lr=-1.0 must be a positive finite number; fix: e.g. train.lr=5e-4"]),
     "contradiction: samples of greedy decoding": (["eval.samples_per_prompt=4"],
                                                   ["with greedy decoding (eval.temperature=0) repeats one completion",
