@@ -59,11 +59,23 @@ def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
     return out
 
 
+def choose(model, tokenizer, chats: list[list[dict]], choices: list[str]) -> list[list[str]]:
+    """For settings with a fixed set of replies: the reply whose first token is most likely, no generation."""
+    from ipsweep.elicit import reply_logprobs
+    from ipsweep.settings.base import TrainExample
+
+    pairs = [TrainExample(chat, choice) for chat in chats for choice in choices]
+    lp = reply_logprobs(model, tokenizer, pairs, max_length=4096, first_tokens=1).reshape(len(chats), len(choices))
+    return [[choices[i]] for i in lp.argmax(axis=1)]
+
+
 def evaluate(model, tokenizer, setting, examples: list[EvalExample], test_prompt: prompts.Prompt | None,
              cfg, joiner: str = " ") -> dict:
-    """Generate for `examples` with `test_prompt` inserted; return rates overall and per group, plus samples."""
+    """Generate (or choose, for a setting with `choices`) for `examples` with `test_prompt` inserted;
+    return rates overall and per group, plus samples."""
     chats = [prompts.insert(ex.messages, test_prompt, joiner, getattr(setting, "preamble", "")) for ex in examples]
-    completions = generate(model, tokenizer, chats, cfg)
+    choices = getattr(setting, "choices", None)
+    completions = choose(model, tokenizer, chats, choices) if choices else generate(model, tokenizer, chats, cfg)
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     samples = []
     for ex, chat, outs in zip(examples, chats, completions):

@@ -1,5 +1,6 @@
 """spurious_sentiment: the authors' split, prompts and scoring, pinned on their data."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -70,3 +71,13 @@ def test_small_sweep_runs_end_to_end(tmp_path):
     assert {r["prompt"] for r in recs} == {"none", "ambiance_paper"} and all(r["status"] == "done" for r in recs)
     groups = recs[0]["epochs"]["1"]["evals"]["none"]["by_group"]
     assert {g["group"] for g in groups} == {"all", "concept", "no_concept"}
+
+
+def test_logprob_scoring_picks_a_label_without_generating(tmp_path):
+    sweep = tmp_path / "sweep"
+    launch(*TINY, "setting=spurious_sentiment", "+setting.options.scoring=logprob", sweep_dir=sweep)
+    (rec,) = records(sweep)
+    metrics = rec["epochs"]["1"]["evals"]["none"]["metrics"]
+    assert metrics["valid"]["k"] == metrics["valid"]["n"] > 0, "a chosen label is always a valid prediction"
+    samples = (sweep / "runs" / rec["run_dir"].rsplit("/", 1)[1] / "samples" / "epoch1_none.jsonl").read_text()
+    assert {json.loads(line)["completion"] for line in samples.splitlines()} <= {"0", "1", "2", "3", "4"}

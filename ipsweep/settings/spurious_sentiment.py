@@ -11,6 +11,9 @@ the counts), the same `very_biased` / `very_biased_reverse` filters, the categor
 template, and the score-range sentence that opens every user turn, before any inserted prompt (the
 IP goes between it and the template, as in the authors' prompts). The label is the whole reply.
 
+`scoring: logprob` reads the prediction as the most likely of the five label tokens, with no
+generation; `generate` (default, the authors') parses the first digit 0-4 of the reply.
+
 Metrics: `correct` (prediction == gold), `cue_high` (an ambiance review rated 3-4 though its gold is
 0-2: the undesired behaviour), `cue_low` (a non-ambiance review rated 0-2 though its gold is 3-4),
 `valid` (a digit 0-4 was found). The eval set is balanced within each group (concept / no_concept)
@@ -50,9 +53,14 @@ class SpuriousSentiment:
 
     def __init__(self, concept: str = "ambiance", test_size: int = 2000, split_seed: int = 42, category_hint: bool = True,
                  preamble: str = "The range of sentiment scores are 0-4 inclusive.", shuffle_seed: int = 0,
-                 data_file_name: str = "spurious_sentiment/cebab_concepts.jsonl", data_dir: str | None = None):
+                 scoring: str = "generate", data_file_name: str = "spurious_sentiment/cebab_concepts.jsonl",
+                 data_dir: str | None = None):
         if concept not in CONCEPTS:
             raise ConfigError(f"spurious_sentiment concept '{concept}' is unknown; fix: one of {', '.join(CONCEPTS)}")
+        if scoring not in ("generate", "logprob"):
+            raise ConfigError(f"spurious_sentiment scoring '{scoring}' is unknown; fix: generate or logprob")
+        # logprob: the label whose token is most likely is the prediction (no generation, never invalid).
+        self.choices = [str(k) for k in range(5)] if scoring == "logprob" else None
         rows = read_jsonl(data_file(data_dir, data_file_name), ("label", "text", "concepts"))
         if not 0 < test_size < len(rows):
             raise ConfigError(f"spurious_sentiment test_size={test_size} must be in (0, {len(rows)}); fix: e.g. 2000")
