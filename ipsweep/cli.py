@@ -69,9 +69,9 @@ def _sync(args) -> None:
     if not runs:
         print(f"no offline W&B runs under {args.sweep_dir}")
         return
-    cmd = [str(Path(sys.executable).with_name("wandb")), "sync", "--skip-synced", *runs]
-    cmd[3:3] = [*(["--dry-run"] if args.dry_run else []), *(["-p", args.project] if args.project else []),
-                *(["-e", args.entity] if args.entity else [])]
+    cmd = [str(Path(sys.executable).with_name("wandb")), "sync", "--skip-synced",
+           *(["--dry-run"] if args.dry_run else []), *(["-p", args.project] if args.project else []),
+           *(["-e", args.entity] if args.entity else []), *runs]
     print(f"{'would sync' if args.dry_run else 'syncing'} {len(runs)} offline W&B runs (already synced ones are skipped)", flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise ConfigError("wandb sync failed (see its message above); fix: `wandb login` on a machine with network, "

@@ -66,7 +66,8 @@ class _Http:
                 log.warning("judge %s%s answered %s (attempt %d)", self.base_url, path, r.status_code, attempt + 1)
             except (httpx.HTTPError, ValueError) as e:
                 log.warning("judge %s%s failed: %s (attempt %d)", self.base_url, path, e, attempt + 1)
-            time.sleep(min(2 ** attempt, 10) * 0.1)
+            if attempt < self.retries:  # back off before the next try, not after the last
+                time.sleep(min(2 ** attempt, 10) * 0.1)
         return None
 
 

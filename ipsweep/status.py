@@ -35,7 +35,8 @@ def point_state(point: dict, queued: set[str] = frozenset()) -> dict:
         return {"state": "pending", "epochs_done": 0, "detail": ""}
     done = sorted(int(k) for k in record["epochs"] if k != "0")
     out = {"epochs_done": len(done), "detail": ""}
-    last_log = (record.get("attempts") or [{}])[-1].get("log") or ""
+    last = (record.get("attempts") or [{}])[-1]
+    last_log = last.get("log") or ""
     if all(e in done for e in range(1, point["epochs"] + 1)):
         return {**out, "state": "done"}
     if record["status"] == "failed":
@@ -44,7 +45,7 @@ def point_state(point: dict, queued: set[str] = frozenset()) -> dict:
     if record["status"] in ("running", "interrupted"):
         if run.is_locked():
             return {**out, "state": "running", "detail": f"log: {last_log}"}
-        job_id = (record.get("attempts") or [{}])[-1].get("job_id")
+        job_id = last.get("job_id")
         if job_id in queued:
             return {**out, "state": "requeued", "detail": f"SLURM job {job_id} is queued again; it resumes after epoch {max(done, default=0)}"}
         return {**out, "state": "interrupted", "detail": f"no process holds it; a rerun resumes after epoch {max(done, default=0)} (log: {last_log})"}
