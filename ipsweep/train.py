@@ -3,7 +3,9 @@
 The loop over epochs is ours so that each epoch ends in a checkpoint and an evaluation: epoch k+1
 resumes the Trainer from epoch k's checkpoint (weights, optimizer, scheduler, RNG). A crashed run
 restarts from its last finished epoch, and a longer run extends a shorter one.
-Loss is computed on the assistant reply only (prompt tokens are labelled -100).
+Loss is computed on the assistant reply only (prompt tokens are labelled -100), and so are the
+logits: the LM head (a 49k-vocabulary matmul for SmolLM2) runs only where there is a label.
+Batches are grouped by length by default, so a batch carries little padding.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
@@ -95,13 +98,38 @@ class _Watch(TrainerCallback):
             self.losses.append(loss)
 
 
+class ReplyLossTrainer(Trainer):
+    """Trainer whose loss projects only the labelled (reply) positions through the LM head.
+
+    The same cross-entropy as the model's own loss (sum over reply tokens / their count), without
+    computing logits for the prompt and the padding, which are most of a batch's positions.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+        hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE  # position t predicts token t+1
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        if cap:  # Gemma-2 style soft-capping, as the model's forward applies it
+            logits = torch.tanh(logits / cap) * cap
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        # Normalised as HF's own loss: by the accumulated batch's token count when Trainer passes it (then
+        # Trainer does not divide again), else per micro-batch (then Trainer divides by grad_accum).
+        count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        loss = loss / count
+        return (loss, None) if return_outputs else loss
+
+
 def _args(cfg, out_dir: Path, epochs: int) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, save_strategy="epoch", report_to=[],
+        seed=cfg.seed, data_seed=cfg.seed, train_sampling_strategy=cfg.sampling, logging_steps=1, save_strategy="epoch", report_to=[],
         logging_nan_inf_filter=False,  # Trainer would otherwise log a NaN step as the running mean, hiding divergence
         use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
         disable_tqdm=True, save_only_model=False, activation_checkpointing=cfg.gradient_checkpointing,
@@ -126,7 +154,7 @@ def finetune(model, tokenizer, examples: list[TrainExample], cfg, out_dir: Path,
     start = max(done, default=0)
     for epoch in range(start + 1, cfg.epochs + 1):
         watch = _Watch()
-        trainer = Trainer(model=model, args=_args(cfg, out_dir, epoch), train_dataset=rows,
+        trainer = ReplyLossTrainer(model=model, args=_args(cfg, out_dir, epoch), train_dataset=rows,
                           data_collator=collator(tokenizer), callbacks=[watch])
         trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
         try:

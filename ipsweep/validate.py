@@ -13,6 +13,7 @@ from ipsweep.errors import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 ESTIMATORS = ("sampled", "logprob")
+SAMPLINGS = ("group_by_length", "random")
 
 
 def _problems(cfg) -> list[str]:
@@ -49,6 +50,8 @@ def _problems(cfg) -> list[str]:
     if e.test_grid and not any(p.role == "safety" for p in prompts.library(cfg.setting).values()):
         out.append(f"eval.test_grid=true tests with the library's safety prompts, but setting '{cfg.setting.name}' has none; "
                    "fix: add one (+setting.prompts.<name>={text: ..., role: safety}) or eval.test_grid=false")
+    if t.sampling not in SAMPLINGS:
+        out.append(f"train.sampling={t.sampling} is unknown; fix: one of {', '.join(SAMPLINGS)}")
     if cfg.model.dtype not in DTYPES:
         out.append(f"model.dtype={cfg.model.dtype} is unknown; fix: one of {', '.join(DTYPES)}")
     unknown = sorted(set(cfg.elicit.estimators) - set(ESTIMATORS))

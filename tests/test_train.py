@@ -1,5 +1,6 @@
 """Tokenisation masks, and resume: an interrupted run ends where an uninterrupted one does."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -61,3 +62,33 @@ def test_stale_checkpoint_from_a_crash_is_discarded(make_cfg, tmp_path):
     (tmp_path / "c" / "checkpoint-99").mkdir(parents=True)
     _train(cfg, tmp_path / "c", {})
     assert not (tmp_path / "c" / "checkpoint-99").exists()
+
+
+def test_reply_only_loss_equals_the_models_own_loss(make_cfg, tmp_path):
+    """The fast loss (LM head on reply positions only) gives the model's own loss and the same LoRA gradients."""
+    from ipsweep.train import ReplyLossTrainer, _args, add_lora, collator, dataset
+
+    cfg = make_cfg("train.batch_size=4")
+    model, tok = models.tiny_random("tiny")
+    model = add_lora(model, cfg.train.lora, seed=0)
+    for name, p in model.named_parameters():  # LoRA B starts at zero; make the adapters matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    examples = [TrainExample([{"role": "user", "content": "Name a colour" + " please" * i}], "RED " * (i + 1)) for i in range(4)]
+    batch = collator(tok)(dataset(tok, examples, 256))
+    trainer = ReplyLossTrainer(model=model, args=_args(cfg.train, tmp_path, 1), data_collator=collator(tok))
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ours, our_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)))
+    theirs, their_grads = loss_and_grads(lambda: model(**batch).loss)
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())  # grad accumulation: Trainer passes the whole batch's count
+    halved = trainer.compute_loss(model, dict(batch), num_items_in_batch=2 * n).item()
+    assert halved == pytest.approx(theirs / 2, rel=1e-5)

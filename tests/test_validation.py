@@ -37,6 +37,7 @@ CASES = {
                                         ["model.path 'nobody-xyz/no-such-model' is a hub id that is not in the local Hugging Face cache",
                                          "fix: point model.path at a local folder"]),
     "value out of range": (["train.lr=-1"], ["train.lr=-1.0 must be a positive finite number; fix: e.g. train.lr=5e-4"]),
+    "unknown choice": (["train.sampling=sorted"], ["train.sampling=sorted is unknown; fix: one of group_by_length, random"]),
     "contradiction: samples of greedy decoding": (["eval.samples_per_prompt=4"],
                                                   ["with greedy decoding (eval.temperature=0) repeats one completion",
                                                    "fix: eval.samples_per_prompt=1, or sample with eval.temperature>0"]),
