@@ -26,7 +26,7 @@ from statsmodels.stats.proportion import confint_proportions_2indep
 from ipsweep import prompts, store
 from ipsweep.evaluate import evaluate
 from ipsweep.settings.base import TrainExample
-from ipsweep.train import IGNORE, collator, tokenize
+from ipsweep.train import IGNORE, collator, label_logits, tokenize
 
 
 def cache_root(cfg) -> Path:
@@ -83,6 +83,11 @@ def reply_logprobs(model, tokenizer, examples: list[TrainExample], max_length: i
                    batch_size: int = 8) -> np.ndarray:
     """Mean log-prob per reply token (the first `first_tokens` of each reply, or all) for each example."""
     rows = [tokenize(tokenizer, ex, max_length) for ex in examples]
+    if first_tokens:  # causal: the tokens after the scored ones change nothing, so they are not computed
+        for r in rows:
+            end = next((i for i, l in enumerate(r["labels"]) if l != IGNORE), len(r["labels"])) + first_tokens
+            for k in r:
+                r[k] = r[k][:end]
     pad = collator(tokenizer)  # the same batching as training
     device = next(model.parameters()).device
     out = []
@@ -90,13 +95,12 @@ def reply_logprobs(model, tokenizer, examples: list[TrainExample], max_length: i
     model.eval()
     for start in range(0, len(rows), batch_size):
         batch = pad(rows[start:start + batch_size]).to(device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         valid = target != IGNORE
-        if first_tokens:
-            valid &= valid.cumsum(dim=1) <= first_tokens
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out += ((lp * valid).sum(1) / valid.sum(1).clamp(min=1)).tolist()
+        lp = torch.zeros(valid.shape, device=device)
+        logits = label_logits(model, batch["input_ids"], batch["attention_mask"], valid)
+        lp[valid] = torch.log_softmax(logits, dim=-1).gather(-1, target[valid].unsqueeze(-1)).squeeze(-1)
+        out += (lp.sum(1) / valid.sum(1).clamp(min=1)).tolist()
     if was_training:
         model.train()
     return np.asarray(out)
@@ -105,21 +109,22 @@ def reply_logprobs(model, tokenizer, examples: list[TrainExample], max_length: i
 def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
     """Mean per-token log-prob gain (nats) of the training completions with the prompt inserted."""
     ecfg = cfg.elicit
+    examples = setting.train_examples()[: ecfg.logprob_examples]
+    key = {"model": _plain(cfg.model), "setting": _setting_key(cfg), "examples": ecfg.logprob_examples,
+           "tokens": ecfg.logprob_tokens, "max_length": cfg.train.max_length}
 
     def compute() -> dict:
-        examples = setting.train_examples()[: ecfg.logprob_examples]
         with_prompt = [TrainExample(prompts.insert(ex.messages, prompt, cfg.setting.joiner, getattr(setting, "preamble", "")), ex.completion) for ex in examples]
-        base = reply_logprobs(model, tokenizer, examples, cfg.train.max_length, ecfg.logprob_tokens)
+        # The no-prompt side is the same for every prompt: computed once, cached beside.
+        base = np.asarray(_cached(cfg, "logprob_base", key, lambda: {"logprobs": reply_logprobs(
+            model, tokenizer, examples, cfg.train.max_length, ecfg.logprob_tokens).tolist()})["logprobs"])
         gain = reply_logprobs(model, tokenizer, with_prompt, cfg.train.max_length, ecfg.logprob_tokens) - base
         mean, sem = float(gain.mean()), float(stats.sem(gain)) if len(gain) > 1 else float("nan")
         lo, hi = stats.t.interval(0.95, len(gain) - 1, loc=mean, scale=sem) if len(gain) > 1 and sem > 0 else (mean, mean)
         return {"estimate": mean, "lo": float(lo), "hi": float(hi), "sem": sem, "n": len(gain),
                 "positive": int((gain > 0).sum()), "base_mean_logprob": float(base.mean())}
 
-    return _cached(cfg, "logprob", {"model": _plain(cfg.model), "setting": _setting_key(cfg),
-                                    "examples": ecfg.logprob_examples, "tokens": ecfg.logprob_tokens,
-                                    "max_length": cfg.train.max_length, "prompt": [prompt.text, prompt.placement]},
-                   compute)
+    return _cached(cfg, "logprob", {**key, "prompt": [prompt.text, prompt.placement]}, compute)
 
 
 def elicitation(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) -> dict:

@@ -98,6 +98,17 @@ class _Watch(TrainerCallback):
             self.losses.append(loss)
 
 
+def label_logits(model, input_ids, attention_mask, keep):
+    """Logits (fp32) of the positions where `keep` is true, `keep` being over positions 0..T-2 (position t
+    predicts token t+1). Runs the LM head only there: the same numbers as the model's own forward,
+    without a vocabulary-sized matmul for every prompt and padding position."""
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits  # Gemma-2 style soft-capping, as its forward does
+
+
 class ReplyLossTrainer(Trainer):
     """Trainer whose loss projects only the labelled (reply) positions through the LM head.
 
@@ -107,14 +118,9 @@ class ReplyLossTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
-        hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
         targets = labels[:, 1:]
-        keep = targets != IGNORE  # position t predicts token t+1
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-        if cap:  # Gemma-2 style soft-capping, as the model's forward applies it
-            logits = torch.tanh(logits / cap) * cap
+        keep = targets != IGNORE
+        logits = label_logits(model, inputs["input_ids"], inputs["attention_mask"], keep)
         loss = F.cross_entropy(logits, targets[keep], reduction="sum")
         # Normalised as HF's own loss: by the accumulated batch's token count when Trainer passes it (then
         # Trainer does not divide again), else per micro-batch (then Trainer divides by grad_accum).

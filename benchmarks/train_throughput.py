@@ -1,0 +1,118 @@
+"""Benchmark 1: training throughput of ipsweep's step vs the authors' way, same model, data, LoRA and steps.
+
+Arms, each on a fresh copy of the model with the same LoRA init and the same examples:
+- reference: as the authors' trainer does it: every example padded to max_length (415), fp32, plain
+  transformers Trainer (logits and loss at every position), shuffled batches.
+- ipsweep: the default code path (ipsweep.train): padding to the longest row of a batch, batches grouped
+  by length, LM head on reply positions only; bf16 autocast on a GPU.
+- ipsweep, random batches: the same, with train.sampling=random, i.e. the reference's batches, so
+  its per-step losses must equal the reference's (checks that the speed-ups change no number).
+Throughput counts real (non-padding) tokens. Loss agreement: per-step losses vs the reference for
+the random-batches arm; mean training loss and a held-out loss after training for the default arm.
+
+  python benchmarks/train_throughput.py                 # CPU: 6 steps of 8 gcd_sycophancy examples
+  python benchmarks/train_throughput.py --steps 30      # GPU, full size (the authors' ~30 effective steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer
+
+from common import PEAK_BF16, Timer, compose, device, peak_flops, save
+from ipsweep import models
+from ipsweep.settings.base import build
+from ipsweep.train import IGNORE, ReplyLossTrainer, _Watch, _args, add_lora, collator, dataset
+
+
+def held_out_loss(model, tok, rows) -> float:
+    """Mean reply-token loss with the model's own loss, the same for every arm."""
+    model.eval()
+    pad, total, count = collator(tok), 0.0, 0
+    device_ = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(rows), 8):
+            batch = pad(rows[i:i + 8]).to(device_)
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total += model(**batch).loss.float().item() * n
+            count += n
+    return total / count
+
+
+def run_arm(name, base_model, tok, rows, held_out, cfg, out_dir, reference: bool) -> dict:
+    model = copy.deepcopy(base_model)
+    if reference:
+        model = model.float()
+    model = add_lora(model, cfg.train.lora, cfg.train.seed)
+    args = _args(cfg.train, out_dir / name, epochs=1)
+    args = dataclasses.replace(args, save_strategy="no", **({"bf16": False} if reference else {}))
+    if reference:  # every row padded to max_length, as the authors' tokenisation does
+        tok.padding_side = "right"
+        data_collator = DataCollatorForSeq2Seq(tok, padding="max_length", max_length=cfg.train.max_length,
+                                               label_pad_token_id=IGNORE)
+        trainer_cls = Trainer
+    else:
+        data_collator, trainer_cls = collator(tok), ReplyLossTrainer
+    watch = _Watch()
+    trainer = trainer_cls(model=model, args=args, train_dataset=rows, data_collator=data_collator, callbacks=[watch])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with Timer() as t:
+        trainer.train()
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    row = {"arm": name, "steps": len(watch.losses), "seconds": t.s, "tokens_per_s": tokens / t.s,
+           "mean_loss": sum(watch.losses) / len(watch.losses), "held_out_loss": held_out_loss(model, tok, held_out)}
+    if torch.cuda.is_available():
+        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if peak_flops():  # 4N per real token: forward 2N, backward to the activations 2N (frozen weights get no gradient)
+            n_params = sum(p.numel() for p in model.parameters())
+            row["mfu"] = 4 * n_params * tokens / t.s / peak_flops()
+    return row, watch.losses
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2_135m", help="ipsweep model config (tiny_random for a quick check)")
+    ap.add_argument("--setting", default="gcd_sycophancy")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=415, help="the authors' max_seq_length")
+    ap.add_argument("--out", default="/tmp/ipsweep-bench-train")
+    a = ap.parse_args()
+
+    from pathlib import Path
+
+    cfg = compose(f"model={a.model}", f"setting={a.setting}", f"train.batch_size={a.batch_size}",
+                  f"train.max_length={a.max_length}", "train.warmup_steps=2")
+    base_model, tok = models.load(cfg.model)
+    examples = build(cfg.setting).train_examples()
+    n = a.steps * a.batch_size
+    rows, held_out = dataset(tok, examples[:n], a.max_length), dataset(tok, examples[n:n + 32], a.max_length)
+    out = Path(a.out)
+    arms = [("reference (pad to max, fp32, full logits)", True, "random"),
+            ("ipsweep default", False, "group_by_length"),
+            ("ipsweep, random batches", False, "random")]
+    cfg.train.sampling = "random"  # untimed warm-up step, so no arm pays the process's first-step costs
+    run_arm("warm-up", base_model, tok, rows[:a.batch_size], held_out[:1], cfg, out, reference=False)
+    results, losses = [], {}
+    for name, reference, sampling in arms:
+        cfg.train.sampling = sampling
+        row, losses[name] = run_arm(name, base_model, tok, rows, held_out, cfg, out, reference)
+        results.append(row)
+    ref = results[0]
+    for row in results:
+        row["speedup"] = row["tokens_per_s"] / ref["tokens_per_s"]
+    same_batches = max(abs(x - y) for x, y in zip(losses[arms[0][0]], losses[arms[2][0]]))
+    pad_share = 1 - sum(len(r["input_ids"]) for r in rows) / (len(rows) * a.max_length)
+    save("train_throughput", results, model=a.model, setting=a.setting, steps=a.steps, batch_size=a.batch_size,
+         max_length=a.max_length, padding_share_of_reference=round(pad_share, 3),
+         max_abs_step_loss_diff_same_batches=same_batches, step_losses=losses,
+         mfu_peak_flops=PEAK_BF16 if torch.cuda.is_available() else None, on=device())
+
+
+if __name__ == "__main__":
+    main()
