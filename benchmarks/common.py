@@ -16,7 +16,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("IPSWEEP_BENCH_RESULTS", ROOT / "benchmarks" / "results"))  # tests write elsewhere
 
 # Dense bf16 peak (FLOP/s) for MFU; unknown GPUs report no MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -86,7 +86,7 @@ def save(name: str, rows: list[dict], **extra) -> Path:
         "date": time.strftime("%Y-%m-%d"), "host": platform.node(), "torch": torch.__version__,
         "transformers": transformers.__version__, "rows": rows, **extra,
     }, indent=1, default=str) + "\n")
-    print(f"written: {path.relative_to(ROOT)}")
+    print(f"written: {path}")
     return path
 
 

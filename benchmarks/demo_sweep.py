@@ -1,0 +1,43 @@
+"""Benchmark 7: the whole README demo sweep (experiment=demo, then `ipsweep analyze`): wall time and peak memory.
+
+Run as `make demo` runs it, into a fresh sweep dir and a cold elicitation cache (the model cache is the
+prepared one: `ipsweep prepare` ran before). Peak memory is the largest resident set of the processes
+(Hydra's basic launcher runs the jobs inside the launching process).
+
+  python benchmarks/demo_sweep.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, device, peak_rss_gb, save
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="extra overrides for the sweep (e.g. model=tiny_random for a quick check)")
+    a = ap.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="ipsweep-bench-demo-")) / "demo"
+    sweep_s = timed([sys.executable, str(ROOT / "launch.py"), "-m", "experiment=demo", f"hydra.sweep.dir={out}",
+                     f"elicit.cache_dir={out.parent / 'elicit'}", *a.overrides])
+    analyze_s = timed([str(Path(sys.executable).parent / "ipsweep"), "analyze", str(out)])
+    rows = [{"step": "python launch.py -m experiment=demo (8 jobs, 4 trainings)", "seconds": sweep_s},
+            {"step": "ipsweep analyze", "seconds": analyze_s},
+            {"step": "total", "seconds": sweep_s + analyze_s}]
+    save("demo_sweep", rows, peak_rss_gb=peak_rss_gb(children=True), overrides=a.overrides, on=device())
+
+
+if __name__ == "__main__":
+    main()
