@@ -336,15 +336,21 @@ def _fmt(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".3f") if not df.empty else "(none)"
 
 
-def analyze(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Write tidy.csv/.parquet, conditions.csv/.md, effects.csv, behaviour.png and report.md; return paths and tables."""
-    sweep_dir = Path(sweep_dir)
-    if not store.is_sweep_dir(sweep_dir):
-        raise ConfigError(f"'{sweep_dir}' is not a sweep dir (no runs/ folder); fix: pass the folder a sweep wrote, e.g. outputs/demo")
-    records = store.records(sweep_dir)
+def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None) -> dict:
+    """Write tidy.csv/.parquet, conditions.csv/.md, effects.csv, behaviour.png and report.md; return paths and tables.
+
+    Several sweep dirs (e.g. one per setting) are analysed together: the pooled correlation then spans them."""
+    dirs = [Path(d) for d in (sweep_dirs if isinstance(sweep_dirs, (list, tuple)) else [sweep_dirs])]
+    for d in dirs:
+        if not store.is_sweep_dir(d):
+            raise ConfigError(f"'{d}' is not a sweep dir (no runs/ folder); fix: pass the folder a sweep wrote, e.g. outputs/demo")
+    if len(dirs) > 1 and out_dir is None:
+        raise ConfigError("several sweep dirs need one output folder; fix: add --out <folder>")
+    records = [r for d in dirs for r in store.records(d)]
     if not records:
-        raise ConfigError(f"'{sweep_dir}' holds no run records yet; fix: run the sweep first, or wait for its first epoch")
-    out = Path(out_dir or sweep_dir / "analysis")
+        raise ConfigError(f"{', '.join(map(str, dirs))} hold no run records yet; fix: run the sweep first, or wait for its first epoch")
+    sweep_dir = ", ".join(map(str, dirs))
+    out = Path(out_dir or dirs[0] / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     df = tidy(records)
     table = condition_table(df)

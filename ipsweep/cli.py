@@ -34,9 +34,9 @@ def _analyze(args) -> None:
         print("\nelicitation vs inoculation effect:")
         print(corr.to_markdown(index=False, floatfmt=".2f"))
     log_analysis(result, project=args.wandb_project, mode=args.wandb_mode)
-    wandb_runs = sorted(Path(args.sweep_dir).glob("runs/*/wandb/offline-run-*"))
+    wandb_runs = [r for d in args.sweep_dir for r in sorted(Path(d).glob("runs/*/wandb/offline-run-*"))]
     print(f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: {result['out_dir']}/conditions.csv, tidy.csv, tidy.parquet, effects.csv")
-    print(f"W&B offline runs: {len(wandb_runs)} under {args.sweep_dir}/runs/*/wandb/ (upload: wandb sync <dir>)")
+    print(f"W&B offline runs: {len(wandb_runs)} under {' '.join(d + '/runs/*/wandb/' for d in args.sweep_dir)} (upload: ipsweep sync <sweep dir>)")
 
 
 def _sweep_dir(path: str) -> Path:
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="convert the embedded GGUF model to a cached safetensors folder (once)")
     p.add_argument("--tiny", action="store_true", help="also build the tiny random test model")
     p.set_defaults(func=_prepare)
-    p = sub.add_parser("analyze", help="tables, plot and report.md from a sweep dir's run records")
-    p.add_argument("sweep_dir")
+    p = sub.add_parser("analyze", help="tables, plots and report.md from the run records of one or more sweep dirs")
+    p.add_argument("sweep_dir", nargs="+", help="one sweep dir, or several (e.g. one per setting; needs --out) to pool")
     p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/analysis)")
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"],
                    help="log the tables and plots to W&B in the sweep's group (default: offline)")

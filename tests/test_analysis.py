@@ -91,3 +91,23 @@ def test_scatter_with_no_spread_in_elicitation(sweep):
     assert {"scatter_sampled", "scatter_logprob"} <= set(result["plots"])
     c = result["correlations"].query("epoch == 1").set_index("estimator")
     assert np.isnan(c.loc["sampled", "pearson"]) and c.loc["logprob", "points"] == 3
+
+
+def test_two_sweep_dirs_are_pooled_across_settings(tmp_path, sweep):
+    other = tmp_path / "other"
+    for i, prompt in enumerate(["a", "b", "c", "d"]):
+        for dir_, setting in ((sweep, "trait_pair"), (other, "gcd_sycophancy")):
+            rec = _record(prompt, "ip", 0, (6 - i, 6 - i))
+            rec["setting"] = setting
+            rec["elicitation"] = {"logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.5}}
+            Run(dir_ / "runs" / f"{setting}-{prompt}").save(rec)
+    control = _record("none", "control", 0, (9, 10))
+    control["setting"] = "gcd_sycophancy"
+    Run(other / "runs" / "control").save(control)
+    with pytest.raises(ConfigError, match="fix: add --out"):
+        analyze([sweep, other])
+    result = analyze([sweep, other], tmp_path / "pooled")
+    c = result["correlations"].query("epoch == 1 and estimator == 'logprob'").set_index("setting")
+    assert set(c.index) == {"trait_pair", "gcd_sycophancy", "pooled (z within setting)"}
+    assert c.loc["pooled (z within setting)", "points"] == 8
+    assert (tmp_path / "pooled" / "report.md").is_file()
