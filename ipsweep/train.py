@@ -138,6 +138,7 @@ def _args(cfg, out_dir: Path, epochs: int) -> TrainingArguments:
         seed=cfg.seed, data_seed=cfg.seed, train_sampling_strategy=cfg.sampling, logging_steps=1, save_strategy="epoch", report_to=[],
         logging_nan_inf_filter=False,  # Trainer would otherwise log a NaN step as the running mean, hiding divergence
         use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",  # one kernel for all LoRA tensors on a GPU
         disable_tqdm=True, save_only_model=False, activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
     )
