@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ demo: venv
 test: venv
 	$(VENV)/bin/ipsweep prepare --tiny
 	$(PY) -m pytest -q --timeout=1800
+
+# The seven benchmarks at their default sizes (CPU-sized; see BENCHMARKS.md for the GPU commands).
+BENCHMARKS := train_throughput eval_generation elicitation epochs_axis fixed_cost gpu_packing demo_sweep
+bench: venv
+	$(VENV)/bin/ipsweep prepare
+	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) outputs

@@ -7,8 +7,7 @@ Target on a GPU: packed wall <= 0.35x. On a CPU-only machine the launcher runs c
 at once, so the CPU arm compares 1 job with every core against one job per core: a different
 question (labelled as such in the output), kept so the script runs anywhere.
 
-  python benchmarks/gpu_packing.py                               # GPU: 512 examples, 60 eval prompts per job
-  python benchmarks/gpu_packing.py --n-train 32 --n-eval 8       # CPU, small
+  python benchmarks/gpu_packing.py          # GPU: 512 examples, 60 eval prompts per job; CPU: 32 and 8
 """
 
 from __future__ import annotations
@@ -46,11 +45,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2_135m")
     ap.add_argument("--jobs", type=int, default=8)
-    ap.add_argument("--n-train", type=int, default=512)
-    ap.add_argument("--n-eval", type=int, default=60)
+    ap.add_argument("--n-train", type=int, default=None, help="per job (default: 512 on a GPU, 32 on CPU)")
+    ap.add_argument("--n-eval", type=int, default=None, help="per job (default: 60 on a GPU, 8 on CPU)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ipsweep-bench-packing-"))
     gpu = torch.cuda.is_available()
+    a.n_train = a.n_train or (512 if gpu else 32)
+    a.n_eval = a.n_eval or (60 if gpu else 8)
     cores = os.cpu_count() or 1
     if gpu:
         arms = [("one after another", ["hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=1"]),
