@@ -8,10 +8,14 @@ Arms, each on a fresh copy of the model with the same LoRA init and the same exa
 - ipsweep, random batches: the same, with train.sampling=random, i.e. the reference's batches, so
   its per-step losses must equal the reference's (checks that the speed-ups change no number).
 Throughput counts real (non-padding) tokens. Loss agreement: per-step losses vs the reference for
-the random-batches arm; mean training loss and a held-out loss after training for the default arm.
+the random-batches arm; mean training loss and a held-out loss after training for the default arm,
+next to the same arm run with the next seed (how far losses move with the seed alone).
 
-  python benchmarks/train_throughput.py                 # CPU: 6 steps of 8 gcd_sycophancy examples
-  python benchmarks/train_throughput.py --steps 30      # GPU, full size (the authors' ~30 effective steps)
+  python benchmarks/train_throughput.py --steps 16                           # CPU: gcd_sycophancy, 128 examples
+  python benchmarks/train_throughput.py --steps 16 --setting trait_pair      # CPU: short examples
+  python benchmarks/train_throughput.py --steps 30                           # GPU, the authors' ~30 effective steps
+Length grouping needs a few batches to group: transformers' sampler sorts within mega-batches of
+min(50, n // (4 x batch)) batches, so below 64 examples it groups nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer
+from transformers.trainer_callback import PrinterCallback
 
 from common import PEAK_BF16, Timer, compose, device, peak_flops, save
 from ipsweep import models
@@ -57,14 +62,22 @@ def run_arm(name, base_model, tok, rows, held_out, cfg, out_dir, reference: bool
         trainer_cls = Trainer
     else:
         data_collator, trainer_cls = collator(tok), ReplyLossTrainer
-    watch = _Watch()
-    trainer = trainer_cls(model=model, args=args, train_dataset=rows, data_collator=data_collator, callbacks=[watch])
+    watch, processed = _Watch(), []
+
+    def counting_collator(features):  # positions the model computes, padding included
+        batch = data_collator(features)
+        processed.append(batch["input_ids"].numel())
+        return batch
+
+    trainer = trainer_cls(model=model, args=args, train_dataset=rows, data_collator=counting_collator, callbacks=[watch])
+    trainer.remove_callback(PrinterCallback)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with Timer() as t:
         trainer.train()
     tokens = sum(len(r["input_ids"]) for r in rows)
     row = {"arm": name, "steps": len(watch.losses), "seconds": t.s, "tokens_per_s": tokens / t.s,
+           "padding_share": 1 - tokens / sum(processed),
            "mean_loss": sum(watch.losses) / len(watch.losses), "held_out_loss": held_out_loss(model, tok, held_out)}
     if torch.cuda.is_available():
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -78,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2_135m", help="ipsweep model config (tiny_random for a quick check)")
     ap.add_argument("--setting", default="gcd_sycophancy")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=415, help="the authors' max_seq_length")
     ap.add_argument("--out", default="/tmp/ipsweep-bench-train")
@@ -93,23 +106,25 @@ def main() -> None:
     n = a.steps * a.batch_size
     rows, held_out = dataset(tok, examples[:n], a.max_length), dataset(tok, examples[n:n + 32], a.max_length)
     out = Path(a.out)
-    arms = [("reference (pad to max, fp32, full logits)", True, "random"),
-            ("ipsweep default", False, "group_by_length"),
-            ("ipsweep, random batches", False, "random")]
+    seed = cfg.train.seed
+    arms = [("reference (pad to max, fp32, full logits)", True, "random", seed),
+            ("ipsweep default", False, "group_by_length", seed),
+            ("ipsweep, random batches", False, "random", seed),
+            # How much the losses move with the seed alone (LoRA init, batch order): the noise to compare with.
+            ("ipsweep, random batches, next seed (noise yardstick)", False, "random", seed + 1)]
     cfg.train.sampling = "random"  # untimed warm-up step, so no arm pays the process's first-step costs
     run_arm("warm-up", base_model, tok, rows[:a.batch_size], held_out[:1], cfg, out, reference=False)
     results, losses = [], {}
-    for name, reference, sampling in arms:
-        cfg.train.sampling = sampling
+    for name, reference, sampling, arm_seed in arms:
+        cfg.train.sampling, cfg.train.seed = sampling, arm_seed
         row, losses[name] = run_arm(name, base_model, tok, rows, held_out, cfg, out, reference)
         results.append(row)
     ref = results[0]
     for row in results:
         row["speedup"] = row["tokens_per_s"] / ref["tokens_per_s"]
     same_batches = max(abs(x - y) for x, y in zip(losses[arms[0][0]], losses[arms[2][0]]))
-    pad_share = 1 - sum(len(r["input_ids"]) for r in rows) / (len(rows) * a.max_length)
-    save("train_throughput", results, model=a.model, setting=a.setting, steps=a.steps, batch_size=a.batch_size,
-         max_length=a.max_length, padding_share_of_reference=round(pad_share, 3),
+    save(f"train_throughput_{a.setting}", results, model=a.model, setting=a.setting, steps=a.steps, batch_size=a.batch_size,
+         max_length=a.max_length,
          max_abs_step_loss_diff_same_batches=same_batches, step_losses=losses,
          mfu_peak_flops=PEAK_BF16 if torch.cuda.is_available() else None, on=device())
 

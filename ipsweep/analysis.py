@@ -182,7 +182,7 @@ def _standardise(points: list[tuple[float, np.ndarray]]) -> list[tuple[float, np
     """z-score x and y within one setting, so pooling compares prompts within settings, not settings."""
     x = np.array([p[0] for p in points])
     y_all = np.concatenate([p[1] for p in points])
-    sx, sy = x.std() or 1.0, y_all.std() or 1.0
+    sx, sy = x.std(), y_all.std() or 1.0  # x varies (correlation_table pools only such settings)
     return [((p[0] - x.mean()) / sx, (p[1] - y_all.mean()) / sy) for p in points]
 
 
@@ -206,10 +206,13 @@ def correlation_table(effects: pd.DataFrame, n_resamples: int = 2000) -> pd.Data
             for setting, points in per_setting.items():
                 rows.append({"setting": setting, "epoch": epoch, "estimator": est,
                              **hierarchical_bootstrap([points], n_resamples)})
-            if len(per_setting) > 1:
-                pooled = [_standardise(p) for p in per_setting.values() if len(p) > 1]
+            # A setting whose estimate is the same for every prompt cannot rank them: left out of the pool
+            # (at z = 0 its points would only pull the pooled r towards 0).
+            ranked = {s: p for s, p in per_setting.items() if len(p) > 1 and np.ptp([x for x, _ in p]) > 0}
+            if len(per_setting) > 1 and ranked:
                 rows.append({"setting": "pooled (z within setting)", "epoch": epoch, "estimator": est,
-                             **hierarchical_bootstrap(pooled, n_resamples)})
+                             "pooled_settings": ", ".join(sorted(ranked)),
+                             **hierarchical_bootstrap([_standardise(p) for p in ranked.values()], n_resamples)})
     return pd.DataFrame(rows)
 
 

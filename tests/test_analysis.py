@@ -99,7 +99,9 @@ def test_two_sweep_dirs_are_pooled_across_settings(tmp_path, sweep):
         for dir_, setting in ((sweep, "trait_pair"), (other, "gcd_sycophancy")):
             rec = _record(prompt, "ip", 0, (6 - i, 6 - i))
             rec["setting"] = setting
-            rec["elicitation"] = {"logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.5}}
+            rec["elicitation"] = {"logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.5},
+                                  # the small model ignores every prompt in one setting: no ranking there
+                                  "sampled": {"estimate": 0.0 if setting == "trait_pair" else 0.2 * i, "lo": 0, "hi": 1}}
             Run(dir_ / "runs" / f"{setting}-{prompt}").save(rec)
     control = _record("none", "control", 0, (9, 10))
     control["setting"] = "gcd_sycophancy"
@@ -110,4 +112,7 @@ def test_two_sweep_dirs_are_pooled_across_settings(tmp_path, sweep):
     c = result["correlations"].query("epoch == 1 and estimator == 'logprob'").set_index("setting")
     assert set(c.index) == {"trait_pair", "gcd_sycophancy", "pooled (z within setting)"}
     assert c.loc["pooled (z within setting)", "points"] == 8
+    s = result["correlations"].query("epoch == 1 and estimator == 'sampled'").set_index("setting")
+    assert s.loc["pooled (z within setting)", "pooled_settings"] == "gcd_sycophancy"
+    assert s.loc["pooled (z within setting)", "points"] == 4
     assert (tmp_path / "pooled" / "report.md").is_file()
