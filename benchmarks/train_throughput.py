@@ -3,13 +3,13 @@
 Arms, each on a fresh copy of the model with the same LoRA init and the same examples:
 - reference: as the authors' trainer does it: every example padded to max_length (415), fp32, plain
   transformers Trainer (logits and loss at every position), shuffled batches.
-- ipsweep: the default code path (ipsweep.train): padding to the longest row of a batch, batches grouped
-  by length, LM head on reply positions only; bf16 autocast on a GPU.
-- ipsweep, random batches: the same, with train.sampling=random, i.e. the reference's batches, so
-  its per-step losses must equal the reference's (checks that the speed-ups change no number).
-Throughput counts real (non-padding) tokens. Loss agreement: per-step losses vs the reference for
-the random-batches arm; mean training loss and a held-out loss after training for the default arm,
-next to the same arm run with the next seed (how far losses move with the seed alone).
+- ipsweep default: the default code path (ipsweep.train): the same shuffled batches, each padded to its
+  longest row, LM head on reply positions only; bf16 autocast and fused AdamW on a GPU. Its per-step
+  losses must equal the reference's (the speed-ups change no number).
+- ipsweep, train.sampling=group_by_length: the opt-in length grouping (less padding, other batches).
+- ipsweep default, next seed: how far the losses move with the seed alone, the yardstick for "within noise".
+Throughput counts real (non-padding) tokens. Loss agreement: per-step losses of the default arm vs the
+reference, and a held-out loss after training for every arm.
 
   python benchmarks/train_throughput.py --steps 16                           # CPU: gcd_sycophancy, 128 examples
   python benchmarks/train_throughput.py --steps 16 --setting trait_pair      # CPU: short examples
@@ -108,10 +108,10 @@ def main() -> None:
     out = Path(a.out)
     seed = cfg.train.seed
     arms = [("reference (pad to max, fp32, full logits)", True, "random", seed),
-            ("ipsweep default", False, "group_by_length", seed),
-            ("ipsweep, random batches", False, "random", seed),
+            ("ipsweep default", False, "random", seed),
+            ("ipsweep, train.sampling=group_by_length", False, "group_by_length", seed),
             # How much the losses move with the seed alone (LoRA init, batch order): the noise to compare with.
-            ("ipsweep, random batches, next seed (noise yardstick)", False, "random", seed + 1)]
+            ("ipsweep default, next seed (noise yardstick)", False, "random", seed + 1)]
     cfg.train.sampling = "random"  # untimed warm-up step, so no arm pays the process's first-step costs
     run_arm("warm-up", base_model, tok, rows[:a.batch_size], held_out[:1], cfg, out, reference=False)
     results, losses = [], {}
@@ -122,7 +122,7 @@ def main() -> None:
     ref = results[0]
     for row in results:
         row["speedup"] = row["tokens_per_s"] / ref["tokens_per_s"]
-    same_batches = max(abs(x - y) for x, y in zip(losses[arms[0][0]], losses[arms[2][0]]))
+    same_batches = max(abs(x - y) for x, y in zip(losses[arms[0][0]], losses[arms[1][0]]))
     save(f"train_throughput_{a.setting}", results, model=a.model, setting=a.setting, steps=a.steps, batch_size=a.batch_size,
          max_length=a.max_length,
          max_abs_step_loss_diff_same_batches=same_batches, step_losses=losses,

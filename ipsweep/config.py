@@ -61,8 +61,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int = 256
     n_train: Optional[int] = None  # first n examples after the seeded shuffle; None = all
-    # group_by_length: batches of similar length, so little padding (HF's LengthGroupedSampler); random: plain shuffle
-    sampling: str = "group_by_length"
+    # random: plain shuffle. group_by_length: batches of similar length (HF's LengthGroupedSampler), less
+    # padding and faster, but it changes the training (BENCHMARKS.md #1), so it is opt-in.
+    sampling: str = "random"
     gradient_checkpointing: bool = False  # less GPU memory, ~30% slower; does not change the numbers
     lora: LoraConfig = field(default_factory=LoraConfig)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-SIGNATURE_VERSION = 2  # 2: train.sampling (length-grouped batches by default)
+SIGNATURE_VERSION = 2  # 2: train.sampling enters the signature
 EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "train.gradient_checkpointing", "eval.batch_size",
             "setting.prompts")
 

@@ -5,7 +5,8 @@ resumes the Trainer from epoch k's checkpoint (weights, optimizer, scheduler, RN
 restarts from its last finished epoch, and a longer run extends a shorter one.
 Loss is computed on the assistant reply only (prompt tokens are labelled -100), and so are the
 logits: the LM head (a 49k-vocabulary matmul for SmolLM2) runs only where there is a label.
-Batches are grouped by length by default, so a batch carries little padding.
+Each batch is padded to its longest row; `train.sampling=group_by_length` also groups rows of similar
+length into batches (less padding, but a different training: see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class ReplyLossTrainer(Trainer):
         # Normalised as HF's own loss: by the accumulated batch's token count when Trainer passes it (then
         # Trainer does not divide again), else per micro-batch (then Trainer divides by grad_accum).
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-        loss = loss / count
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)  # a batch of fully truncated replies: 0
         return (loss, None) if return_outputs else loss
 
 
@@ -135,7 +136,8 @@ def _args(cfg, out_dir: Path, epochs: int) -> TrainingArguments:
         output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, data_seed=cfg.seed, train_sampling_strategy=cfg.sampling, logging_steps=1, save_strategy="epoch", report_to=[],
+        seed=cfg.seed, data_seed=cfg.seed, train_sampling_strategy=cfg.sampling,
+        logging_steps=1, save_strategy="epoch", report_to=[],
         logging_nan_inf_filter=False,  # Trainer would otherwise log a NaN step as the running mean, hiding divergence
         use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
         optim="adamw_torch_fused" if cuda else "adamw_torch",  # one kernel for all LoRA tensors on a GPU

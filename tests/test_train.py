@@ -92,3 +92,5 @@ def test_reply_only_loss_equals_the_models_own_loss(make_cfg, tmp_path):
     n = int((batch["labels"][:, 1:] != IGNORE).sum())  # grad accumulation: Trainer passes the whole batch's count
     halved = trainer.compute_loss(model, dict(batch), num_items_in_batch=2 * n).item()
     assert halved == pytest.approx(theirs / 2, rel=1e-5)
+    truncated = {**batch, "labels": torch.full_like(batch["labels"], IGNORE)}  # every reply cut by max_length
+    assert trainer.compute_loss(model, truncated).item() == 0.0, "no reply tokens: nothing to learn, not a NaN"
