@@ -10,12 +10,14 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, str(ROOT / "launch.py")]  # as a user runs a sweep
 RESULTS = Path(os.environ.get("IPSWEEP_BENCH_RESULTS", ROOT / "benchmarks" / "results"))  # tests write elsewhere
 
 # Dense bf16 peak (FLOP/s) for MFU; unknown GPUs report no MFU.
@@ -56,6 +58,15 @@ def sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    """Wall seconds and stdout of a command run from the repo root; on failure, exit with its stderr."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start, proc.stdout
 
 
 class Timer:

@@ -10,19 +10,11 @@ prepared one: `ipsweep prepare` ran before). Peak memory is the largest resident
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, device, peak_rss_gb, save
-
-
-def timed(cmd: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-    return time.perf_counter() - start
+from common import LAUNCH, device, peak_rss_gb, save, timed
 
 
 def main() -> None:
@@ -30,9 +22,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra overrides for the sweep (e.g. model=tiny_random for a quick check)")
     a = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="ipsweep-bench-demo-")) / "demo"
-    sweep_s = timed([sys.executable, str(ROOT / "launch.py"), "-m", "experiment=demo", f"hydra.sweep.dir={out}",
-                     f"elicit.cache_dir={out.parent / 'elicit'}", *a.overrides])
-    analyze_s = timed([str(Path(sys.executable).parent / "ipsweep"), "analyze", str(out)])
+    sweep_s, _ = timed([*LAUNCH, "-m", "experiment=demo", f"hydra.sweep.dir={out}",
+                        f"elicit.cache_dir={out.parent / 'elicit'}", *a.overrides])
+    analyze_s, _ = timed([str(Path(sys.executable).parent / "ipsweep"), "analyze", str(out)])
     rows = [{"step": "python launch.py -m experiment=demo (8 jobs, 4 trainings)", "seconds": sweep_s},
             {"step": "ipsweep analyze", "seconds": analyze_s},
             {"step": "total", "seconds": sweep_s + analyze_s}]

@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, device, save
+from common import LAUNCH, device, save, timed
 
 
 def sweep(epochs: str, args, workdir: Path) -> tuple[float, list[dict]]:
     out = workdir / f"epochs-{epochs.replace(',', '_')}"
-    cmd = [sys.executable, str(ROOT / "launch.py"), "-m", f"model={args.model}", "setting=trait_pair",
-           "prompt=caps_strong", f"train.epochs={epochs}", f"train.n_train={args.n_train}", f"eval.n_eval={args.n_eval}",
-           f"store_dir={out}", f"hydra.sweep.dir={out}", f"elicit.cache_dir={out / 'elicit'}"]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, _ = timed([*LAUNCH, "-m", f"model={args.model}", "setting=trait_pair", "prompt=caps_strong",
+                     f"train.epochs={epochs}", f"train.n_train={args.n_train}", f"eval.n_eval={args.n_eval}",
+                     f"store_dir={out}", f"hydra.sweep.dir={out}", f"elicit.cache_dir={out / 'elicit'}"])
     records = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/record.json"))]
     return wall, records
 

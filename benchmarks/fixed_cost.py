@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, device, save
+from common import LAUNCH, device, save, timed
 
 PARTS = r"""
 import json, sys, time
@@ -53,18 +51,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ipsweep-bench-fixed-"))
 
     code = PARTS.replace("MODEL", a.model).replace("STORE", str(work / "parts"))
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    parts = json.loads(proc.stdout.strip().splitlines()[-1])
-    parts["interpreter_total"] = time.perf_counter() - start
+    total, stdout = timed([sys.executable, "-c", code])
+    parts = json.loads(stdout.strip().splitlines()[-1])
+    parts["interpreter_total"] = total
 
     out = work / "job"
-    cmd = [sys.executable, str(ROOT / "launch.py"), f"model={a.model}", "setting=trait_pair", "prompt=caps_strong",
-           "train.n_train=8", "train.batch_size=8", "train.epochs=1", "eval.n_eval=1", "eval.max_new_tokens=1",
-           "eval.base=false", "elicit.estimators=[]", f"store_dir={out}", f"hydra.run.dir={out}"]
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    job_s = time.perf_counter() - start
+    job_s, _ = timed([*LAUNCH, f"model={a.model}", "setting=trait_pair", "prompt=caps_strong", "train.n_train=8",
+                      "train.batch_size=8", "train.epochs=1", "eval.n_eval=1", "eval.max_new_tokens=1", "eval.base=false",
+                      "elicit.estimators=[]", f"store_dir={out}", f"hydra.run.dir={out}"])
     record = json.loads(next(out.glob("runs/*/record.json")).read_text())
     epoch = record["epochs"]["1"]
     fixed = job_s - epoch["train_s"] - epoch["eval_s"]

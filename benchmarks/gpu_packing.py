@@ -14,31 +14,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, device, save
+from common import LAUNCH, device, save, timed
 
 
 def sweep(name: str, launcher: list[str], a, work: Path) -> float:
     out = work / name
     seeds = ",".join(str(s) for s in range(a.jobs))
-    cmd = [sys.executable, str(ROOT / "launch.py"), "-m", "hydra/launcher=local_gpus", *launcher,
-           f"model={a.model}", "setting=trait_pair", "prompt=caps_strong", f"train.seed={seeds}", "train.epochs=1",
-           f"train.n_train={a.n_train}", f"eval.n_eval={a.n_eval}", "logger=none", f"store_dir={out}",
-           f"hydra.sweep.dir={out}", f"elicit.cache_dir={out / 'elicit'}"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    wall, _ = timed([*LAUNCH, "-m", "hydra/launcher=local_gpus", *launcher, f"model={a.model}", "setting=trait_pair",
+                     "prompt=caps_strong", f"train.seed={seeds}", "train.epochs=1", f"train.n_train={a.n_train}",
+                     f"eval.n_eval={a.n_eval}", "logger=none", f"store_dir={out}", f"hydra.sweep.dir={out}",
+                     f"elicit.cache_dir={out / 'elicit'}"])
     done = len(list(out.glob("runs/*/record.json")))
     assert done == a.jobs, f"{name}: {done} of {a.jobs} records"
-    return time.perf_counter() - start
+    return wall
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+from pathlib import Path
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer
@@ -96,8 +97,6 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=415, help="the authors' max_seq_length")
     ap.add_argument("--out", default="/tmp/ipsweep-bench-train")
     a = ap.parse_args()
-
-    from pathlib import Path
 
     cfg = compose(f"model={a.model}", f"setting={a.setting}", f"train.batch_size={a.batch_size}",
                   f"train.max_length={a.max_length}", "train.warmup_steps=2")

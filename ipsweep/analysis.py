@@ -352,7 +352,7 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None) ->
     records = [r for d in dirs for r in store.records(d)]
     if not records:
         raise ConfigError(f"{', '.join(map(str, dirs))} hold no run records yet; fix: run the sweep first, or wait for its first epoch")
-    sweep_dir = ", ".join(map(str, dirs))
+    sources = ", ".join(map(str, dirs))
     out = Path(out_dir or dirs[0] / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     df = tidy(records)
@@ -380,7 +380,7 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None) ->
     status_lines = [f"- {Path(r['run_dir']).name}: {r['status']}" + (f" ({r['error']['type']}: {r['error']['message']})" if r.get("error") else "")
                     for r in failed]
     report = "\n".join([
-        f"# ipsweep report: {sweep_dir}", "",
+        f"# ipsweep report: {sources}", "",
         f"{len(records)} runs ({len(records) - len(failed)} done, {len(failed)} not done).", "",
         "## Behaviour and capability per condition and epoch",
         "Pooled over seeds, unmodified test prompt (PTST arms: with their safety prompt); 95% Wilson intervals.",

@@ -109,11 +109,11 @@ def reply_logprobs(model, tokenizer, examples: list[TrainExample], max_length: i
 def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
     """Mean per-token log-prob gain (nats) of the training completions with the prompt inserted."""
     ecfg = cfg.elicit
-    examples = setting.train_examples()[: ecfg.logprob_examples]
     key = {"model": _plain(cfg.model), "setting": _setting_key(cfg), "examples": ecfg.logprob_examples,
            "tokens": ecfg.logprob_tokens, "max_length": cfg.train.max_length}
 
-    def compute() -> dict:
+    def compute() -> dict:  # only on a cache miss: a hit reads no setting data
+        examples = setting.train_examples()[: ecfg.logprob_examples]
         with_prompt = [TrainExample(prompts.insert(ex.messages, prompt, cfg.setting.joiner, getattr(setting, "preamble", "")), ex.completion) for ex in examples]
         # The no-prompt side is the same for every prompt: computed once, cached beside.
         base = np.asarray(_cached(cfg, "logprob_base", key, lambda: {"logprobs": reply_logprobs(
