@@ -65,3 +65,26 @@ def test_local_gpus_on_cpu_caps_jobs_and_threads(tmp_path):
     assert len(attempts) == 3
     assert all(a["torch_threads"] == 1 and not a["cuda_visible_devices"] for a in attempts)
     assert _max_overlap([(a["start_s"], a["end_s"]) for a in attempts]) <= 2
+
+
+def _path_without_slurm() -> str:
+    """PATH with every folder that holds srun or sbatch left out: a machine without SLURM."""
+    import os
+    from pathlib import Path
+
+    keep = [d for d in os.environ["PATH"].split(os.pathsep)
+            if not any((Path(d) / c).exists() for c in ("srun", "sbatch"))]
+    return os.pathsep.join(keep)
+
+
+def test_slurm_dry_run_renders_without_slurm_and_submission_fails_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", _path_without_slurm())
+    args = ["-m", *TINY, "prompt=none,caps_strong", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"]
+    proc = launch(*args, "--dry-run", sweep_dir=tmp_path / "preview")
+    assert "#SBATCH --partition=gpu\n" in proc.stdout.split("sbatch script for the array:")[1]
+    sweep = tmp_path / "sweep"
+    proc = launch(*args, sweep_dir=sweep, check=False)
+    assert proc.returncode == 1
+    assert "hydra/launcher=slurm needs SLURM, but sbatch and srun are not on PATH" in proc.stderr
+    assert "--dry-run" in proc.stderr and "Traceback" not in proc.stderr
+    assert not sweep.exists(), "nothing is written before the check"

@@ -16,6 +16,8 @@ requeued job resumes from its last finished epoch (the run record knows which).
 import logging
 import os
 import queue
+import shutil
+from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+from ipsweep.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,15 @@ class LocalGpusConf(LocalQueueConf):
 
 ConfigStore.instance().store(group="hydra/launcher", name="ipsweep_slurm", node=SlurmConf, provider="ipsweep")
 ConfigStore.instance().store(group="hydra/launcher", name="ipsweep_local_gpus", node=LocalGpusConf, provider="ipsweep")
+
+
+def require_slurm() -> None:
+    """A real submission needs SLURM's client commands; say so before anything is written."""
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    if missing:
+        raise ConfigError(f"hydra/launcher=slurm needs SLURM, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH on this machine; "
+                          "fix: launch from a login node of the cluster (or add SLURM's bin folder to PATH), "
+                          "or preview the sweep here with --dry-run")
 
 
 class _Launcher(BaseSubmititLauncher):
@@ -79,21 +92,29 @@ class SlurmLauncher(_Launcher):
     _EXECUTOR = "slurm"
     _OWN_KEYS = ("wait",)
 
-    def executor(self):
-        """The configured submitit executor, built as hydra-submitit-launcher builds it."""
+    def executor(self, preview: bool = False):
+        """The configured submitit executor, built as hydra-submitit-launcher builds it.
+
+        `preview`: only to render the sbatch script, which is text and needs no SLURM, so that a dry run
+        works on a laptop; submitit otherwise refuses to build a SLURM executor where `srun` is missing."""
+        from unittest import mock
+
         import submitit
         from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
         from omegaconf import OmegaConf
 
-        executor = submitit.AutoExecutor(cluster="slurm", folder=self.params["submitit_folder"],
-                                         slurm_max_num_timeout=self.params["max_num_timeout"])
+        if not preview:
+            require_slurm()
+        with mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2)) if preview else nullcontext():
+            executor = submitit.AutoExecutor(cluster="slurm", folder=self.params["submitit_folder"],
+                                             slurm_max_num_timeout=self.params["max_num_timeout"])
         generic = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in generic else f"slurm_{k}": v for k, v in self._executor_params().items()})
         return executor
 
     def render(self, n_jobs: int) -> str:
         """The sbatch script this launcher would submit for an array of n_jobs."""
-        slurm = self.executor()._executor
+        slurm = self.executor(preview=True)._executor
         slurm.parameters["map_count"] = n_jobs  # what map_array sets: renders as --array=0-<n-1>%<parallelism>
         return slurm._make_submission_file_text("python -u -m submitit.core._submit <folder>", "<uid>")
 

@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import filter_overrides
 from omegaconf import OmegaConf
 
+from hydra_plugins.ipsweep_plugins.launchers import SlurmLauncher, require_slurm
 from ipsweep import plan, status
 from ipsweep.errors import ConfigError
 
@@ -82,6 +83,8 @@ class IpsweepSweeper(BasicSweeper):
         if self.dry_run:
             self._print_plan(points, sweep_dir)
             return []
+        if isinstance(self.launcher, SlurmLauncher):
+            require_slurm()  # before the sweep dir or manifest is written
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         plan.write_manifest(sweep_dir, [{k: v for k, v in p.items() if k != "config"} for p in points])
