@@ -2,26 +2,83 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ipsweep import store
+from ipsweep import prompts, store
+from ipsweep import stats as st
 from ipsweep.errors import ConfigError
-from ipsweep.evaluate import rate
 
 ARM_ORDER = {"control": 0, "ip": 1, "ptst": 2}
 
 
 def arm(record: dict) -> str:
-    """Display name of a run's condition: control, ip:<prompt>, ptst:<prompt>."""
+    """Display name of a run's condition: control, ip:<prompt>."""
     return "control" if record["condition"] == "control" else f"{record['condition']}:{record['prompt']}"
 
 
+def _without(config: dict, *keys: str) -> dict:
+    out = json.loads(json.dumps(config))
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return out
+
+
+def match_key(record: dict) -> str:
+    """What an arm and its control share: the run's whole semantic config except the training prompt."""
+    return store.digest(_without(record["config"], "prompt"))
+
+
+def design_key(record: dict) -> str:
+    """What the seeds of one arm share: the config except the training prompt and the seed."""
+    return store.digest(_without(record["config"], "prompt", "train.seed"))
+
+
+def headline_evaluations(record: dict) -> list[tuple[str, str, str, str, str]]:
+    """(arm, condition, prompt, role, test prompt) for each arm this record measures: an IP run under the
+    unmodified test prompt; a control under it (the control) and under each safety prompt it was tested
+    with (PTST: the same trained model, the safety prompt inserted at test time)."""
+    if record["condition"] != "control":
+        return [(arm(record), record["condition"], record["prompt"], record["role"], prompts.NONE)]
+    out = [("control", "control", prompts.NONE, "none", prompts.NONE)]
+    for name, role in record.get("test_prompt_roles", {}).items():
+        if role == "safety":
+            out.append((f"ptst:{name}", "ptst", name, "safety", name))
+    return out
+
+
+def items(records: list[dict]) -> pd.DataFrame:
+    """One row per run x epoch x test prompt x metric x eval item: y = share of the item's samples that
+    show the metric. Paired comparisons join on `item`."""
+    rows = []
+    for r in records:
+        mk, dk = match_key(r), design_key(r)
+        for epoch, entry in r["epochs"].items():
+            for test_prompt, ev in entry["evals"].items():
+                for it in ev.get("items", []):
+                    for metric in (r["behaviour_metric"], r["capability_metric"]):
+                        if metric not in it or not it[metric][1]:
+                            continue
+                        k, n = it[metric]
+                        rows.append({"setting": r["setting"], "model": r["model"], "design": dk, "match": mk,
+                                     "run": Path(r["run_dir"]).name, "condition": r["condition"], "prompt": r["prompt"],
+                                     "seed": r["seed"], "epoch": int(epoch), "test_prompt": test_prompt,
+                                     "kind": "behaviour" if metric == r["behaviour_metric"] else "capability",
+                                     "metric": metric, "item": it["id"], "eval_set": it.get("eval_set"),
+                                     "group": it.get("group"), "k": k, "n": n, "y": k / n})
+    return pd.DataFrame(rows)
+
+
 def tidy(records: list[dict]) -> pd.DataFrame:
-    """One row per run x epoch x test prompt x metric, with counts and Wilson CIs."""
+    """One row per run x epoch x test prompt x metric, with counts (pooled Wilson CIs: per-evaluation only)."""
     rows = []
     for r in records:
         for epoch, entry in r["epochs"].items():
@@ -30,190 +87,191 @@ def tidy(records: list[dict]) -> pd.DataFrame:
                     rows.append({
                         "sweep": r.get("sweep"), "setting": r["setting"], "model": r["model"], "arm": arm(r),
                         "condition": r["condition"], "prompt": r["prompt"], "role": r["role"], "seed": r["seed"],
-                        "signature": r["signature"], "status": r["status"], "epoch": int(epoch),
-                        "test_prompt": test_prompt, "headline": test_prompt == r["headline_test_prompt"],
-                        "metric": metric,
+                        "signature": r["signature"], "design": design_key(r), "status": r["status"],
+                        "epoch": int(epoch), "test_prompt": test_prompt, "metric": metric,
                         "kind": "behaviour" if metric == r["behaviour_metric"]
                         else "capability" if metric == r["capability_metric"] else "other",
-                        "loss": entry.get("loss"),
-                        "elicit_sampled": r.get("elicitation", {}).get("sampled", {}).get("estimate"),
-                        "elicit_logprob": r.get("elicitation", {}).get("logprob", {}).get("estimate"), **m,
+                        "loss": entry.get("loss"), **m,
                     })
     return pd.DataFrame(rows)
 
 
-def group_table(records: list[dict]) -> pd.DataFrame:
-    """Behaviour and capability per eval set and group (question type, OOD label), pooled over seeds,
-    under each run's headline test prompt; epoch 0 once, as arm `base`."""
-    counts: dict[tuple, list[int]] = {}
+def check_controls(records: list[dict]) -> None:
+    """Each arm has at most one control with its identity; two are an error that names both runs."""
+    seen: dict[str, str] = {}
     for r in records:
-        for epoch, entry in r["epochs"].items():
-            ev = entry["evals"].get(r["headline_test_prompt"] if epoch != "0" else "none")
-            if ev is None:
-                continue
-            a = "base" if epoch == "0" else arm(r)
-            for g in ev["by_group"]:
-                kind = "behaviour" if g["metric"] == r["behaviour_metric"] else \
-                    "capability" if g["metric"] == r["capability_metric"] else None
-                if kind is None:
-                    continue
-                key = (r["setting"], a, int(epoch), g["eval_set"], g["group"], kind)
-                if a == "base" and key in counts:
-                    continue  # the same untrained evaluation, recorded by every run
-                c = counts.setdefault(key, [0, 0])
-                c[0] += g["k"]
-                c[1] += g["n"]
-    rows = [{"setting": s_, "arm": a, "epoch": e, "eval_set": es, "group": g, "kind": kind, **rate(k, n)}
-            for (s_, a, e, es, g, kind), (k, n) in counts.items()]
-    if not rows:
-        return pd.DataFrame()
-    df = pd.DataFrame(rows)
-    wide = df.pivot_table(index=["setting", "arm", "epoch", "eval_set", "group"], columns="kind", values="rate").reset_index()
-    return wide.sort_values(["setting", "arm", "epoch", "eval_set", "group"]).reset_index(drop=True)
+        if r["condition"] != "control":
+            continue
+        key = match_key(r)
+        if key in seen and seen[key] != r["run_dir"]:
+            raise ConfigError(f"two control runs match the same arms: {seen[key]} and {r['run_dir']} (same setting, model, "
+                              "seed and hyper-parameters); fix: analyse one of the sweeps that hold them, or remove the "
+                              "duplicate run")
+        seen[key] = r["run_dir"]
 
 
-def condition_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Behaviour and capability per setting, arm and epoch, pooled over seeds (headline test prompt).
-
-    Epoch 0 is the untrained model, the same for every arm, so it appears once as arm `base`.
-    """
-    head = df[df.headline & df.kind.isin(["behaviour", "capability"])].copy()
-    base = head[head.epoch == 0].drop_duplicates(["setting", "model", "test_prompt", "metric"]).assign(arm="base", seed=-1)
-    base = base[base.test_prompt == "none"]
-    head = pd.concat([base, head[head.epoch > 0]])
-    out = []
-    for (setting, a, epoch), g in head.groupby(["setting", "arm", "epoch"], sort=False):
-        row = {"setting": setting, "arm": a, "epoch": epoch, "seeds": g.seed.nunique() if a != "base" else 0}
-        for kind in ("behaviour", "capability"):
-            part = g[g.kind == kind]
-            r = rate(int(part.k.sum()), int(part.n.sum()))
-            row[f"{kind}_metric"] = part.metric.iloc[0] if len(part) else None
-            row[kind], row[f"{kind}_lo"], row[f"{kind}_hi"] = r["rate"], r["lo"], r["hi"]
-            row[f"{kind}_ci"] = f"[{r['lo']:.2f}, {r['hi']:.2f}]" if r["n"] else ""
-            row[f"{kind}_k/n"] = f"{r['k']}/{r['n']}"
-        out.append(row)
-    table = pd.DataFrame(out)
-    if table.empty:
-        return table
-    order = table.arm.map(lambda a: -1 if a == "base" else ARM_ORDER[a.split(":")[0]])
-    return table.assign(_o=order).sort_values(["setting", "_o", "arm", "epoch"]).drop(columns="_o").reset_index(drop=True)
+def _matrix(part: pd.DataFrame, item_ids) -> np.ndarray:
+    """seeds x items matrix of y for the given items (rows: seeds in order)."""
+    wide = part.pivot_table(index="seed", columns="item", values="y", aggfunc="mean")
+    return wide.reindex(columns=list(item_ids)).to_numpy()
 
 
-def bootstrap_mean_ci(values, seed: int = 0) -> tuple[float, float]:
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2 or np.all(values == values[0]):
-        return (float("nan"), float("nan")) if len(values) < 2 else (float(values[0]), float(values[0]))
-    res = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=9999,
-                          method="percentile", random_state=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-def effects_long(df: pd.DataFrame) -> pd.DataFrame:
-    """Per run and epoch: inoculation effect b(control) - b(arm) and capability cost c(control) - c(arm),
-    matched on setting, seed and epoch, both under the unmodified test prompt."""
-    plain = df[(df.test_prompt == "none") & df.kind.isin(["behaviour", "capability"]) & (df.epoch > 0)]
-    if plain.empty:
-        return pd.DataFrame()
-    index = ["setting", "seed", "epoch", "arm", "prompt", "role", "condition", "elicit_sampled", "elicit_logprob"]
-    wide = plain.pivot_table(index=index, columns="kind", values="rate", dropna=False).reset_index().dropna(subset=["behaviour"])
-    control = wide[wide.arm == "control"][["setting", "seed", "epoch", "behaviour", "capability"]]
-    merged = wide[wide.arm != "control"].merge(control, on=["setting", "seed", "epoch"], suffixes=("", "_control"))
-    merged["effect"] = merged.behaviour_control - merged.behaviour
-    merged["capability_cost"] = merged.capability_control - merged.capability
-    return merged
-
-
-def effect_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean effect and capability cost over seeds per arm and epoch, with bootstrap 95% CIs."""
-    merged = effects_long(df)
-    if merged.empty:
-        return pd.DataFrame()
-    out = []
-    for (setting, a, epoch), g in merged.groupby(["setting", "arm", "epoch"]):
-        lo, hi = bootstrap_mean_ci(g.effect)
-        clo, chi = bootstrap_mean_ci(g.capability_cost)
-        out.append({"setting": setting, "arm": a, "epoch": epoch, "seeds": len(g),
-                    "elicit_sampled": g.elicit_sampled.iloc[0], "elicit_logprob": g.elicit_logprob.iloc[0],
-                    "effect": g.effect.mean(), "effect_ci": f"[{lo:.2f}, {hi:.2f}]",
-                    "capability_cost": g.capability_cost.mean(), "capability_cost_ci": f"[{clo:.2f}, {chi:.2f}]"})
-    return pd.DataFrame(out)
-
-
-def _rank(a: np.ndarray) -> np.ndarray:
-    return stats.rankdata(a, axis=-1)
-
-
-def hierarchical_bootstrap(groups: list[list[tuple[float, np.ndarray]]], n_resamples: int = 2000,
-                           seed: int = 0) -> dict:
-    """Pearson and Spearman of x (elicitation) vs mean y (effect over seeds), one point per prompt.
-
-    `groups`: per stratum (setting), a list of (x, effects over seeds) per prompt. Each resample draws
-    prompts with replacement within each stratum, then seeds with replacement within each prompt.
-    Returns point estimates (scipy.stats) and percentile 95% CIs.
-    """
-    rng = np.random.default_rng(seed)
-    x = np.concatenate([[p[0] for p in g] for g in groups])
-    y = np.concatenate([[p[1].mean() for p in g] for g in groups])
-    out = {"points": len(x)}
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return {**out, "pearson": np.nan, "pearson_lo": np.nan, "pearson_hi": np.nan,
-                "spearman": np.nan, "spearman_lo": np.nan, "spearman_hi": np.nan}
-    out["pearson"] = float(stats.pearsonr(x, y).statistic)
-    out["spearman"] = float(stats.spearmanr(x, y).statistic)
-    bx, by = [], []
-    for g in groups:
-        pick = rng.integers(0, len(g), size=(n_resamples, len(g)))
-        xs = np.array([p[0] for p in g])[pick]
-        ys = np.empty(pick.shape)
-        for j, p in enumerate(g):  # resample prompt j's seeds, for every resample at once
-            seeds = p[1][rng.integers(0, len(p[1]), size=(n_resamples, len(p[1])))].mean(axis=1)
-            ys[pick == j] = seeds[np.nonzero(pick == j)[0]]
-        bx.append(xs)
-        by.append(ys)
-    bx, by = np.concatenate(bx, axis=1), np.concatenate(by, axis=1)
-    ok = (np.ptp(bx, axis=1) > 0) & (np.ptp(by, axis=1) > 0)  # a resample of one repeated prompt has no r
-    for name, (a, b) in {"pearson": (bx[ok], by[ok]), "spearman": (_rank(bx[ok]), _rank(by[ok]))}.items():
-        r = stats.pearsonr(a, b, axis=1).statistic
-        out[f"{name}_lo"], out[f"{name}_hi"] = (float(v) for v in np.percentile(r, [2.5, 97.5]))
-    return out
-
-
-def _standardise(points: list[tuple[float, np.ndarray]]) -> list[tuple[float, np.ndarray]]:
-    """z-score x and y within one setting, so pooling compares prompts within settings, not settings."""
-    x = np.array([p[0] for p in points])
-    y_all = np.concatenate([p[1] for p in points])
-    sx, sy = x.std(), y_all.std() or 1.0  # x varies (correlation_table pools only such settings)
-    return [((p[0] - x.mean()) / sx, (p[1] - y_all.mean()) / sy) for p in points]
-
-
-def correlation_table(effects: pd.DataFrame, n_resamples: int = 2000) -> pd.DataFrame:
-    """Elicitation vs inoculation effect, per setting and pooled, per epoch and estimator.
-
-    One point per IP-style prompt (inoculation, neutral, placebo); PTST arms are excluded because their
-    training data is unmodified. The control is not a point: its effect is 0 by definition.
-    """
-    ip = effects[effects.condition == "ip"] if not effects.empty else effects
+def arm_evaluations(records: list[dict]) -> pd.DataFrame:
+    """One row per (arm, seed, epoch): which run and test prompt measure it, and its control's run."""
+    controls = {match_key(r): r for r in records if r["condition"] == "control"}
     rows = []
+    for r in records:
+        for a, cond, prompt, role, test_prompt in headline_evaluations(r):
+            ctrl = controls.get(match_key(r))
+            for epoch, entry in r["epochs"].items():
+                if test_prompt not in entry["evals"] or not entry["evals"][test_prompt].get("items"):
+                    continue
+                el = r.get("elicitation", {}) if cond == "ip" else {}
+                rows.append({"setting": r["setting"], "model": r["model"], "design": design_key(r), "arm": a,
+                             "condition": cond, "prompt": prompt, "role": role, "seed": r["seed"], "epoch": int(epoch),
+                             "run": Path(r["run_dir"]).name, "test_prompt": test_prompt,
+                             "control_run": Path(ctrl["run_dir"]).name if ctrl else None,
+                             "elicit_sampled": el.get("sampled", {}).get("estimate"),
+                             "elicit_logprob": el.get("logprob", {}).get("estimate")})
+    return pd.DataFrame(rows)
+
+
+def _fmt_ci(lo, hi) -> str:
+    return f"[{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+
+
+def _arm_order(a: str) -> int:
+    return -1 if a == "base" else ARM_ORDER[a.split(":")[0]]
+
+
+def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Behaviour and capability per setting, design, arm and epoch (and per `by`, e.g. eval_set and group):
+    the mean over seeds x items with a 95% CI that counts both (stats.rate_interval). Epoch 0 is the
+    untrained model, once, as arm `base`."""
+    if arms.empty:
+        return pd.DataFrame()
+    keyed = its.set_index(["run", "epoch", "test_prompt", "kind"]).sort_index()
+    base = arms[(arms.epoch == 0) & (arms.arm == "control")].drop_duplicates(["setting", "design"])
+    groups = [((s, d, "base", 0), g.iloc[:1]) for (s, d), g in base.groupby(["setting", "design"])]
+    groups += list(arms[arms.epoch > 0].groupby(["setting", "design", "arm", "epoch"]))
+    cells: dict[tuple, dict] = {}
+    for (setting, design, a, epoch), g in groups:
+        head = {"setting": setting, "model": g.model.iloc[0], "design": design, "arm": a, "epoch": epoch,
+                "seeds": g.seed.nunique() if a != "base" else 0}
+        for kind in ("behaviour", "capability"):
+            parts = [keyed.loc[(ev.run, ev.epoch, ev.test_prompt, kind)] for ev in g.itertuples()
+                     if (ev.run, ev.epoch, ev.test_prompt, kind) in keyed.index]
+            if not parts:
+                continue
+            ids = set.intersection(*(set(p.item) for p in parts))
+            part = pd.concat(parts).reset_index()
+            part = part[part.item.isin(ids)]
+            for sub_key, sub in (part.groupby(list(by)) if by else [((), part)]):
+                sub_key = sub_key if isinstance(sub_key, tuple) else (sub_key,)
+                row = cells.setdefault((setting, design, a, epoch, *sub_key), {**head, **dict(zip(by, sub_key))})
+                r = st.rate_interval(_matrix(sub, sorted(set(sub.item))))
+                row.update({f"{kind}_metric": sub.metric.iloc[0], kind: r["estimate"], f"{kind}_lo": r["lo"],
+                            f"{kind}_hi": r["hi"], f"{kind}_ci": _fmt_ci(r["lo"], r["hi"]),
+                            f"{kind}_k/n": f"{int(sub.k.sum())}/{int(sub.n.sum())}", f"{kind}_items": sub.item.nunique(),
+                            f"{kind}_method": r["method"]})
+    table = pd.DataFrame(list(cells.values()))
+    return table.assign(_o=table.arm.map(_arm_order)).sort_values(["setting", "design", "_o", "arm", "epoch", *by]) \
+        .drop(columns="_o").reset_index(drop=True)
+
+
+def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per arm and epoch: effect = b(control) - b(arm) and capability cost = c(control) - c(arm), paired by
+    seed (the control with the arm's identity) and item; crossed seeds x items 95% CI, p-value, Holm-adjusted
+    p within (setting, design, epoch), and the seed-level t-interval beside it. Also returns per-seed values."""
+    if arms.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    keyed = its.set_index(["run", "epoch", "test_prompt", "kind"]).sort_index()
+    control_eval = {(r.control_run, r.epoch): r for r in arms[arms.condition == "control"].itertuples()}
+    out, per_seed = [], []
+    for (setting, design, a, epoch), g in arms[(arms.condition != "control") & (arms.epoch > 0)].groupby(
+            ["setting", "design", "arm", "epoch"]):
+        row = {"setting": setting, "model": g.model.iloc[0], "design": design, "arm": a,
+               "condition": g.condition.iloc[0], "prompt": g.prompt.iloc[0], "role": g.role.iloc[0], "epoch": epoch,
+               "elicit_sampled": g.elicit_sampled.iloc[0], "elicit_logprob": g.elicit_logprob.iloc[0]}
+        pairs = [(ev, control_eval.get((ev.control_run, ev.epoch))) for ev in g.itertuples()]
+        pairs = [(ev, c) for ev, c in pairs if c is not None]
+        row["seeds"] = len(pairs)
+        if not pairs:
+            out.append(row)  # no matched control: effect unknown
+            continue
+        seed_rows = {ev.seed: {"setting": setting, "design": design, "arm": a, "condition": row["condition"],
+                               "prompt": row["prompt"], "role": row["role"], "seed": ev.seed, "epoch": epoch,
+                               "elicit_sampled": row["elicit_sampled"], "elicit_logprob": row["elicit_logprob"]}
+                     for ev, _ in pairs}
+        for kind, name in (("behaviour", "effect"), ("capability", "capability_cost")):
+            valid = [(ev, c) for ev, c in pairs if (ev.run, ev.epoch, ev.test_prompt, kind) in keyed.index
+                     and (c.run, c.epoch, c.test_prompt, kind) in keyed.index]
+            if not valid:
+                continue
+            sides = [(keyed.loc[(c.run, c.epoch, c.test_prompt, kind)], keyed.loc[(ev.run, ev.epoch, ev.test_prompt, kind)])
+                     for ev, c in valid]
+            ids = sorted(set.intersection(*(set(c.item) & set(x.item) for c, x in sides)))
+            ctrl = _matrix(pd.concat([c for c, _ in sides]).reset_index(), ids)
+            armm = _matrix(pd.concat([x for _, x in sides]).reset_index(), ids)
+            r = st.difference_interval(ctrl, armm)
+            seeds = (ctrl - armm).mean(axis=1)
+            slo, shi = st.seed_t_interval(seeds)
+            row.update({name: r["estimate"], f"{name}_lo": r["lo"], f"{name}_hi": r["hi"],
+                        f"{name}_ci": _fmt_ci(r["lo"], r["hi"]), f"{name}_se": r.get("se"), f"{name}_p": r.get("p"),
+                        f"{name}_method": r["method"], f"{name}_seed_ci": _fmt_ci(slo, shi), "items": len(ids)})
+            for (ev, _), v in zip(valid, seeds):
+                seed_rows[ev.seed][name] = float(v)
+        out.append(row)
+        per_seed += list(seed_rows.values())
+    table = pd.DataFrame(out)
+    if "effect_p" in table:
+        table["effect_p_holm"] = table.groupby(["setting", "design", "epoch"]).effect_p.transform(st.holm)
+    table = table.assign(_o=table.arm.map(_arm_order)).sort_values(["setting", "design", "_o", "arm", "epoch"])
+    return table.drop(columns="_o").reset_index(drop=True), pd.DataFrame(per_seed)
+
+
+def _se_from_ci(lo, hi) -> float:
+    return (hi - lo) / (2 * st.Z95) if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi) else np.nan
+
+
+def correlation_table(effects: pd.DataFrame, elicitation: pd.DataFrame, n_permutations: int = 9999,
+                      reference_r: float = 0.57) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Elicitation vs inoculation effect, one point per IP-style prompt, per setting, epoch and estimator,
+    for every IP-style prompt and for the inoculation-role ones alone; then pooled across settings as a
+    random-effects meta-analysis of Fisher z. Returns (correlations, leave-one-prompt-out influence)."""
+    ip = effects[(effects.condition == "ip")].dropna(subset=["effect"]) if "effect" in effects else pd.DataFrame()
+    rows, infl = [], []
+    if ip.empty:
+        return pd.DataFrame(), pd.DataFrame()
     for est in ("sampled", "logprob"):
         col = f"elicit_{est}"
-        if ip.empty or ip[col].isna().all():
+        if ip[col].isna().all():
             continue
-        for epoch, e in ip.groupby("epoch"):
-            per_setting = {
-                setting: [(g[col].iloc[0], g.effect.to_numpy()) for _, g in s.groupby("prompt") if pd.notna(g[col].iloc[0])]
-                for setting, s in e.groupby("setting")
-            }
-            for setting, points in per_setting.items():
-                rows.append({"setting": setting, "epoch": epoch, "estimator": est,
-                             **hierarchical_bootstrap([points], n_resamples)})
-            # A setting whose estimate is the same for every prompt cannot rank them: left out of the pool
-            # (at z = 0 its points would only pull the pooled r towards 0).
-            ranked = {s: p for s, p in per_setting.items() if len(p) > 1 and np.ptp([x for x, _ in p]) > 0}
-            if len(per_setting) > 1 and ranked:
-                rows.append({"setting": "pooled (z within setting)", "epoch": epoch, "estimator": est,
-                             "pooled_settings": ", ".join(sorted(ranked)),
-                             **hierarchical_bootstrap([_standardise(p) for p in ranked.values()], n_resamples)})
-    return pd.DataFrame(rows)
+        for (epoch, subset), e in [((ep, sub), g[g.role == "inoculation"] if sub == "inoculation prompts" else g)
+                                   for ep, g in ip.groupby("epoch") for sub in ("IP-style prompts", "inoculation prompts")]:
+            per_setting = []
+            for (setting, design), s in e.dropna(subset=[col]).groupby(["setting", "design"]):
+                el = elicitation[elicitation.setting == setting].set_index("prompt") if not elicitation.empty else None
+                sx = [(_se_from_ci(el.at[p, f"{est}_lo"], el.at[p, f"{est}_hi"]) if el is not None and p in el.index
+                       else np.nan) for p in s.prompt]
+                c = st.correlation(s[col], s.effect, n_permutations=n_permutations)
+                row = {"setting": setting, "design": design, "epoch": epoch, "estimator": est, "prompts": subset, **c,
+                       **st.slopes(s[col], s.effect, sx, s.effect_se),
+                       f"power_at_r{reference_r}": st.correlation_power(reference_r, c["points"]),
+                       "smallest_r_80pct": st.smallest_correlation(c["points"])}
+                rows.append(row)
+                per_setting.append(row)
+                if subset == "IP-style prompts":
+                    i = st.influence(s[col], s.effect, list(s.prompt))
+                    if not i.empty:
+                        infl.append(i.assign(setting=setting, design=design, epoch=epoch, estimator=est))
+            if len(per_setting) > 1:
+                m = st.meta_correlation([r["pearson"] for r in per_setting], [r["points"] for r in per_setting])
+                rows.append({"setting": "pooled (random-effects, Fisher z)", "epoch": epoch, "estimator": est,
+                             "prompts": subset, "points": sum(r["points"] for r in per_setting),
+                             "pooled_settings": ", ".join(sorted(r["setting"] for r in per_setting
+                                                                 if np.isfinite(r["pearson"]))), **m})
+    return pd.DataFrame(rows), (pd.concat(infl, ignore_index=True) if infl else pd.DataFrame())
 
 
 def pyplot():
@@ -241,7 +299,7 @@ def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
             ax.errorbar(rows.epoch, rows.behaviour, yerr=yerr, marker="o", capsize=3, label=a)
         ax.set_title(f"{setting}: {t.behaviour_metric.dropna().iloc[0]} (unmodified test prompt)")
         ax.set_xlabel("epoch (0 = untrained)")
-        ax.set_ylabel("behaviour rate, 95% Wilson CI (pooled over seeds)")
+        ax.set_ylabel("behaviour rate (share of replies), 95% CI over seeds x items")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xticks(sorted(t.epoch.unique()))
         ax.legend(fontsize=8)
@@ -263,36 +321,39 @@ def elicitation_table(records: list[dict]) -> pd.DataFrame:
 
 
 def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: str, path: Path) -> Path | None:
-    """Elicitation (x, 95% CI) vs mean inoculation effect over seeds (y, bootstrap 95% CI), last epoch, with a fit."""
-    ip = effects[effects.condition == "ip"] if not effects.empty else effects
+    """Elicitation (x, 95% CI) vs inoculation effect (y, 95% CI over seeds x items), last epoch, with an OLS fit.
+    Needs at least 3 prompts with an estimate in some setting."""
+    ip = effects[effects.condition == "ip"].dropna(subset=["effect"]) if "effect" in effects else pd.DataFrame()
     if ip.empty or elicitation.empty or estimator not in elicitation:
         return None
+    settings = [s for s in sorted(ip.setting.unique()) if ip[(ip.setting == s)][f"elicit_{estimator}"].notna().sum() >= 3]
+    if not settings:
+        return None
     plt = pyplot()
-    settings = sorted(ip.setting.unique())
+    unit = "nats/token" if estimator == "logprob" else "share of replies"
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         e = ip[(ip.setting == setting) & (ip.epoch == ip[ip.setting == setting].epoch.max())]
         pts = []
-        for prompt, g in e.groupby("prompt"):
-            el = elicitation[(elicitation.setting == setting) & (elicitation.prompt == prompt)]
+        for k, g in enumerate(e.itertuples()):
+            el = elicitation[(elicitation.setting == setting) & (elicitation.prompt == g.prompt)]
             if el.empty or pd.isna(el[estimator].iloc[0]):
                 continue
             x, xlo, xhi = el[estimator].iloc[0], el[f"{estimator}_lo"].iloc[0], el[f"{estimator}_hi"].iloc[0]
-            y = g.effect.mean()
-            lo, hi = bootstrap_mean_ci(g.effect)
-            yerr = [[y - lo], [hi - y]] if np.isfinite(lo) else None
-            ax.errorbar(x, y, xerr=[[x - xlo], [xhi - x]], yerr=yerr, fmt="o", capsize=3)
-            ax.annotate(prompt, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            pts.append((x, y))
+            ax.errorbar(x, g.effect, xerr=[[max(x - xlo, 0)], [max(xhi - x, 0)]],
+                        yerr=[[max(g.effect - g.effect_lo, 0)], [max(g.effect_hi - g.effect, 0)]], fmt="o", capsize=3)
+            # alternate label offsets so neighbouring labels do not sit on each other
+            ax.annotate(g.prompt, (x, g.effect), fontsize=7, xytext=(4, 4 if k % 2 == 0 else -10), textcoords="offset points")
+            pts.append((x, g.effect))
         if len(pts) >= 3 and np.ptp([p[0] for p in pts]) > 0:  # no line through points that share one x
             fit = stats.linregress(*zip(*pts))
             xs = np.linspace(min(p[0] for p in pts), max(p[0] for p in pts), 20)
-            ax.plot(xs, fit.intercept + fit.slope * xs, "--", color="grey", label=f"fit, r={fit.rvalue:+.2f}")
+            ax.plot(xs, fit.intercept + fit.slope * xs, "--", color="grey", label=f"OLS fit, r={fit.rvalue:+.2f}")
             ax.legend(fontsize=8)
         ax.axhline(0, color="lightgrey", lw=0.8)
-        ax.set_title(f"{setting}, epoch {int(e.epoch.max()) if len(e) else '?'}")
-        ax.set_xlabel(f"elicitation ({estimator}) on the base model")
-        ax.set_ylabel("inoculation effect b(control) - b(IP)")
+        ax.set_title(f"{setting}, epoch {int(e.epoch.max()) if len(e) else '?'}: elicitation vs effect")
+        ax.set_xlabel(f"elicitation ({estimator}, {unit}) on the base model, 95% CI")
+        ax.set_ylabel("inoculation effect b(control) - b(IP), 95% CI")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -300,25 +361,29 @@ def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: st
 
 
 def plot_effect_curves(effects: pd.DataFrame, path: Path) -> Path | None:
-    """Effect vs epochs per prompt (mean over seeds), and capability cost vs effect."""
-    if effects.empty:
+    """Effect vs epochs per arm with 95% CIs, and capability cost vs effect."""
+    if "effect" not in effects or effects.effect.isna().all():
         return None
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    means = effects.groupby(["setting", "arm", "epoch"])[["effect", "capability_cost"]].mean().reset_index()
-    for (setting, a), g in means.groupby(["setting", "arm"]):
-        label = f"{setting}: {a}" if means.setting.nunique() > 1 else a
-        a1.plot(g.epoch, g.effect, marker="o", label=label)
+    e = effects.dropna(subset=["effect"])
+    for (setting, design, a), g in e.groupby(["setting", "design", "arm"]):
+        g = g.sort_values("epoch")
+        label = f"{setting}: {a}" if e.setting.nunique() > 1 else a
+        a1.errorbar(g.epoch, g.effect, yerr=[(g.effect - g.effect_lo).clip(lower=0), (g.effect_hi - g.effect).clip(lower=0)],
+                    marker="o", capsize=3, label=label)
         a2.scatter(g.effect, g.capability_cost, label=label)
     a1.axhline(0, color="lightgrey", lw=0.8)
+    a1.set_title("Inoculation effect by epoch")
     a1.set_xlabel("epoch")
-    a1.set_ylabel("inoculation effect (mean over seeds)")
-    a1.set_xticks(sorted(means.epoch.unique()))
+    a1.set_ylabel("effect b(control) - b(arm), share of replies, 95% CI")
+    a1.set_xticks(sorted(e.epoch.unique()))
     a1.legend(fontsize=7)
     a2.axhline(0, color="lightgrey", lw=0.8)
     a2.axvline(0, color="lightgrey", lw=0.8)
-    a2.set_xlabel("inoculation effect")
-    a2.set_ylabel("capability cost c(control) - c(arm)")
+    a2.set_title("Capability cost vs effect (each arm and epoch)")
+    a2.set_xlabel("inoculation effect (share of replies)")
+    a2.set_ylabel("capability cost c(control) - c(arm), share")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -339,8 +404,29 @@ def _fmt(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt=".3f") if not df.empty else "(none)"
 
 
-def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None) -> dict:
-    """Write tidy.csv/.parquet, conditions.csv/.md, effects.csv, behaviour.png and report.md; return paths and tables.
+def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: float = 0.57) -> pd.DataFrame:
+    """What this sweep could detect at 80% power: the smallest effect given its items and the control's rate,
+    and the smallest correlation given its prompts; and its power for the paper's r (0.57)."""
+    rows = []
+    if conditions.empty or "behaviour" not in conditions:
+        return pd.DataFrame()
+    ctrl = conditions[conditions.arm == "control"]
+    for (setting, design, epoch), c in ctrl.groupby(["setting", "design", "epoch"]):
+        e = effects[(effects.setting == setting) & (effects.design == design) & (effects.epoch == epoch)] \
+            if not effects.empty else effects
+        prompts_n = int((e.condition == "ip").sum()) if not e.empty else 0
+        items = int(c.behaviour_items.iloc[0])
+        rate = float(c.behaviour.iloc[0])
+        rows.append({"setting": setting, "design": design, "epoch": epoch, "items": items, "control_rate": rate,
+                     "smallest_effect_80pct": st.smallest_effect(rate, items) if 0 < rate else np.nan,
+                     "ip_prompts": prompts_n, "smallest_r_80pct": st.smallest_correlation(prompts_n),
+                     f"power_at_r{reference_r}": st.correlation_power(reference_r, prompts_n),
+                     f"prompts_for_r{reference_r}": st.points_needed(reference_r)})
+    return pd.DataFrame(rows)
+
+
+def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_permutations: int = 9999) -> dict:
+    """Write the tables (CSV), plots and report.md of one or several sweeps; return paths and tables.
 
     Several sweep dirs (e.g. one per setting) are analysed together: the pooled correlation then spans them."""
     dirs = [Path(d) for d in (sweep_dirs if isinstance(sweep_dirs, (list, tuple)) else [sweep_dirs])]
@@ -352,61 +438,91 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None) ->
     records = [r for d in dirs for r in store.records(d)]
     if not records:
         raise ConfigError(f"{', '.join(map(str, dirs))} hold no run records yet; fix: run the sweep first, or wait for its first epoch")
+    check_controls(records)
     sources = ", ".join(map(str, dirs))
     out = Path(out_dir or dirs[0] / "analysis")
     out.mkdir(parents=True, exist_ok=True)
-    df = tidy(records)
-    table = condition_table(df)
-    effects = effect_table(df)
-    long = effects_long(df)
+    df, its, arms = tidy(records), items(records), arm_evaluations(records)
+    if its.empty:
+        raise ConfigError(f"the records in {sources} have no per-item outcomes (made before run signature v3); "
+                          "fix: rerun the sweep with this version (it retrains under the new signature)")
+    table = condition_table(arms, its)
+    groups = condition_table(arms, its, by=("eval_set", "group"))
+    effects, per_seed = effect_table(arms, its)
     elicitation = elicitation_table(records)
-    correlations = correlation_table(long)
+    correlations, influence = correlation_table(effects, elicitation, n_permutations)
+    power = power_table(table, effects)
     by_test_prompt = test_prompt_table(df)
-    groups = group_table(records)
-    df.to_csv(out / "tidy.csv", index=False)
-    df.to_parquet(out / "tidy.parquet", index=False)
-    table.to_csv(out / "conditions.csv", index=False)
+    tables = {"tidy": df, "items": its, "conditions": table, "groups": groups, "effects": effects,
+              "effects_per_seed": per_seed, "elicitation": elicitation, "correlations": correlations,
+              "influence": influence, "power": power}
+    for name, t in tables.items():
+        t.to_csv(out / f"{name}.csv", index=False)
+    its.to_parquet(out / "items.parquet", index=False)
     (out / "conditions.md").write_text(_fmt(table) + "\n")
-    effects.to_csv(out / "effects.csv", index=False)
-    groups.to_csv(out / "groups.csv", index=False)
-    elicitation.to_csv(out / "elicitation.csv", index=False)
-    correlations.to_csv(out / "correlations.csv", index=False)
     plot = plot_behaviour(table, out / "behaviour.png")
-    plots = {"behaviour": plot, "effect_curves": plot_effect_curves(long, out / "effect_curves.png")}
+    plots = {"behaviour": plot, "effect_curves": plot_effect_curves(effects, out / "effect_curves.png")}
     for est in ("sampled", "logprob"):
-        plots[f"scatter_{est}"] = plot_scatter(long, elicitation, est, out / f"scatter_{est}.png")
+        plots[f"scatter_{est}"] = plot_scatter(effects, elicitation, est, out / f"scatter_{est}.png")
     plots = {k: v for k, v in plots.items() if v}
     failed = [r for r in records if r["status"] != "done"]
     status_lines = [f"- {Path(r['run_dir']).name}: {r['status']}" + (f" ({r['error']['type']}: {r['error']['message']})" if r.get("error") else "")
                     for r in failed]
+    show = lambda t, cols: _fmt(t[[c for c in cols if c in t]]) if not t.empty else "(none)"  # noqa: E731
+    degenerate = [f"{r.arm} epoch {r.epoch}" for r in effects.itertuples() if "degenerate" in str(getattr(r, "effect_method", ""))]
     report = "\n".join([
         f"# ipsweep report: {sources}", "",
         f"{len(records)} runs ({len(records) - len(failed)} done, {len(failed)} not done).", "",
         "## Behaviour and capability per condition and epoch",
-        "Pooled over seeds, unmodified test prompt (PTST arms: with their safety prompt); 95% Wilson intervals.",
-        "Epoch 0 (`base`) is the untrained model.", "", _fmt(table), "",
+        "Mean over seeds x eval items under the arm's headline test prompt (unmodified; PTST: its safety prompt).",
+        "95% CIs count seed-to-seed and item-to-item variation (crossed seeds x items; with 1 seed, items only;",
+        "`*_method` says which). Epoch 0 (`base`) is the untrained model.", "",
+        show(table, ["setting", "arm", "epoch", "seeds", "behaviour_metric", "behaviour", "behaviour_ci", "behaviour_k/n",
+                     "capability_metric", "capability", "capability_ci", "capability_k/n"]), "",
         "## Inoculation effect vs the matched control",
-        "effect = b(control) - b(arm), capability_cost = c(control) - c(arm), same seed and epoch, unmodified test prompt;",
-        "mean over seeds with a bootstrap 95% CI (nan with one seed).", "", _fmt(effects), "",
+        "effect = b(control) - b(arm), capability_cost = c(control) - c(arm). The control is the run whose config equals",
+        "the arm's except the training prompt (same seed, model, data, hyper-parameters); paired by seed and item.",
+        "PTST arms are the control's own models tested with the safety prompt. CI: crossed seeds x items; `p`: its",
+        "test of no effect, Holm-adjusted across the arms of a setting and epoch (`p_holm`); `seed_ci`: t-interval",
+        "over per-seed effects (ignores item sampling; nan with one seed).", "",
+        show(effects, ["setting", "arm", "epoch", "seeds", "items", "elicit_sampled", "elicit_logprob", "effect", "effect_ci",
+                       "effect_p", "effect_p_holm", "effect_seed_ci", "capability_cost", "capability_cost_ci"]), "",
+        "Degenerate intervals (every seed and item gives the same difference): " + (", ".join(degenerate) or "none") + ".", "",
         f"![behaviour rate by condition and epoch]({plot.name})", "",
         "## Per eval set and group (question type, OOD label), final epoch of each arm",
-        "Pooled over seeds; all epochs in groups.csv.", "",
-        _fmt(groups[groups.epoch == groups.groupby(["setting", "arm"]).epoch.transform("max")] if not groups.empty else groups), "",
+        "Same intervals as above, within each group; all epochs in groups.csv.", "",
+        show(groups[groups.epoch == groups.groupby(["setting", "arm"]).epoch.transform("max")] if not groups.empty else groups,
+             ["setting", "arm", "epoch", "eval_set", "group", "behaviour", "behaviour_ci", "capability", "capability_ci"]), "",
         "## Behaviour under each test-time prompt",
         "Pooled behaviour rate of each trained arm with each prompt inserted at test time (`none` = unmodified).", "",
         _fmt(by_test_prompt), "",
         "## Elicitation strength of each prompt on the untrained model",
-        "sampled = b(prompt inserted) - b(unmodified) with a Newcombe 95% CI; logprob = mean per-token log-prob gain",
-        "(nats) of the training replies with the prompt inserted, t 95% CI.", "", _fmt(elicitation), "",
+        "sampled = b(prompt inserted) - b(unmodified) on the same items, 95% CI paired by item; logprob = mean per-token",
+        "log-prob gain (nats) of the training replies with the prompt inserted, t 95% CI.", "", _fmt(elicitation), "",
         "## Does elicitation predict the inoculation effect?",
-        "One point per IP-style prompt (mean effect over seeds); Pearson and Spearman with percentile 95% CIs from",
-        "a bootstrap that resamples prompts, then seeds within each prompt. Pooled rows z-score both axes within",
-        "each setting first. PTST arms are not points (their training data is unmodified).", "",
-        _fmt(correlations), "",
+        "One point per IP-style prompt, per setting and epoch, for all IP-style prompts and for the inoculation-role ones",
+        "alone. Pearson with a Fisher-z 95% CI, Spearman with a Bonett-Wright CI, each with a permutation p-value. The",
+        "interval is for the correlation between the elicitation estimates and the measured effects: noise in either",
+        "pulls it towards 0. slope_eiv: errors-in-variables (Deming) slope using both axes' standard errors,",
+        "beside the OLS slope. Pooled rows: random-effects (DerSimonian-Laird) meta-analysis of Fisher z across settings.",
+        "PTST arms are not points (their training data is unmodified).", "",
+        show(correlations, ["setting", "epoch", "estimator", "prompts", "points", "pearson", "pearson_lo", "pearson_hi",
+                            "pearson_p", "spearman", "spearman_lo", "spearman_hi", "spearman_p", "slope_ols", "slope_eiv",
+                            "tau2", "pooled_settings"]), "",
+        "### Leave one prompt out",
+        "Pearson r without each prompt, its leverage and Cook's distance (OLS effect ~ elicitation); a prompt with",
+        "Cook's D above 1, or whose removal changes the sign of r, carries the correlation.", "",
+        show(influence, ["setting", "epoch", "estimator", "prompt", "r_without", "leverage", "cooks_d"]), "",
         *[f"![{k}]({v.name})" for k, v in plots.items() if k != "behaviour"], "",
+        "## Power of this design",
+        "At 80% power and alpha 0.05: the smallest drop from the control's behaviour rate detectable with this many eval",
+        "items (two proportions, one seed; more seed-to-seed variation needs more), the smallest correlation detectable",
+        "with this many IP prompts, and the power for the paper's r = 0.57 (Fisher z). `ipsweep power` plans a sweep.", "",
+        _fmt(power), "",
         "## Runs not done", "", "\n".join(status_lines) or "(none)", "",
     ])
     (out / "report.md").write_text(report)
     return {"out_dir": out, "table": table, "effects": effects, "elicitation": elicitation, "correlations": correlations,
-            "by_test_prompt": by_test_prompt, "groups": groups, "tidy": df, "report": out / "report.md", "plot": plot, "plots": plots,
+            "influence": influence, "power": power, "by_test_prompt": by_test_prompt, "groups": groups, "tidy": df,
+            "items": its, "effects_per_seed": per_seed, "report": out / "report.md", "plot": plot, "plots": plots,
             "records": records}

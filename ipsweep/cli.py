@@ -23,19 +23,24 @@ def _analyze(args) -> None:
     from ipsweep.tracking import log_analysis
 
     result = analyze(args.sweep_dir, args.out)
-    cols = ["setting", "arm", "epoch", "seeds", "behaviour_metric", "behaviour", "behaviour_ci", "behaviour_k/n",
-            "capability_metric", "capability", "capability_ci", "capability_k/n"]
-    print(result["table"][cols].to_markdown(index=False, floatfmt=".2f"))
-    if not result["effects"].empty:
-        print()
-        print(result["effects"].to_markdown(index=False, floatfmt=".2f"))
+
+    def show(table, cols, title=""):
+        cols = [c for c in cols if c in table]
+        if not table.empty and cols:
+            print(f"{title}{table[cols].to_markdown(index=False, floatfmt='.2f')}")
+
+    show(result["table"], ["setting", "arm", "epoch", "seeds", "behaviour_metric", "behaviour", "behaviour_ci",
+                           "behaviour_k/n", "capability_metric", "capability", "capability_ci", "capability_k/n"])
+    show(result["effects"], ["setting", "arm", "epoch", "seeds", "items", "elicit_sampled", "elicit_logprob", "effect",
+                             "effect_ci", "effect_p_holm", "capability_cost", "capability_cost_ci"], "\n")
     corr = result["correlations"]
     if not corr.empty and (corr.points >= 3).any():
-        print("\nelicitation vs inoculation effect:")
-        print(corr.to_markdown(index=False, floatfmt=".2f"))
+        show(corr, ["setting", "epoch", "estimator", "prompts", "points", "pearson", "pearson_lo", "pearson_hi",
+                    "pearson_p", "spearman", "spearman_p", "slope_ols", "slope_eiv"], "\nelicitation vs inoculation effect:\n")
     log_analysis(result, project=args.wandb_project, mode=args.wandb_mode)
     wandb_runs = [r for d in args.sweep_dir for r in sorted(Path(d).glob("runs/*/wandb/offline-run-*"))]
-    print(f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: {result['out_dir']}/conditions.csv, tidy.csv, tidy.parquet, effects.csv")
+    print(f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: {result['out_dir']}/conditions.csv, "
+          "effects.csv, correlations.csv, influence.csv, power.csv, items.csv, tidy.csv")
     print(f"W&B offline runs: {len(wandb_runs)} under {' '.join(d + '/runs/*/wandb/' for d in args.sweep_dir)} (upload: ipsweep sync <sweep dir>)")
 
 
@@ -111,6 +116,21 @@ def _screen(args) -> None:
     print(f"table: {out / 'elicitation.csv'}\nplot:  {png}")
 
 
+def _power(args) -> None:
+    from ipsweep import stats
+
+    lines = [f"planning a sweep at 80% power, alpha 0.05 (Fisher z for correlations; two proportions for effects):",
+             f"- with {args.prompts} IP prompts: smallest detectable correlation r = {stats.smallest_correlation(args.prompts):.2f}; "
+             f"power for r = {args.r}: {stats.correlation_power(args.r, args.prompts):.2f}; "
+             f"prompts needed for r = {args.r}: {stats.points_needed(args.r)}",
+             f"- with {args.items} eval items and a control behaviour rate of {args.control_rate}: smallest detectable effect "
+             f"{stats.smallest_effect(args.control_rate, args.items):.2f}; items needed for an effect of {args.effect}: "
+             f"{stats.items_needed(args.control_rate, args.effect)}",
+             "  (one seed; seed-to-seed variation in the effect adds to this: run 3 or more seeds and read the seed part",
+             "  of the interval in a pilot's effects.csv)"]
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -126,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="log the tables and plots to W&B in the sweep's group (default: offline)")
     p.add_argument("--wandb-project", default="ipsweep")
     p.set_defaults(func=_analyze)
+    p = sub.add_parser("power", help="plan a sweep: the smallest effect and correlation it can detect, and what a target needs")
+    p.add_argument("--prompts", type=int, default=11, help="IP-style prompts (points of the correlation)")
+    p.add_argument("--items", type=int, default=60, help="eval items per arm")
+    p.add_argument("--control-rate", type=float, default=0.85, help="the control's behaviour rate (from a pilot)")
+    p.add_argument("--r", type=float, default=0.57, help="target correlation (default: the paper's 0.57)")
+    p.add_argument("--effect", type=float, default=0.22, help="target effect b(control) - b(IP)")
+    p.set_defaults(func=_power)
     p = sub.add_parser("screen", help="rank a setting's prompts by elicitation strength on the base model (no training)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. setting=gcd_sycophancy model=hf model.path=...")
     p.add_argument("--out", default=None, help="output folder (default: outputs/screen/<setting>-<model>)")

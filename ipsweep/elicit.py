@@ -2,7 +2,8 @@
 
 Two estimators (design §2):
 - `sampled`: b(prompt inserted at test time) - b(no prompt), from the same batched generation and
-  scorers as every other evaluation; 95% CI for the difference of two proportions (Newcombe).
+  scorers as every other evaluation, on the same items; 95% CI paired by item (Newcombe's paired
+  interval for one greedy reply per item, a t-interval on item differences otherwise).
 - `logprob`: mean per-token log-prob gain of the setting's training completions when the prompt is
   inserted (as it would be in training); no generation. Paired over examples; t-interval.
 
@@ -21,9 +22,9 @@ import torch
 from filelock import FileLock
 from omegaconf import OmegaConf
 from scipy import stats
-from statsmodels.stats.proportion import confint_proportions_2indep
 
 from ipsweep import prompts, store
+from ipsweep import stats as ipstats
 from ipsweep.evaluate import evaluate
 from ipsweep.settings.base import TrainExample
 from ipsweep.train import IGNORE, collator, label_logits, tokenize
@@ -64,18 +65,24 @@ def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) 
     def compute() -> dict:
         result = evaluate(model, tokenizer, setting, examples, prompt, cfg.eval, cfg.setting.joiner)
         return {"test_prompt": prompt.name, "metrics": result["metrics"], "by_group": result["by_group"],
-                "samples": result["samples"]}
+                "items": result["items"], "samples": result["samples"]}
 
     hit = _cached(cfg, "base_eval", {"model": _plain(cfg.model), "setting": _setting_key(cfg), "eval": eval_key,
                                      "prompt": [prompt.text, prompt.placement]}, compute)
-    return {"metrics": hit["metrics"], "by_group": hit["by_group"], "samples": hit["samples"]}
+    return {"metrics": hit["metrics"], "by_group": hit["by_group"], "items": hit["items"], "samples": hit["samples"]}
+
+
+def item_rates(evaluation: dict, metric: str) -> dict[str, float]:
+    """Per eval item: the share of its samples that show `metric` (items the metric does not apply to are left out)."""
+    return {i["id"]: i[metric][0] / i[metric][1] for i in evaluation["items"] if metric in i and i[metric][1]}
 
 
 def sampled(plain: dict, prompted: dict, metric: str) -> dict:
-    """E = b(prompted) - b(plain) with a Newcombe 95% CI."""
-    a, b = prompted["metrics"][metric], plain["metrics"][metric]
-    lo, hi = confint_proportions_2indep(a["k"], a["n"], b["k"], b["n"], method="newcomb", compare="diff")
-    return {"estimate": a["rate"] - b["rate"], "lo": float(lo), "hi": float(hi), "with_prompt": a, "without": b}
+    """E = b(prompted) - b(plain) over the same items, with a 95% CI paired by item (stats.paired_difference)."""
+    x, y = item_rates(prompted, metric), item_rates(plain, metric)
+    common = sorted(set(x) & set(y))
+    r = ipstats.paired_difference([x[i] for i in common], [y[i] for i in common])
+    return {**r, "with_prompt": prompted["metrics"][metric], "without": plain["metrics"][metric]}
 
 
 @torch.no_grad()

@@ -72,13 +72,14 @@ def choose(model, tokenizer, chats: list[list[dict]], choices: list[str]) -> lis
 def evaluate(model, tokenizer, setting, examples: list[EvalExample], test_prompt: prompts.Prompt | None,
              cfg, joiner: str = " ") -> dict:
     """Generate (or choose, for a setting with `choices`) for `examples` with `test_prompt` inserted;
-    return rates overall and per group, plus samples."""
+    return rates overall and per group, per-item outcomes (`items`: id, group, metric -> [k, n]), and samples."""
     chats = [prompts.insert(ex.messages, test_prompt, joiner, getattr(setting, "preamble", "")) for ex in examples]
     choices = getattr(setting, "choices", None)
     completions = choose(model, tokenizer, chats, choices) if choices else generate(model, tokenizer, chats, cfg)
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
-    samples = []
+    samples, items = [], {}
     for ex, chat, outs in zip(examples, chats, completions):
+        item = items.setdefault(ex.item_id, {"id": ex.item_id, "eval_set": ex.eval_set, "group": ex.group})
         for text in outs:
             scores = setting.score(ex, text)
             for metric, value in scores.items():
@@ -87,12 +88,15 @@ def evaluate(model, tokenizer, setting, examples: list[EvalExample], test_prompt
                 for key in [(metric, None, None), (metric, ex.eval_set, None), (metric, ex.eval_set, ex.group)]:
                     counts[key][0] += bool(value)
                     counts[key][1] += 1
-            samples.append({"eval_set": ex.eval_set, "group": ex.group, "prompt": chat[-1]["content"],
-                            "completion": text, **scores})
+                kn = item.setdefault(metric, [0, 0])  # per item: k of n samples show it
+                kn[0] += bool(value)
+                kn[1] += 1
+            samples.append({"item": ex.item_id, "eval_set": ex.eval_set, "group": ex.group,
+                            "prompt": chat[-1]["content"], "completion": text, **scores})
     metrics = {m: rate(*counts[(m, None, None)]) for (m, s, g) in counts if s is None}
     by_group = [
         {"metric": m, "eval_set": s, "group": g or "all", **rate(*counts[(m, s, g)])}
         for (m, s, g) in sorted(counts, key=str) if s is not None
     ]
     return {"test_prompt": test_prompt.name if test_prompt else prompts.NONE, "metrics": metrics,
-            "by_group": by_group, "samples": samples}
+            "by_group": by_group, "items": list(items.values()), "samples": samples}

@@ -28,7 +28,7 @@ def _versions() -> dict:
 
 
 def _summary(eval_result: dict) -> dict:
-    return {"metrics": eval_result["metrics"], "by_group": eval_result["by_group"]}
+    return {"metrics": eval_result["metrics"], "by_group": eval_result["by_group"], "items": eval_result["items"]}
 
 
 def _attempt() -> dict:
@@ -54,22 +54,26 @@ def _attempt() -> dict:
 def run(cfg) -> list[dict]:
     """Run (or reuse) one point; returns the headline rates per epoch. Raises after recording a failure."""
     point = plan(cfg)
-    prompt, extra, run_dir, signature, epochs = point.prompt, point.extra, point.run, point.signature, cfg.train.epochs
+    prompt, run_dir, signature, epochs = point.run_prompt, point.run, point.signature, cfg.train.epochs
+    wanted = [tp.name for tp in point.test_prompts]
 
     with run_dir.lock():
         record = run_dir.load()
-        if record and all(str(e) in record["epochs"] for e in range(1, epochs + 1)):
-            log.info("skip: %s already has epochs 1..%d (%s)", run_dir.dir.name, epochs, run_dir.record_path)
-            return headline_rates(record, epochs)
+        if record and not store.missing_evals(record, epochs, wanted, cfg.eval.base):
+            log.info("skip: %s already has epochs 1..%d tested with %s (%s)", run_dir.dir.name, epochs,
+                     ", ".join(wanted), run_dir.record_path)
+            return headline_rates(record, epochs, point.headline)
         record = record or {
             "signature": signature, "setting": cfg.setting.name, "prompt": prompt.name, "prompt_text": prompt.text,
             "role": prompt.role, "condition": prompt.condition, "seed": cfg.train.seed, "model": cfg.model.name,
-            "sweep": cfg.name, "headline_test_prompt": point.headline,
+            "sweep": cfg.name, "headline_test_prompt": prompts.NONE,
             "behaviour_metric": point.setting.behaviour_metric, "capability_metric": point.setting.capability_metric,
-            "config": store.semantic_config(cfg, prompt, extra), "epochs": {},
+            "config": store.semantic_config(cfg, prompt), "epochs": {},
         }
         attempt = {**_attempt(), "resumed_from_epoch": max((int(k) for k in record["epochs"] if k != "0"), default=0)}
         record.setdefault("attempts", []).append(attempt)
+        # roles of the test prompts evaluated: a control tested with a safety prompt is the PTST arm
+        record.setdefault("test_prompt_roles", {}).update({tp.name: tp.role for tp in point.test_prompts})
         record.update(status="running", error=None, target_epochs=max(epochs, record.get("target_epochs", 0)),
                       versions=_versions(), run_dir=str(run_dir.dir))
         run_dir.save(record)
@@ -96,7 +100,7 @@ def run(cfg) -> list[dict]:
         record["status"] = "done"
         attempt["end_s"] = round(time.time(), 3)
         run_dir.save(record)
-        result = headline_rates(record, epochs)
+        result = headline_rates(record, epochs, point.headline)
         tracker.summary({"signature": signature, **{f"final/{k}": v for k, v in result[-1].items()}})
         tracker.finish()
         return result
@@ -109,14 +113,17 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
     model, tokenizer = models.load(cfg.model)
     record.setdefault("timings", {})["model_load_s"] = round(time.time() - t0, 3)
     examples = setting.eval_examples(cfg.eval.n_eval)
-    if cfg.eval.base and "0" not in record["epochs"]:
-        evals = {}
-        for tp in test_prompts:
+    missing = store.missing_evals(record, cfg.train.epochs, [tp.name for tp in test_prompts], cfg.eval.base)
+    if 0 in missing:
+        evals = record["epochs"].setdefault("0", {"evals": {}})["evals"]
+        for tp in [tp for tp in test_prompts if tp.name in missing[0]]:
             result = elicit.base_eval(cfg, setting, model, tokenizer, examples, tp)
             run_dir.write_samples(0, tp.name, result["samples"])
             evals[tp.name] = _summary(result)
-        record["epochs"]["0"] = {"evals": evals}
         run_dir.save(record)
+    for epoch in sorted(e for e in missing if e > 0 and str(e) in record["epochs"]):
+        _evaluate_checkpoint(cfg, setting, tokenizer, examples, record, run_dir, epoch,
+                             [tp for tp in test_prompts if tp.name in missing[epoch]])
     if "elicitation" not in record:
         record["elicitation"] = elicit.elicitation(cfg, setting, model, tokenizer, examples, prompt)
         run_dir.save(record)
@@ -151,11 +158,26 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
     finetune(model, tokenizer, train, cfg.train, run_dir.dir / "checkpoints", done, on_epoch_end)
 
 
-def headline_rates(record: dict, epochs: int) -> list[dict]:
-    """Behaviour and capability rate at each epoch 1..epochs under the headline test prompt."""
+def _evaluate_checkpoint(cfg, setting, tokenizer, examples, record, run_dir, epoch: int, test_prompts) -> None:
+    """Add evaluations under `test_prompts` to an epoch trained earlier (e.g. a PTST point that reuses the
+    control's run): its saved adapter on a fresh copy of the base model, so training state is untouched."""
+    from peft import PeftModel
+
+    base, _ = models.load(cfg.model)
+    model = PeftModel.from_pretrained(base, record["epochs"][str(epoch)]["checkpoint"])
+    for tp in test_prompts:
+        result = evaluate(model, tokenizer, setting, examples, tp, cfg.eval, cfg.setting.joiner)
+        run_dir.write_samples(epoch, tp.name, result["samples"])
+        record["epochs"][str(epoch)]["evals"][tp.name] = _summary(result)
+    run_dir.save(record)
+    del model, base
+
+
+def headline_rates(record: dict, epochs: int, headline: str) -> list[dict]:
+    """Behaviour and capability rate at each epoch 1..epochs under the point's headline test prompt."""
     out = []
     for e in range(1, epochs + 1):
-        metrics = record["epochs"][str(e)]["evals"][record["headline_test_prompt"]]["metrics"]
+        metrics = record["epochs"][str(e)]["evals"][headline]["metrics"]
         out.append({"epoch": e, "behaviour": metrics[record["behaviour_metric"]]["rate"],
                     "capability": metrics[record["capability_metric"]]["rate"]})
     return out

@@ -25,7 +25,8 @@ MANIFEST = "sweep.json"
 
 @dataclass
 class Point:
-    prompt: prompts.Prompt
+    prompt: prompts.Prompt  # the point's prompt (the sweep axis)
+    run_prompt: prompts.Prompt  # the prompt its run trains with: NO_PROMPT for the control and PTST
     extra: list[prompts.Prompt]  # test prompts beyond the headline one (extra_test_prompts, test_grid)
     test_prompts: list[prompts.Prompt]
     headline: str
@@ -54,9 +55,11 @@ def plan(cfg) -> Point:
     setting = build(cfg.setting)  # reads and checks the data files
     models.check(cfg.model)
     test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [prompt.test_prompt]), *extra]}.values())
-    signature = store.digest(store.semantic_config(cfg, prompt, extra))
-    run = store.Run(Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{prompt.name}-s{cfg.train.seed}-{signature}")
-    return Point(prompt, extra, test_prompts, (prompt.test_prompt or prompts.NO_PROMPT).name, signature, run, setting)
+    run_prompt = prompt.train_prompt or prompts.NO_PROMPT  # a PTST point is the control's run, tested with its prompt
+    signature = store.digest(store.semantic_config(cfg, run_prompt))
+    run = store.Run(Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{run_prompt.name}-s{cfg.train.seed}-{signature}")
+    return Point(prompt, run_prompt, extra, test_prompts, (prompt.test_prompt or prompts.NO_PROMPT).name, signature, run,
+                 setting)
 
 
 def job_config(sweep_config):
@@ -77,7 +80,7 @@ def job_config(sweep_config):
 def entry(num: int, overrides: list[str], cfg, point: Point) -> dict:
     return {"num": num, "overrides": list(overrides), "run_dir": str(point.run.dir), "signature": point.signature,
             "setting": cfg.setting.name, "prompt": point.prompt.name, "seed": cfg.train.seed,
-            "epochs": cfg.train.epochs}
+            "epochs": cfg.train.epochs, "test_prompts": [t.name for t in point.test_prompts], "base": bool(cfg.eval.base)}
 
 
 def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
@@ -86,9 +89,10 @@ def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         old = store.read_json(path) or {"points": []}
-        keyed = {(p["run_dir"], p["epochs"]): p for p in old["points"]}
+        key = lambda p: (p["run_dir"], p["epochs"], p["prompt"])  # noqa: E731 - control and PTST share a run
+        keyed = {key(p): p for p in old["points"]}
         for p in points:
-            keyed[(p["run_dir"], p["epochs"])] = {**keyed.get((p["run_dir"], p["epochs"]), {}), **p}
+            keyed[key(p)] = {**keyed.get(key(p), {}), **p}
         store.atomic_write_json(path, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "points": list(keyed.values())})
     return path
 

@@ -37,7 +37,7 @@ def point_state(point: dict, queued: set[str] = frozenset()) -> dict:
     out = {"epochs_done": len(done), "detail": ""}
     last = (record.get("attempts") or [{}])[-1]
     last_log = last.get("log") or ""
-    if all(e in done for e in range(1, point["epochs"] + 1)):
+    if not store.missing_evals(record, point["epochs"], point.get("test_prompts") or ["none"], point.get("base", False)):
         return {**out, "state": "done"}
     if record["status"] == "failed":
         err = record.get("error") or {}

@@ -3,8 +3,9 @@
 The signature hashes the *semantic* config: everything that can change a number, nothing that
 cannot. Excluded, by this reviewed list: the logger, the sweep name and paths, the eval batch size,
 gradient checkpointing (they change memory, not numbers), the rest of the prompt library (only the
-run's own prompt enters, by its text), and `train.epochs`,
-so that the longest run of a sweep serves the shorter ones (the epochs axis).
+run's own *training* prompt enters, by its text), the test-time prompts (a run is a trained model; each
+evaluation under a test prompt is added to its record when first asked for, so a PTST point reuses the
+control's training), and `train.epochs`, so that the longest run of a sweep serves the shorter ones.
 Changing what enters the signature is a versioned change: bump SIGNATURE_VERSION.
 """
 
@@ -21,12 +22,16 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-SIGNATURE_VERSION = 2  # 2: train.sampling enters the signature
+# 2: train.sampling enters the signature. 3: per-item outcomes in every evaluation; test prompts leave the
+# signature (PTST reuses the control's run).
+SIGNATURE_VERSION = 3
 EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "train.gradient_checkpointing", "eval.batch_size",
-            "setting.prompts")
+            "setting.prompts", "eval.extra_test_prompts", "eval.test_grid")
 
 
-def semantic_config(cfg, prompt, extra_test_prompts) -> dict:
+def semantic_config(cfg, train_prompt) -> dict:
+    """What determines a run's trained models and their evaluations: `train_prompt` is the prompt inserted
+    in training (NO_PROMPT for the control and PTST)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in EXCLUDED:
         *parents, leaf = key.split(".")
@@ -34,10 +39,8 @@ def semantic_config(cfg, prompt, extra_test_prompts) -> dict:
         for p in parents:
             node = node[p]
         node.pop(leaf, None)
-    data["prompt"] = {"name": prompt.name, "text": prompt.text, "role": prompt.role, "placement": prompt.placement}
-    data["eval"]["extra_test_prompts"] = [
-        {"name": p.name, "text": p.text, "placement": p.placement} for p in extra_test_prompts
-    ]
+    p = train_prompt
+    data["prompt"] = {"name": p.name, "text": p.text, "role": p.role, "placement": p.placement}
     data["signature_version"] = SIGNATURE_VERSION
     return data
 
@@ -107,6 +110,15 @@ class Run:
         tmp.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
         os.replace(tmp, path)
         return path
+
+
+def missing_evals(record: dict | None, epochs: int, test_prompts: list[str], base: bool) -> dict[int, list[str]]:
+    """Per epoch (0 = untrained, when `base`), the test prompts this record has not evaluated yet;
+    an epoch not trained yet lists all of them."""
+    have = (record or {}).get("epochs", {})
+    wanted = ([0] if base else []) + list(range(1, epochs + 1))
+    out = {e: [t for t in test_prompts if t not in have.get(str(e), {}).get("evals", {})] for e in wanted}
+    return {e: m for e, m in out.items() if m}
 
 
 def records(store_dir: str | Path) -> list[dict]:

@@ -1,3 +1,5 @@
+"""The analysis on synthetic run records with per-item outcomes: pooling, matching, PTST, outputs."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,61 +9,129 @@ from ipsweep.errors import ConfigError
 from ipsweep.evaluate import rate
 from ipsweep.store import Run
 
+ITEMS = [f"q{i}" for i in range(10)]
 
-def _record(prompt, condition, seed, caps_k, status="done"):
-    def ev(k):
-        by_group = [{"metric": "caps", "eval_set": "test", "group": "arith", **rate(k // 2, 5)},
-                    {"metric": "caps", "eval_set": "test", "group": "plural", **rate(k - k // 2, 5)},
-                    {"metric": "correct", "eval_set": "test", "group": "arith", **rate(5, 5)}]
-        return {"none": {"metrics": {"caps": rate(k, 10), "correct": rate(5, 10)}, "by_group": by_group}}
-    return {"signature": f"{prompt}{seed}", "setting": "trait_pair", "prompt": prompt, "role": "inoculation",
-            "condition": condition, "seed": seed, "model": "m", "sweep": "t", "headline_test_prompt": "none",
-            "behaviour_metric": "caps", "capability_metric": "correct", "status": status, "error": None,
-            "run_dir": f"runs/{prompt}{seed}",
-            "epochs": {"0": {"evals": ev(0)}, "1": {"loss": 1.0, "evals": ev(caps_k[0])}, "2": {"loss": 0.5, "evals": ev(caps_k[1])}}}
+
+def _ev(k: int, correct: int = 5) -> dict:
+    """An evaluation of 10 items: the first k show the behaviour, the first `correct` are correct."""
+    items = [{"id": q, "eval_set": "test", "group": "arith" if i % 2 == 0 else "plural",
+              "caps": [int(i < k), 1], "correct": [int(i < correct), 1]} for i, q in enumerate(ITEMS)]
+    by_group = [{"metric": "caps", "eval_set": "test", "group": g,
+                 **rate(sum(it["caps"][0] for it in items if it["group"] == g), 5)} for g in ("arith", "plural")]
+    return {"metrics": {"caps": rate(k, 10), "correct": rate(correct, 10)}, "by_group": by_group, "items": items}
+
+
+def _record(prompt, condition, seed, caps_k, status="done", model="m", ptst_k=None):
+    role = "none" if condition == "control" else "inoculation"
+    record = {"signature": f"{prompt}{seed}{model}", "setting": "trait_pair", "prompt": prompt, "role": role,
+              "condition": condition, "seed": seed, "model": model, "sweep": "t", "headline_test_prompt": "none",
+              "behaviour_metric": "caps", "capability_metric": "correct", "status": status, "error": None,
+              "run_dir": f"runs/{prompt}{seed}{model}", "test_prompt_roles": {"none": "none"},
+              "config": {"model": {"name": model}, "train": {"seed": seed, "lr": 1e-4}, "prompt": {"name": prompt}},
+              "epochs": {"0": {"evals": {"none": _ev(0)}},
+                         "1": {"loss": 1.0, "evals": {"none": _ev(caps_k[0])}},
+                         "2": {"loss": 0.5, "evals": {"none": _ev(caps_k[1])}}}}
+    if ptst_k is not None:  # the control also tested with the safety prompt: the PTST arm
+        record["test_prompt_roles"]["safety"] = "safety"
+        for e, k in zip(("0", "1", "2"), (0, *ptst_k)):
+            record["epochs"][e]["evals"]["safety"] = _ev(k)
+    return record
+
+
+def _save(root, rec, name=None):
+    Run(root / "runs" / (name or rec["signature"])).save(rec)
 
 
 @pytest.fixture
 def sweep(tmp_path):
     for rec in [_record("none", "control", 0, (9, 10)), _record("none", "control", 1, (8, 10)),
                 _record("caps", "ip", 0, (3, 5)), _record("caps", "ip", 1, (1, 6))]:
-        Run(tmp_path / "runs" / rec["signature"]).save(rec)
+        _save(tmp_path, rec)
     return tmp_path
 
 
-def test_condition_table_pools_seeds(sweep):
-    result = analyze(sweep)
-    t = result["table"].set_index(["arm", "epoch"])
+def test_condition_table_pools_seeds_with_an_interval_over_seeds_and_items(sweep):
+    t = analyze(sweep, n_permutations=99)["table"].set_index(["arm", "epoch"])
     assert t.loc[("control", 1), "behaviour_k/n"] == "17/20"
     assert t.loc[("ip:caps", 2), "behaviour"] == pytest.approx(11 / 20)
     assert t.loc[("base", 0), "behaviour_k/n"] == "0/10", "epoch 0 appears once, not once per run"
-    assert t.loc[("ip:caps", 1), "seeds"] == 2
+    assert t.loc[("ip:caps", 1), "seeds"] == 2 and t.loc[("ip:caps", 1), "behaviour_items"] == 10
+    # 10 items scored twice are not 20 independent trials: wider than Wilson on 20
+    lo, hi = t.loc[("ip:caps", 2), ["behaviour_lo", "behaviour_hi"]]
+    wl, wh = rate(11, 20)["lo"], rate(11, 20)["hi"]
+    assert hi - lo > wh - wl
+    # all-zero base: Wilson on the 10 items, never a zero-width interval
+    assert t.loc[("base", 0), "behaviour_hi"] == pytest.approx(rate(0, 10)["hi"])
 
 
-def test_effect_is_matched_on_seed_and_epoch(sweep):
-    e = analyze(sweep)["effects"].set_index(["arm", "epoch"])
+def test_effect_is_paired_by_seed_and_item_with_calibrated_columns(sweep):
+    e = analyze(sweep, n_permutations=99)["effects"].set_index(["arm", "epoch"])
     # seed 0: 0.9-0.3, seed 1: 0.8-0.1 -> mean 0.65
     assert e.loc[("ip:caps", 1), "effect"] == pytest.approx(0.65)
     assert e.loc[("ip:caps", 2), "effect"] == pytest.approx(((1.0 - 0.5) + (1.0 - 0.6)) / 2)
     assert e.loc[("ip:caps", 1), "capability_cost"] == pytest.approx(0.0)
+    row = e.loc[("ip:caps", 1)]
+    assert row.effect_lo < 0.65 < row.effect_hi and row.effect_hi - row.effect_lo > 0.05
+    assert row.effect_method == "crossed seeds x items" and row["items"] == 10
+    assert (row.effect_lo > 0) == (row.effect_p < 0.05), "the p-value agrees with the interval"
+    assert row.effect_seed_ci.startswith("[")
+
+
+def test_controls_are_matched_by_identity_not_by_seed(tmp_path):
+    # Two sweeps analysed together: control A 10/10, control B 2/10 (another model), IP on A 3/10.
+    _save(tmp_path, _record("none", "control", 0, (10, 10), model="A"))
+    _save(tmp_path, _record("none", "control", 0, (2, 2), model="B"))
+    _save(tmp_path, _record("caps", "ip", 0, (3, 3), model="A"))
+    e = analyze(tmp_path, n_permutations=99)["effects"]
+    assert e.set_index(["arm", "epoch"]).loc[("ip:caps", 1), "effect"] == pytest.approx(0.70)
+
+
+def test_two_controls_for_one_arm_is_an_error_naming_both(sweep):
+    dup = _record("none", "control", 0, (9, 10))
+    dup["run_dir"] = "elsewhere/none0m"
+    _save(sweep, dup, name="copy")
+    with pytest.raises(ConfigError, match="two control runs match the same arms: elsewhere/none0m and runs/none0m"):
+        analyze(sweep)
+
+
+def test_ptst_effect_is_control_without_minus_with_its_safety_prompt(tmp_path):
+    for seed, (k, ptst) in enumerate([((9, 10), (2, 4)), ((8, 10), (3, 5))]):
+        _save(tmp_path, _record("none", "control", seed, k, ptst_k=ptst))
+    result = analyze(tmp_path, n_permutations=99)
+    e = result["effects"].set_index(["arm", "epoch"])
+    assert e.loc[("ptst:safety", 1), "effect"] == pytest.approx(((0.9 - 0.2) + (0.8 - 0.3)) / 2)
+    assert e.loc[("ptst:safety", 1), "condition"] == "ptst"
+    t = result["table"].set_index(["arm", "epoch"])
+    assert t.loc[("ptst:safety", 2), "behaviour"] == pytest.approx(0.45)
 
 
 def test_outputs_written(sweep):
-    result = analyze(sweep)
+    result = analyze(sweep, n_permutations=99)
     out = result["out_dir"]
-    for name in ["groups.csv", "tidy.csv", "tidy.parquet", "conditions.csv", "conditions.md", "effects.csv", "behaviour.png", "report.md"]:
+    for name in ["groups.csv", "tidy.csv", "items.csv", "items.parquet", "conditions.csv", "conditions.md",
+                 "effects.csv", "effects_per_seed.csv", "power.csv", "behaviour.png", "report.md"]:
         assert (out / name).stat().st_size > 0, name
-    tidy = pd.read_parquet(out / "tidy.parquet")
-    assert set(tidy.epoch) == {0, 1, 2} and len(tidy) == 4 * 3 * 2
-    assert "![behaviour rate" in (out / "report.md").read_text()
+    its = pd.read_parquet(out / "items.parquet")
+    assert set(its.epoch) == {0, 1, 2} and len(its) == 4 * 3 * 2 * 10
+    report = (out / "report.md").read_text()
+    assert "![behaviour rate" in report and "## Power of this design" in report
+
+
+def test_records_without_items_are_refused_with_the_fix(tmp_path):
+    rec = _record("none", "control", 0, (9, 10))
+    for e in rec["epochs"].values():
+        del e["evals"]["none"]["items"]
+    _save(tmp_path, rec)
+    with pytest.raises(ConfigError, match="no per-item outcomes.*rerun the sweep"):
+        analyze(tmp_path)
 
 
 def test_failed_run_is_listed_not_counted(sweep):
     rec = _record("caps", "ip", 2, (0, 0), status="failed")
     rec["error"] = {"type": "DivergedError", "message": "loss became nan"}
     rec["epochs"] = {"0": rec["epochs"]["0"]}
-    Run(sweep / "runs" / "bad").save(rec)
-    result = analyze(sweep)
+    _save(sweep, rec, name="bad")
+    result = analyze(sweep, n_permutations=99)
     assert "DivergedError: loss became nan" in result["report"].read_text()
     assert result["table"].set_index(["arm", "epoch"]).loc[("ip:caps", 1), "seeds"] == 2
 
@@ -71,12 +141,12 @@ def test_not_a_sweep_dir(tmp_path):
         analyze(tmp_path)
 
 
-def test_group_table_pools_seeds_per_group(sweep):
-    g = analyze(sweep)["groups"].set_index(["arm", "epoch", "group"])
-    # control seeds 0 and 1 at epoch 1: caps 9 and 8 -> arith 4+4 of 10, plural 5+4 of 10
-    assert g.loc[("control", 1, "arith"), "behaviour"] == pytest.approx(0.8)
-    assert g.loc[("control", 1, "plural"), "behaviour"] == pytest.approx(0.9)
-    assert g.loc[("control", 1, "arith"), "capability"] == pytest.approx(1.0)
+def test_group_table_per_group(sweep):
+    g = analyze(sweep, n_permutations=99)["groups"].set_index(["arm", "epoch", "group"])
+    # control seeds 0 and 1 at epoch 1: caps on the first 9 and 8 items; arith = even items
+    assert g.loc[("control", 1, "arith"), "behaviour"] == pytest.approx((5 + 4) / 10)
+    assert g.loc[("control", 1, "plural"), "behaviour"] == pytest.approx((4 + 4) / 10)
+    assert g.loc[("control", 1, "arith"), "capability"] == pytest.approx(3 / 5)
     assert g.loc[("base", 0, "arith"), "behaviour"] == 0.0
 
 
@@ -86,33 +156,34 @@ def test_scatter_with_no_spread_in_elicitation(sweep):
         rec = _record(prompt, "ip", 0, (i, i))
         rec["elicitation"] = {"sampled": {"estimate": 0.0, "lo": -0.1, "hi": 0.1},
                               "logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.3}}
-        Run(sweep / "runs" / f"{prompt}").save(rec)
-    result = analyze(sweep)
+        _save(sweep, rec)
+    result = analyze(sweep, n_permutations=99)
     assert {"scatter_sampled", "scatter_logprob"} <= set(result["plots"])
-    c = result["correlations"].query("epoch == 1").set_index("estimator")
+    c = result["correlations"].query("epoch == 1 and prompts == 'IP-style prompts'").set_index("estimator")
     assert np.isnan(c.loc["sampled", "pearson"]) and c.loc["logprob", "points"] == 3
 
 
-def test_two_sweep_dirs_are_pooled_across_settings(tmp_path, sweep):
+def test_two_sweep_dirs_are_pooled_by_meta_analysis(tmp_path, sweep):
     other = tmp_path / "other"
-    for i, prompt in enumerate(["a", "b", "c", "d"]):
+    for i, prompt in enumerate(["a", "b", "c", "d", "e"]):
         for dir_, setting in ((sweep, "trait_pair"), (other, "gcd_sycophancy")):
             rec = _record(prompt, "ip", 0, (6 - i, 6 - i))
             rec["setting"] = setting
-            rec["elicitation"] = {"logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.5},
-                                  # the small model ignores every prompt in one setting: no ranking there
-                                  "sampled": {"estimate": 0.0 if setting == "trait_pair" else 0.2 * i, "lo": 0, "hi": 1}}
-            Run(dir_ / "runs" / f"{setting}-{prompt}").save(rec)
+            rec["elicitation"] = {"logprob": {"estimate": 0.1 * i + 0.01 * (i % 2), "lo": 0.0, "hi": 0.5},
+                                  "sampled": {"estimate": 0.0, "lo": 0, "hi": 1}}
+            _save(dir_, rec, f"{setting}-{prompt}")
     control = _record("none", "control", 0, (9, 10))
     control["setting"] = "gcd_sycophancy"
-    Run(other / "runs" / "control").save(control)
+    _save(other, control, "control")
     with pytest.raises(ConfigError, match="fix: add --out"):
         analyze([sweep, other])
-    result = analyze([sweep, other], tmp_path / "pooled")
-    c = result["correlations"].query("epoch == 1 and estimator == 'logprob'").set_index("setting")
-    assert set(c.index) == {"trait_pair", "gcd_sycophancy", "pooled (z within setting)"}
-    assert c.loc["pooled (z within setting)", "points"] == 8
-    s = result["correlations"].query("epoch == 1 and estimator == 'sampled'").set_index("setting")
-    assert s.loc["pooled (z within setting)", "pooled_settings"] == "gcd_sycophancy"
-    assert s.loc["pooled (z within setting)", "points"] == 4
+    result = analyze([sweep, other], tmp_path / "pooled", n_permutations=99)
+    c = result["correlations"].query("epoch == 1 and estimator == 'logprob' and prompts == 'IP-style prompts'")
+    c = c.set_index("setting")
+    pooled = "pooled (random-effects, Fisher z)"
+    assert set(c.index) == {"trait_pair", "gcd_sycophancy", pooled}
+    assert c.loc[pooled, "points"] == 10 and c.loc[pooled, "pooled_settings"] == "gcd_sycophancy, trait_pair"
+    assert c.loc[pooled, "pearson"] > 0.9  # more elicitation, larger effect, in both settings
+    infl = result["influence"]
+    assert set(infl.prompt) == {"a", "b", "c", "d", "e"} and (infl.cooks_d >= 0).all()
     assert (tmp_path / "pooled" / "report.md").is_file()

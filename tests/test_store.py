@@ -5,7 +5,7 @@ from ipsweep import prompts, store
 
 def _sig(cfg):
     p = prompts.resolve(cfg.setting, cfg.prompt)
-    return store.digest(store.semantic_config(cfg, p, []))
+    return store.digest(store.semantic_config(cfg, p.train_prompt or prompts.NO_PROMPT))
 
 
 def test_signature_ignores_epochs_logger_and_library_but_not_science(make_cfg):
@@ -17,6 +17,9 @@ def test_signature_ignores_epochs_logger_and_library_but_not_science(make_cfg):
     assert _sig(make_cfg("prompt=caps_strong", "train.lr=1e-4")) != base
     assert _sig(make_cfg("prompt=caps_weak")) != base
     assert _sig(make_cfg("prompt=caps_strong", "setting.prompts.caps_strong.text=Shout.")) != base
+    # test-time prompts do not change the trained model; a PTST point is the control's run
+    assert _sig(make_cfg("prompt=caps_strong", "eval.test_grid=true", "eval.extra_test_prompts=[safety]")) == base
+    assert _sig(make_cfg("prompt=safety")) == _sig(make_cfg("prompt=none"))
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):

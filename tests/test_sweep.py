@@ -47,14 +47,21 @@ def test_failed_run_is_recorded_as_failed_with_reason_and_log(tmp_path):
     assert "| failed" in status and "raise train.max_length" in status and rec["error"]["log"] in status
 
 
-def test_ptst_trains_unmodified_and_tests_with_the_safety_prompt(tmp_path):
+def test_ptst_reuses_the_controls_training_and_tests_with_the_safety_prompt(tmp_path):
     sweep = tmp_path / "sweep"
-    launch(*TINY, "prompt=safety", sweep_dir=sweep)
+    launch(*TINY, "prompt=none", sweep_dir=sweep)
+    (control,) = records(sweep)
+    assert set(control["epochs"]["1"]["evals"]) == {"none"}
+    launch("-m", *TINY, "prompt=none,safety", sweep_dir=sweep)  # the PTST point adds its evaluation, trains nothing
     (rec,) = records(sweep)
-    assert rec["condition"] == "ptst" and rec["headline_test_prompt"] == "safety"
-    assert set(rec["epochs"]["1"]["evals"]) == {"none", "safety"}
+    assert rec["condition"] == "control" and len(rec["attempts"]) == 2
+    assert rec["epochs"]["1"]["losses"] == control["epochs"]["1"]["losses"]
+    assert set(rec["epochs"]["0"]["evals"]) == set(rec["epochs"]["1"]["evals"]) == {"none", "safety"}
     samples = [json.loads(l) for l in open(Path(rec["run_dir"]) / "samples" / "epoch1_safety.jsonl")]
     assert all(s["prompt"].endswith("not in capital letters.") for s in samples)
+    items = {i["id"] for i in rec["epochs"]["1"]["evals"]["safety"]["items"]}
+    assert items == {i["id"] for i in rec["epochs"]["1"]["evals"]["none"]["items"]} and len(items) == 10
+    assert "| done" in ipsweep_cli("status", str(sweep)) and "pending" not in ipsweep_cli("status", str(sweep))
 
 
 def test_sync_lists_offline_wandb_runs_and_fails_clearly_without_login(tmp_path):

@@ -7,6 +7,7 @@ behaviour rate b and which the capability c. Nothing else in ipsweep branches on
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -32,6 +33,13 @@ class EvalExample:
     eval_set: str  # e.g. task_test, ood_test
     group: str  # reported separately (question type, OOD label, ...)
     meta: dict = field(default_factory=dict)  # whatever the scorer needs (gold answer, kind, ...)
+
+    @property
+    def item_id(self) -> str:
+        """Stable id of this eval item: a hash of its eval set and unmodified messages, so the same
+        question has the same id in every run, seed, epoch and test prompt (comparisons pair by it)."""
+        text = json.dumps([self.eval_set, self.messages], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class Setting(Protocol):
