@@ -131,6 +131,25 @@ def _power(args) -> None:
     print("\n".join(lines))
 
 
+def _results(args) -> None:
+    from ipsweep import results
+
+    if args.export:
+        sweep, name = args.export
+        n = results.export(sweep, results.RESULTS_DIR / name)
+        print(f"exported {n} run records to {results.RESULTS_DIR / name}/runs; now: ipsweep analyze "
+              f"{results.RESULTS_DIR / name} --out {results.RESULTS_DIR / name}/analysis --wandb-mode disabled")
+        return
+    if args.check:
+        stale = results.stale_blocks()
+        if stale:
+            raise ConfigError(f"RESULTS.md disagrees with the committed CSVs in {len(stale)} table(s): {'; '.join(stale)}; "
+                              "fix: run `ipsweep results` and commit")
+        print("RESULTS.md agrees with the committed CSVs")
+        return
+    print(f"RESULTS.md: {results.update()} tables regenerated from {results.RESULTS_DIR}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -153,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=float, default=0.57, help="target correlation (default: the paper's 0.57)")
     p.add_argument("--effect", type=float, default=0.22, help="target effect b(control) - b(IP)")
     p.set_defaults(func=_power)
+    p = sub.add_parser("results", help="regenerate RESULTS.md's tables from the analysis CSVs committed in docs/results")
+    p.add_argument("--check", action="store_true", help="only check that RESULTS.md agrees with the CSVs")
+    p.add_argument("--export", nargs=2, metavar=("SWEEP_DIR", "NAME"),
+                   help="copy a sweep's run records (metrics only) to docs/results/NAME/runs, to commit")
+    p.set_defaults(func=_results)
     p = sub.add_parser("screen", help="rank a setting's prompts by elicitation strength on the base model (no training)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. setting=gcd_sycophancy model=hf model.path=...")
     p.add_argument("--out", default=None, help="output folder (default: outputs/screen/<setting>-<model>)")

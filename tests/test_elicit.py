@@ -36,17 +36,16 @@ def test_first_tokens_only_scores_the_start_of_the_reply():
         assert lp == pytest.approx(-loss.item(), abs=1e-4)
 
 
-def test_sampled_is_a_difference_of_rates_with_newcombe_ci():
-    plain = {"metrics": {"caps": rate(2, 20)}}
-    prompted = {"metrics": {"caps": rate(12, 20)}}
-    e = elicit.sampled(plain, prompted, "caps")
-    assert e["estimate"] == pytest.approx(0.5)
-    # Newcombe's hybrid score interval, from the two Wilson intervals
-    a, b = prompted["metrics"]["caps"], plain["metrics"]["caps"]
-    lo = 0.5 - ((a["rate"] - a["lo"]) ** 2 + (b["hi"] - b["rate"]) ** 2) ** 0.5
-    hi = 0.5 + ((a["hi"] - a["rate"]) ** 2 + (b["rate"] - b["lo"]) ** 2) ** 0.5
-    assert e["lo"] == pytest.approx(lo, abs=1e-6) and e["hi"] == pytest.approx(hi, abs=1e-6)
-    assert (round(e["lo"], 3), round(e["hi"], 3)) == (0.207, 0.695)
+def test_sampled_is_a_paired_difference_over_the_same_items():
+    def evaluation(yes: set[int]) -> dict:
+        items = [{"id": f"q{i}", "caps": [int(i in yes), 1]} for i in range(20)]
+        return {"metrics": {"caps": rate(len(yes), 20)}, "items": items}
+
+    # the prompt makes items 0-11 capitalised; without it only items 0-1 are
+    e = elicit.sampled(evaluation({0, 1}), evaluation(set(range(12))), "caps")
+    assert e["estimate"] == pytest.approx(0.5) and e["n"] == 20 and e["method"] == "newcombe paired"
+    # the same counts treated as independent samples give Newcombe's unpaired (0.207, 0.695): pairing narrows it
+    assert 0.207 < e["lo"] < 0.5 < e["hi"] < 0.695
 
 
 def test_logprob_estimate_is_cached_per_prompt(make_cfg, monkeypatch):
@@ -70,15 +69,16 @@ def test_runs_record_elicitation_and_share_the_cache(tmp_path):
     sweep = tmp_path / "sweep"
     launch("-m", *TINY, "prompt=none,caps_strong,safety", "elicit.logprob_examples=4", sweep_dir=sweep)
     recs = {r["prompt"]: r for r in records(sweep)}
+    assert set(recs) == {"none", "caps_strong"}, "the PTST point (safety) is the control's run"
     assert recs["none"]["elicitation"] == {}
-    for name in ("caps_strong", "safety"):
-        e = recs[name]["elicitation"]
-        assert set(e) == {"sampled", "logprob"}
-        # sampled elicitation is read off the same base-model evaluation that is the run's epoch 0
-        assert e["sampled"]["without"] == recs[name]["epochs"]["0"]["evals"]["none"]["metrics"]["caps"]
+    e = recs["caps_strong"]["elicitation"]
+    assert set(e) == {"sampled", "logprob"}
+    # sampled elicitation is read off the same base-model evaluation that is the run's epoch 0, paired by item
+    assert e["sampled"]["without"] == recs["caps_strong"]["epochs"]["0"]["evals"]["none"]["metrics"]["caps"]
+    assert e["sampled"]["n"] == 10 and e["sampled"]["method"] == "newcombe paired"
     cache = tmp_path / "elicit_cache"
-    # one base eval per distinct test prompt (none, caps_strong, safety) and one logprob per prompt
-    assert len(list(cache.glob("base_eval/*.json"))) == 3 and len(list(cache.glob("logprob/*.json"))) == 2
+    # one base eval per distinct test prompt (none, caps_strong, safety) and one logprob per IP prompt
+    assert len(list(cache.glob("base_eval/*.json"))) == 3 and len(list(cache.glob("logprob/*.json"))) == 1
 
 
 def test_screen_ranks_the_whole_library(tmp_path):

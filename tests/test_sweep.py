@@ -74,3 +74,19 @@ def test_sync_lists_offline_wandb_runs_and_fails_clearly_without_login(tmp_path)
     assert proc.returncode == 2
     assert "fix: `wandb login`" in proc.stderr and "the local runs are untouched" in proc.stderr
     assert len(list(sweep.glob("runs/*/wandb/offline-run-*/*.wandb"))) == 1
+
+
+def test_sweep_to_report_end_to_end(tmp_path):
+    """A real (tiny-model) sweep with control, IP and PTST points, then `ipsweep analyze`."""
+    sweep = tmp_path / "sweep"
+    launch("-m", *TINY, "prompt=none,caps_strong,safety", "train.seed=0,1", "elicit.logprob_examples=4", sweep_dir=sweep)
+    assert len(records(sweep)) == 4, "2 seeds x (control, IP); PTST reuses the control's runs"
+    out = ipsweep_cli("analyze", str(sweep), "--wandb-mode", "disabled")
+    assert "ptst:safety" in out and "ip:caps_strong" in out
+    import pandas as pd
+
+    effects = pd.read_csv(sweep / "analysis" / "effects.csv").set_index("arm")
+    for arm in ("ip:caps_strong", "ptst:safety"):
+        row = effects[effects.index == arm].iloc[0]
+        assert row.seeds == 2 and row["items"] == 10 and row.effect_lo <= row.effect <= row.effect_hi
+    assert (sweep / "analysis" / "report.md").read_text().count("ptst:safety") >= 2

@@ -1,0 +1,82 @@
+"""RESULTS.md is generated, not typed: its tables are filled from analysis CSVs committed in the repo.
+
+An experiment's run records (metrics only: no checkpoints, samples or W&B files) are committed under
+docs/results/<name>/runs/, and `ipsweep analyze` of that folder writes docs/results/<name>/analysis/.
+RESULTS.md marks each generated table with
+
+    <!-- table: <csv path relative to docs/results> | <columns, comma-separated> | <pandas query or empty> -->
+    ...generated markdown...
+    <!-- /table -->
+
+`ipsweep results` rewrites every such block from the CSVs; `ipsweep results --check` (and a test) fails
+when RESULTS.md disagrees with them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_MD = ROOT / "RESULTS.md"
+RESULTS_DIR = ROOT / "docs" / "results"
+BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def export(sweep_dir: str | Path, dest: str | Path) -> int:
+    """Copy a sweep's run records into `dest`/runs/<run>/record.json, without local paths that mean nothing
+    elsewhere (checkpoint folders); returns the number of records."""
+    dest = Path(dest)
+    shutil.rmtree(dest / "runs", ignore_errors=True)
+    n = 0
+    for path in sorted(Path(sweep_dir).glob("runs/*/record.json")):
+        record = json.loads(path.read_text())
+        for entry in record["epochs"].values():
+            entry.pop("checkpoint", None)
+        out = dest / "runs" / path.parent.name / "record.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1, sort_keys=True))
+        n += 1
+    return n
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "" if pd.isna(v) else f"{v:.2f}"
+    return "" if v is None else str(v)
+
+
+def render_table(spec: str, root: Path = RESULTS_DIR) -> str:
+    """The markdown table a block's spec names: `csv | columns | query`."""
+    csv, cols, query = (part.strip() for part in (spec.split("|") + ["", ""])[:3])
+    df = pd.read_csv(root / csv)
+    if query:
+        df = df.query(query)
+    cols = [c.strip() for c in cols.split(",")] if cols else list(df.columns)
+    missing = [c for c in cols if c not in df]
+    if missing:
+        raise KeyError(f"{csv} has no column(s) {', '.join(missing)}")
+    df = df[cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def render(text: str, root: Path = RESULTS_DIR) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + render_table(m.group("spec"), root) + m.group(4), text)
+
+
+def stale_blocks(path: Path = RESULTS_MD, root: Path = RESULTS_DIR) -> list[str]:
+    """Specs of the blocks whose text differs from what the CSVs give."""
+    text = path.read_text()
+    return [m.group("spec") for m in BLOCK.finditer(text) if m.group("body") != render_table(m.group("spec"), root)]
+
+
+def update(path: Path = RESULTS_MD, root: Path = RESULTS_DIR) -> int:
+    text = path.read_text()
+    path.write_text(render(text, root))
+    return len(BLOCK.findall(text))

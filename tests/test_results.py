@@ -1,0 +1,36 @@
+"""RESULTS.md is generated from committed analysis CSVs, which are generated from committed run records."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ipsweep import results
+from ipsweep.analysis import analyze
+
+EXPERIMENTS = sorted(p.parent for p in results.RESULTS_DIR.glob("*/runs"))
+
+
+def test_results_md_agrees_with_the_committed_csvs():
+    assert results.stale_blocks() == [], "fix: run `ipsweep results` and commit"
+    assert results.RESULTS_MD.read_text().count("<!-- table:") >= 4
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_committed_csvs_are_what_analyze_makes_of_the_committed_records(experiment, tmp_path):
+    analyze(experiment, tmp_path)
+    for name in ("conditions", "effects", "correlations", "influence", "elicitation", "power"):
+        committed, fresh = (pd.read_csv(d / f"{name}.csv") for d in (experiment / "analysis", tmp_path))
+        pd.testing.assert_frame_equal(committed, fresh, check_exact=False, rtol=1e-9, obj=f"{experiment.name}/{name}.csv")
+
+
+def test_a_block_is_filled_from_its_csv_and_a_stale_one_is_found(tmp_path):
+    (tmp_path / "x").mkdir()
+    pd.DataFrame({"arm": ["ip:a", "ip:b"], "effect": [0.256, -0.1], "n": [3, 4]}).to_csv(tmp_path / "x" / "e.csv", index=False)
+    md = tmp_path / "R.md"
+    md.write_text("intro\n<!-- table: x/e.csv | arm, effect | effect > 0 -->\nold\n<!-- /table -->\nend\n")
+    assert results.stale_blocks(md, tmp_path) == ["x/e.csv | arm, effect | effect > 0"]
+    results.update(md, tmp_path)
+    assert md.read_text() == "intro\n<!-- table: x/e.csv | arm, effect | effect > 0 -->\n| arm | effect |\n|---|---|\n" \
+                             "| ip:a | 0.26 |\n<!-- /table -->\nend\n"
+    assert results.stale_blocks(md, tmp_path) == []
