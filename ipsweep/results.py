@@ -24,7 +24,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "RESULTS.md"
 RESULTS_DIR = ROOT / "docs" / "results"
-BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+BLOCK = re.compile(r"(<!-- table: (?P<spec>[^\n]*?) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
 def export(sweep_dir: str | Path, dest: str | Path) -> int:
