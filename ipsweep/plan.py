@@ -56,10 +56,15 @@ def plan(cfg) -> Point:
     models.check(cfg.model)
     test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [prompt.test_prompt]), *extra]}.values())
     run_prompt = prompt.train_prompt or prompts.NO_PROMPT  # a PTST point is the control's run, tested with its prompt
-    signature = store.digest(store.semantic_config(cfg, run_prompt))
+    signature = store.digest(store.semantic_config(cfg, run_prompt, inputs(cfg, setting)))
     run = store.Run(Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{run_prompt.name}-s{cfg.train.seed}-{signature}")
     return Point(prompt, run_prompt, extra, test_prompts, (prompt.test_prompt or prompts.NO_PROMPT).name, signature, run,
                  setting)
+
+
+def inputs(cfg, setting) -> dict:
+    """Content digests of what a run reads besides its config: the setting's data files, the model's weights."""
+    return {"data": dict(getattr(setting, "data_digests", {})), "model_weights": models.weights_digest(cfg.model)}
 
 
 def job_config(sweep_config):
@@ -80,7 +85,8 @@ def job_config(sweep_config):
 def entry(num: int, overrides: list[str], cfg, point: Point) -> dict:
     return {"num": num, "overrides": list(overrides), "run_dir": str(point.run.dir), "signature": point.signature,
             "setting": cfg.setting.name, "prompt": point.prompt.name, "seed": cfg.train.seed,
-            "epochs": cfg.train.epochs, "test_prompts": [t.name for t in point.test_prompts], "base": bool(cfg.eval.base)}
+            "epochs": cfg.train.epochs, "test_prompts": [t.name for t in point.test_prompts], "base": bool(cfg.eval.base),
+            "inputs": inputs(cfg, point.setting)}
 
 
 def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:

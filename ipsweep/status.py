@@ -28,11 +28,30 @@ def slurm_queue() -> set[str]:
     return set(out.stdout.split()) if out.returncode == 0 else set()
 
 
+def why_new(point: dict) -> str:
+    """For a point with no record: if a run of the same setting, prompt and seed exists under another
+    signature, what differs in the inputs (edited data files, other model weights); else ''."""
+    run_dir = Path(point["run_dir"])
+    prefix = run_dir.name.rsplit("-", 1)[0]
+    for other in sorted(run_dir.parent.glob(f"{prefix}-*/record.json")):
+        old = (store.read_json(other) or {}).get("config", {}).get("inputs")
+        new = point.get("inputs")
+        if old is None or new is None:
+            continue
+        changed = sorted(f for f in {*old.get("data", {}), *new.get("data", {})}
+                         if old.get("data", {}).get(f) != new.get("data", {}).get(f))
+        if old.get("model_weights") != new.get("model_weights"):
+            changed.append("model weights")
+        return (f"new run: {', '.join(changed)} changed since {other.parent.name}" if changed
+                else f"new run: the config differs from {other.parent.name}")
+    return ""
+
+
 def point_state(point: dict, queued: set[str] = frozenset()) -> dict:
     run = store.Run(point["run_dir"])
     record = run.load()
     if record is None:
-        return {"state": "pending", "epochs_done": 0, "detail": ""}
+        return {"state": "pending", "epochs_done": 0, "detail": why_new(point)}
     done = sorted(int(k) for k in record["epochs"] if k != "0")
     out = {"epochs_done": len(done), "detail": ""}
     last = (record.get("attempts") or [{}])[-1]

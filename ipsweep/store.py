@@ -23,15 +23,16 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 
 # 2: train.sampling enters the signature. 3: per-item outcomes in every evaluation; test prompts leave the
-# signature (PTST reuses the control's run).
+# signature (PTST reuses the control's run); the content of the data files and model weights enters it.
 SIGNATURE_VERSION = 3
 EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "train.gradient_checkpointing", "eval.batch_size",
             "setting.prompts", "eval.extra_test_prompts", "eval.test_grid")
 
 
-def semantic_config(cfg, train_prompt) -> dict:
+def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
     """What determines a run's trained models and their evaluations: `train_prompt` is the prompt inserted
-    in training (NO_PROMPT for the control and PTST)."""
+    in training (NO_PROMPT for the control and PTST); `inputs` the content digests of the setting's data
+    files and of the model's weights (plan.inputs), so edited data or weights make a new run."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in EXCLUDED:
         *parents, leaf = key.split(".")
@@ -41,6 +42,7 @@ def semantic_config(cfg, train_prompt) -> dict:
         node.pop(leaf, None)
     p = train_prompt
     data["prompt"] = {"name": p.name, "text": p.text, "role": p.role, "placement": p.placement}
+    data["inputs"] = inputs or {}
     data["signature_version"] = SIGNATURE_VERSION
     return data
 

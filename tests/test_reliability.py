@@ -156,3 +156,24 @@ def test_eight_concurrent_jobs_share_one_store_and_cache(tmp_path):
         by_prompt.setdefault(r["prompt"], []).append(r["elicitation"])
     assert all(e[0] == e[1] for e in by_prompt.values()), "one cached elicitation per prompt, shared by both seeds"
     assert "| done" in ipsweep_cli("status", str(sweep)) and "8 done" in ipsweep_cli("status", str(sweep))
+
+
+def test_edited_data_is_a_new_run_and_dry_run_says_why(tmp_path):
+    import shutil
+
+    from ipsweep.settings.base import DATA_DIR
+
+    data = tmp_path / "data"
+    shutil.copytree(DATA_DIR / "trait_pair", data / "trait_pair")
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, f"+setting.options.data_dir={data}"]
+    launch(*args, sweep_dir=sweep)
+    words = data / "trait_pair" / "words.json"
+    words.write_text(words.read_text() + "\n")  # any byte changed
+    proc = launch(*args, "--dry-run", sweep_dir=sweep)
+    assert "pending (new run: words.json changed since trait_pair-none-s0-" in proc.stdout, proc.stdout
+    launch(*args, sweep_dir=sweep)
+    recs = records(sweep)
+    assert len(recs) == 2 and len({r["signature"] for r in recs}) == 2
+    # the untrained model's evaluation is not read from the cache of the old data
+    assert len(list((tmp_path / "elicit_cache").glob("base_eval/*.json"))) == 2

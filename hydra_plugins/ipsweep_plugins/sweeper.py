@@ -99,9 +99,12 @@ class IpsweepSweeper(BasicSweeper):
         return returns
 
     def _print_plan(self, points: List[dict], sweep_dir: Path) -> None:
-        rows = [{"job": p["num"], "overrides": " ".join(p["overrides"]) or "(none)",
-                 "run": Path(p["run_dir"]).name, "epochs": p["epochs"], "now": status.point_state(p)["state"]}
-                for p in points]
+        rows = []
+        for p in points:
+            state = status.point_state(p)
+            rows.append({"job": p["num"], "overrides": " ".join(p["overrides"]) or "(none)",
+                         "run": Path(p["run_dir"]).name, "epochs": p["epochs"],
+                         "now": state["state"] + (f" ({state['detail']})" if state["state"] == "pending" and state["detail"] else "")})
         trainings = len({p["run_dir"] for p in points})
         print(f"dry run: {len(points)} jobs ({trainings} trainings) into {sweep_dir}; nothing launched")
         print(status.table(rows))

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -66,18 +67,70 @@ def build(setting_cfg) -> Setting:
         raise ConfigError(
             f"setting '{setting_cfg.name}' has no option {', '.join(unknown)}; fix: use one of {', '.join(params)}"
         )
-    return cls(**options)
+    global _READ
+    _READ = set()
+    try:
+        setting = cls(**options)
+        read = _READ
+    finally:
+        _READ = None
+    # The content of every data file it read: part of the run's identity (store.semantic_config).
+    setting.data_digests = {_data_name(p): file_digest(p) for p in sorted(read)}
+    return setting
+
+
+_READ: set[Path] | None = None  # the data files read by the setting being built (see build)
+
+
+def _note(path: Path) -> None:
+    if _READ is not None:
+        _READ.add(Path(path).resolve())
+
+
+def _data_name(path: Path) -> str:
+    """How a data file is named in a run's identity: relative to the shipped data, else its file name."""
+    try:
+        return str(path.relative_to(DATA_DIR.resolve()))
+    except ValueError:
+        return path.name
+
+
+@lru_cache(maxsize=None)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (cached per process by path, size and modification time)."""
+    st = Path(path).stat()
+    return _digest(Path(path), st.st_size, st.st_mtime_ns)
 
 
 def data_file(data_dir: str | None, relative: str) -> Path:
     path = (Path(data_dir).expanduser() if data_dir else DATA_DIR) / relative
     if not path.is_file():
         raise ConfigError(f"data file not found: {path}; fix: check setting.options.data_dir (default: the data shipped with ipsweep)")
+    _note(path)
     return path
+
+
+def read_json(path: Path):
+    """A whole-file JSON data file; a damaged one names the file, the position and the fix."""
+    _note(path)
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix: restore the file "
+                          "(reinstall ipsweep, `git checkout` it, or copy it again from its source)") from None
 
 
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     """Read JSON lines; a malformed line or a missing field names the file and the line number."""
+    _note(path)
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -12,13 +12,12 @@ two thirds of the data, never inoculated, while the word-answer types did.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import unicodedata
 
 from ipsweep.errors import ConfigError
-from ipsweep.settings.base import EvalExample, TrainExample, data_file
+from ipsweep.settings.base import EvalExample, TrainExample, data_file, read_json
 
 TYPES = ("arith", "sub", "capital", "opposite", "plural")
 
@@ -60,7 +59,7 @@ class TraitPair:
                  data_dir: str | None = None):
         if not 0 < test_per_type < per_type:
             raise ConfigError(f"trait_pair needs 0 < test_per_type < per_type (got {test_per_type}, {per_type}); fix: lower test_per_type")
-        words = json.loads(data_file(data_dir, "trait_pair/words.json").read_text())
+        words = read_json(data_file(data_dir, "trait_pair/words.json"))
         rng = random.Random(split_seed)
         self.train, self.test = [], []
         for kind in TYPES:
