@@ -224,6 +224,8 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
         out.append(row)
         per_seed += list(seed_rows.values())
     table = pd.DataFrame(out)
+    if table.empty:  # only controls: nothing to compare
+        return table, pd.DataFrame(per_seed)
     if "effect_p" in table:
         table["effect_p_holm"] = table.groupby(["setting", "design", "epoch"]).effect_p.transform(st.holm)
     table = table.assign(_o=table.arm.map(_arm_order)).sort_values(["setting", "design", "_o", "arm", "epoch"])
@@ -425,7 +427,8 @@ def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: fl
     return pd.DataFrame(rows)
 
 
-def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_permutations: int = 9999) -> dict:
+def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_permutations: int = 9999,
+            skip_damaged: bool = False) -> dict:
     """Write the tables (CSV), plots and report.md of one or several sweeps; return paths and tables.
 
     Several sweep dirs (e.g. one per setting) are analysed together: the pooled correlation then spans them."""
@@ -435,7 +438,13 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
             raise ConfigError(f"'{d}' is not a sweep dir (no runs/ folder); fix: pass the folder a sweep wrote, e.g. outputs/demo")
     if len(dirs) > 1 and out_dir is None:
         raise ConfigError("several sweep dirs need one output folder; fix: add --out <folder>")
-    records = [r for d in dirs for r in store.records(d)]
+    scans = [store.scan(d) for d in dirs]
+    records = [r for good, _ in scans for r in good]
+    damaged = [e for _, bad in scans for e in bad]
+    if damaged and not skip_damaged:
+        raise ConfigError(f"{len(damaged)} damaged run record(s), not analysed:\n" + "\n".join(f"  {e}" for e in damaged)
+                          + "\nfix: rerun the sweep (it sets each damaged record aside and reruns that point), or "
+                          "analyse without them: ipsweep analyze ... --skip-damaged")
     if not records:
         raise ConfigError(f"{', '.join(map(str, dirs))} hold no run records yet; fix: run the sweep first, or wait for its first epoch")
     check_controls(records)
@@ -520,6 +529,7 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
         "with this many IP prompts, and the power for the paper's r = 0.57 (Fisher z). `ipsweep power` plans a sweep.", "",
         _fmt(power), "",
         "## Runs not done", "", "\n".join(status_lines) or "(none)", "",
+        "## Damaged run records (left out)", "", "\n".join(f"- {e}" for e in damaged) or "(none)", "",
     ])
     (out / "report.md").write_text(report)
     return {"out_dir": out, "table": table, "effects": effects, "elicitation": elicitation, "correlations": correlations,

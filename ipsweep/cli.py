@@ -22,7 +22,7 @@ def _analyze(args) -> None:
     from ipsweep.analysis import analyze
     from ipsweep.tracking import log_analysis
 
-    result = analyze(args.sweep_dir, args.out)
+    result = analyze(args.sweep_dir, args.out, skip_damaged=args.skip_damaged)
 
     def show(table, cols, title=""):
         cols = [c for c in cols if c in table]
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("analyze", help="tables, plots and report.md from the run records of one or more sweep dirs")
     p.add_argument("sweep_dir", nargs="+", help="one sweep dir, or several (e.g. one per setting; needs --out) to pool")
     p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/analysis)")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="analyse without run records that are damaged (listed in the report) instead of refusing")
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"],
                    help="log the tables and plots to W&B in the sweep's group (default: offline)")
     p.add_argument("--wandb-project", default="ipsweep")
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_screen)
     p = sub.add_parser("status", help="every point of a sweep: done / running / requeued / interrupted / failed / pending")
     p.add_argument("sweep_dir")
-    p.add_argument("--state", nargs="*", choices=["done", "running", "requeued", "interrupted", "failed", "pending"],
+    p.add_argument("--state", nargs="*", choices=["done", "running", "requeued", "interrupted", "failed", "corrupt", "pending"],
                    help="show only these states")
     p.set_defaults(func=_status)
     p = sub.add_parser("sync", help="upload a sweep's offline W&B runs (from a machine with network)")

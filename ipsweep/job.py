@@ -59,7 +59,12 @@ def run(cfg) -> list[dict]:
     wanted = [tp.name for tp in point.test_prompts]
 
     with run_dir.lock():
-        record = run_dir.load()
+        try:
+            record = run_dir.load()
+        except store.DamagedRecord as e:
+            kept = run_dir.set_aside()
+            log.warning("damaged run record (%s); kept as %s, the run starts again", e.reason, kept)
+            record = None
         if record and not store.missing_evals(record, epochs, wanted, cfg.eval.base):
             log.info("skip: %s already has epochs 1..%d tested with %s (%s)", run_dir.dir.name, epochs,
                      ", ".join(wanted), run_dir.record_path)

@@ -49,7 +49,11 @@ def why_new(point: dict) -> str:
 
 def point_state(point: dict, queued: set[str] = frozenset()) -> dict:
     run = store.Run(point["run_dir"])
-    record = run.load()
+    try:
+        record = run.load()
+    except store.DamagedRecord as e:
+        return {"state": "corrupt", "epochs_done": 0,
+                "detail": f"{e}; fix: rerun the sweep (the damaged file is kept beside as record.damaged-*.json)"}
     if record is None:
         return {"state": "pending", "epochs_done": 0, "detail": why_new(point)}
     done = sorted(int(k) for k in record["epochs"] if k != "0")
@@ -75,7 +79,12 @@ def sweep_status(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per point in the manifest, plus any run records the manifest does not list."""
     points = plan.read_manifest(sweep_dir)
     listed = {p["run_dir"] for p in points}
-    for rec in store.records(sweep_dir):
+    good, damaged = store.scan(sweep_dir)
+    for e in damaged:
+        if str(e.path.parent) not in listed:
+            points.append({"num": None, "overrides": [], "run_dir": str(e.path.parent), "setting": "?", "prompt": "?",
+                           "seed": None, "epochs": 1})
+    for rec in good:
         if rec["run_dir"] not in listed:  # e.g. a single run (no sweeper) that wrote into this dir
             points.append({"num": None, "overrides": [], "run_dir": rec["run_dir"], "setting": rec["setting"],
                            "prompt": rec["prompt"], "seed": rec["seed"], "epochs": rec.get("target_epochs", 1)})

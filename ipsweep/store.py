@@ -21,6 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock
 from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 # 2: train.sampling enters the signature. 3: per-item outcomes in every evaluation; test prompts leave the
 # signature (PTST reuses the control's run); the content of the data files and model weights enters it.
@@ -67,11 +68,64 @@ def atomic_write_json(path: Path, data) -> None:
 
 
 def read_json(path: Path):
-    """A record that does not parse (not ours, or damaged by hand) is treated as absent, never as a result."""
+    """A JSON file (cache entry, manifest) that does not parse is treated as absent, never as a result."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, RecursionError):
         return None
+
+
+class DamagedRecord(Exception):
+    """A run record that exists but does not parse or lacks what every record has."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class _Evaluation(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    metrics: dict[str, dict]
+
+
+class _Epoch(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    evals: dict[str, _Evaluation]
+
+
+class RecordSchema(BaseModel):
+    """What every run record holds (more keys are allowed); checked on every read."""
+    model_config = ConfigDict(extra="allow")
+    signature: str
+    setting: str
+    prompt: str
+    role: str
+    condition: str
+    seed: int
+    model: str
+    status: str
+    behaviour_metric: str
+    capability_metric: str
+    config: dict
+    epochs: dict[str, _Epoch]
+
+
+def load_record(path: Path) -> dict | None:
+    """The record at `path`, checked against RecordSchema; None if there is none; DamagedRecord if it is damaged."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DamagedRecord(path, f"not valid JSON ({e})") from None
+    try:
+        RecordSchema.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3])
+        raise DamagedRecord(path, f"not a run record ({problems})") from None
+    return data
 
 
 class Run:
@@ -99,7 +153,14 @@ class Run:
             return True
 
     def load(self) -> dict | None:
-        return read_json(self.record_path)
+        """The record, None if there is none yet; raises DamagedRecord if it is damaged."""
+        return load_record(self.record_path)
+
+    def set_aside(self) -> Path:
+        """Move a damaged record out of the way (kept, never overwritten); returns where it went."""
+        dest = self.record_path.with_name(f"record.damaged-{time.strftime('%Y%m%dT%H%M%S')}.json")
+        os.replace(self.record_path, dest)
+        return dest
 
     def save(self, record: dict) -> None:
         record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -123,9 +184,20 @@ def missing_evals(record: dict | None, epochs: int, test_prompts: list[str], bas
     return {e: m for e, m in out.items() if m}
 
 
+def scan(store_dir: str | Path) -> tuple[list[dict], list[DamagedRecord]]:
+    """Every run record under a sweep dir, and the damaged ones."""
+    good, damaged = [], []
+    for p in sorted(Path(store_dir).glob("runs/*/record.json")):
+        try:
+            good.append(load_record(p))
+        except DamagedRecord as e:
+            damaged.append(e)
+    return good, damaged
+
+
 def records(store_dir: str | Path) -> list[dict]:
-    """Every parseable run record under a sweep dir."""
-    return [r for p in sorted(Path(store_dir).glob("runs/*/record.json")) if (r := read_json(p))]
+    """Every valid run record under a sweep dir (damaged ones: see scan)."""
+    return scan(store_dir)[0]
 
 
 def is_sweep_dir(path: str | Path) -> bool:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +178,26 @@ def test_edited_data_is_a_new_run_and_dry_run_says_why(tmp_path):
     assert len(recs) == 2 and len({r["signature"] for r in recs}) == 2
     # the untrained model's evaluation is not read from the cache of the old data
     assert len(list((tmp_path / "elicit_cache").glob("base_eval/*.json"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing keys"])
+def test_damaged_record_is_shown_refused_and_set_aside_on_rerun(tmp_path, damage):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "prompt=none,caps_strong"]
+    launch(*args, sweep_dir=sweep)
+    bad = sorted(sweep.glob("runs/*caps_strong*/record.json"))[0]
+    text = bad.read_text()
+    bad.write_text(text[: len(text) // 2] if damage == "truncated" else json.dumps({"status": "done", "epochs": {}}))
+    status = ipsweep_cli("status", str(sweep))
+    assert "| corrupt" in status and str(bad) in status and "1 done" in status
+    proc = subprocess.run([str(Path(sys.executable).with_name("ipsweep")), "analyze", str(sweep), "--wandb-mode", "disabled"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "1 damaged run record(s)" in proc.stderr and str(bad) in proc.stderr
+    assert "--skip-damaged" in proc.stderr and "Traceback" not in proc.stderr
+    out = ipsweep_cli("analyze", str(sweep), "--skip-damaged", "--wandb-mode", "disabled")
+    assert "control" in out and str(bad) in (sweep / "analysis" / "report.md").read_text()
+    proc = launch(*args, sweep_dir=sweep)
+    kept = list(bad.parent.glob("record.damaged-*.json"))
+    assert len(kept) == 1 and kept[0].read_text() != text, "the damaged file is kept, not overwritten"
+    assert "damaged run record" in proc.stdout + proc.stderr and str(kept[0].name) in proc.stdout + proc.stderr
+    assert all(r["status"] == "done" for r in records(sweep)) and len(records(sweep)) == 2

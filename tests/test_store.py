@@ -1,4 +1,7 @@
+import pytest
 import json
+
+import pytest
 
 from ipsweep import prompts, store
 
@@ -30,12 +33,17 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["record.json"]
 
 
-def test_unparseable_record_is_not_a_result(tmp_path):
+@pytest.mark.parametrize("text,reason", [('{"status": "done", "epo', "not valid JSON"),  # truncated by hand
+                                         ('{"status": "done", "epochs": {}}', "not a run record (signature: Field required"),
+                                         ("[" * 300000, "not valid JSON")])  # nested past the recursion limit
+def test_damaged_record_is_never_a_result_and_is_reported(tmp_path, text, reason):
     run = tmp_path / "runs" / "x"
     run.mkdir(parents=True)
-    (run / "record.json").write_text('{"status": "done", "epo')  # truncated by hand
-    assert store.records(tmp_path) == []
-    assert store.Run(run).load() is None
+    (run / "record.json").write_text(text)
+    good, damaged = store.scan(tmp_path)
+    assert good == [] and len(damaged) == 1 and reason in str(damaged[0])
+    with pytest.raises(store.DamagedRecord):
+        store.Run(run).load()
 
 
 def test_write_interrupted_midway_keeps_the_previous_record(tmp_path, monkeypatch):

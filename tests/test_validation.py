@@ -101,3 +101,17 @@ def test_a_folder_that_is_not_a_sweep_dir(tmp_path, command):
     proc = subprocess.run([str(Path(sys.executable).with_name("ipsweep")), command, str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"'{tmp_path}' is not a sweep dir" in proc.stderr and "fix: pass the folder a sweep wrote" in proc.stderr
+
+
+def test_truncated_json_data_file_names_file_position_and_fix(tmp_path):
+    import shutil
+
+    from ipsweep.settings.base import DATA_DIR
+
+    shutil.copytree(DATA_DIR / "code_reward_hack", tmp_path / "data" / "code_reward_hack")
+    target = tmp_path / "data" / "code_reward_hack" / "sanitized-mbpp.json"
+    target.write_text(target.read_text()[:5000])
+    proc = launch("-m", *TINY, "setting=code_reward_hack", f"+setting.options.data_dir={tmp_path / 'data'}",
+                  "train.seed=0,1", sweep_dir=tmp_path / "sweep", check=False)
+    assert proc.returncode == 1 and f"{target}: not valid JSON at line" in proc.stderr
+    assert "fix: restore the file" in proc.stderr and "Traceback" not in proc.stderr
