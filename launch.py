@@ -11,6 +11,7 @@ import hydra
 
 from ipsweep.config import register
 from ipsweep.job import run
+from ipsweep.validate import unknown_override_keys
 
 register()
 
@@ -23,4 +24,6 @@ def main(cfg) -> list[dict]:
 if __name__ == "__main__":
     if "--dry-run" in sys.argv:  # shorthand for the sweeper's own option
         sys.argv = [a if a != "--dry-run" else "hydra.sweeper.dry_run=true" for a in sys.argv]
+    if unknown := unknown_override_keys(sys.argv[1:]):  # before Hydra, whose message lists no valid keys
+        sys.exit("Error: " + "\n".join(unknown))
     main()

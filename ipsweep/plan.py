@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from ipsweep import models, prompts, store
 from ipsweep.errors import ConfigError
 from ipsweep.settings.base import Setting, build
-from ipsweep.validate import check_values
+from ipsweep.validate import check_sizes, check_values
 
 MANIFEST = "sweep.json"
 
@@ -53,6 +53,7 @@ def plan(cfg) -> Point:
         own = [prompt] if prompt.condition == "ip" else []
         extra += own + [p for p in prompts.library(cfg.setting).values() if p.role == "safety"]
     setting = build(cfg.setting)  # reads and checks the data files
+    check_sizes(cfg, setting)
     models.check(cfg.model)
     test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [prompt.test_prompt]), *extra]}.values())
     run_prompt = prompt.train_prompt or prompts.NO_PROMPT  # a PTST point is the control's run, tested with its prompt

@@ -7,8 +7,13 @@ once, each with its fix.
 from __future__ import annotations
 
 import math
+from collections import Counter
+from dataclasses import fields, is_dataclass
+from difflib import get_close_matches
+from typing import get_type_hints
 
 from ipsweep import prompts
+from ipsweep.config import ElicitConfig, EvalConfig, LoggerConfig, ModelConfig, SettingConfig, TrainConfig
 from ipsweep.errors import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -65,7 +70,99 @@ def _problems(cfg) -> list[str]:
     return out
 
 
+SCHEMA = {"setting": SettingConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
+          "elicit": ElicitConfig, "logger": LoggerConfig}
+OPEN = ("setting.prompts", "setting.options")  # free-form: validated by the prompt library and the Setting class
+
+
+def _schema_at(path: list[str]):
+    """The dataclass that holds the key at `path` (e.g. ['train', 'lora', 'r'] -> LoraConfig), or None if open."""
+    if ".".join(path[:2]) in OPEN or path[0] not in SCHEMA:
+        return None
+    node = SCHEMA[path[0]]
+    for part in path[1:-1]:
+        sub = get_type_hints(node).get(part)  # resolved: config.py uses postponed annotations
+        node = sub if isinstance(sub, type) and is_dataclass(sub) else None
+        if node is None:
+            return None
+    return node
+
+
+def unknown_key(dotted: str) -> str | None:
+    """A message for a key the schema does not have (e.g. train.lrr), listing the valid keys; else None."""
+    path = dotted.split(".")
+    if len(path) < 2:
+        return None
+    node = _schema_at(path)
+    if node is None:
+        return None
+    valid = [f.name for f in fields(node) if not f.name.startswith("_")]
+    if path[-1] in valid or path[-1] == "_target_":
+        return None
+    where = ".".join(path[:-1])
+    near = get_close_matches(path[-1], valid, n=1)
+    return (f"unknown key {dotted}" + (f" (did you mean {where}.{near[0]}?)" if near else "")
+            + f"; fix: use one of {where}'s keys: {', '.join(valid)}. A '+' does not add keys to ipsweep's config")
+
+
+def unknown_override_keys(overrides: list[str]) -> list[str]:
+    """Messages for command-line overrides (with or without +/++/~) that name keys the schema lacks."""
+    out = []
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if "=" in o and "/" not in key and not key.startswith("hydra") and (msg := unknown_key(key)):
+            out.append(msg)
+    return out
+
+
+def _unknown_in(cfg) -> list[str]:
+    """Keys the schema lacks anywhere in a composed config (e.g. added with + or in an experiment file)."""
+    out = []
+
+    def walk(node, path):
+        for k in node:
+            key = [*path, str(k)]
+            if (msg := unknown_key(".".join(key))) is not None:
+                out.append(msg)
+            elif hasattr(node[k], "keys") and _schema_at([*key, "x"]) is not None:
+                walk(node[k], key)
+
+    for group in SCHEMA:
+        if group in cfg:
+            walk(cfg[group], [group])
+    return out
+
+
+def _inapplicable(cfg) -> list[str]:
+    """Options that the chosen config would silently ignore."""
+    out = []
+    loader = cfg.model._target_.rsplit(".", 1)[-1]
+    if cfg.model.path and loader != "pretrained":
+        out.append(f"model.path={cfg.model.path} is used only by model=hf; model={cfg.model.name} loads its own weights "
+                   "and would ignore it; fix: add model=hf (to load that path), or drop model.path")
+    return out
+
+
+def check_sizes(cfg, setting) -> None:
+    """A size larger than the data is an error, never a silent cap (null means all)."""
+    problems = []
+    if cfg.train.n_train is not None:
+        n = len(setting.train_examples())
+        if cfg.train.n_train > n:
+            problems.append(f"train.n_train={cfg.train.n_train} but setting '{cfg.setting.name}' has {n} training examples; "
+                            f"fix: train.n_train={n} or train.n_train=null (all)")
+    if cfg.eval.n_eval is not None:
+        per_set = Counter(ex.eval_set for ex in setting.eval_examples(None))
+        most = max(per_set.values(), default=0)
+        if cfg.eval.n_eval > most:
+            sizes = ", ".join(f"{k}: {v}" for k, v in per_set.items())
+            problems.append(f"eval.n_eval={cfg.eval.n_eval} but setting '{cfg.setting.name}' has at most {most} eval items per "
+                            f"eval set ({sizes}); fix: eval.n_eval={most} or eval.n_eval=null (all)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def check_values(cfg) -> None:
-    problems = _problems(cfg)
+    problems = _unknown_in(cfg) + _inapplicable(cfg) + _problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))

@@ -29,7 +29,10 @@ CASES = {
     "unknown model": (["model=nope"], ["Could not find 'model/nope'", "smollm2_135m", "tiny_random"]),
     "unknown launcher": (["hydra/launcher=nope"], ["Could not find 'hydra/launcher/nope'", "local_gpus", "slurm"]),
     "wrong type": (["train.epochs=two"], ["Value 'two' of type 'str' could not be converted to Integer", "train.epochs"]),
-    "unknown key": (["train.epoch=2"], ["Key 'epoch' not in 'TrainConfig'"]),
+    "unknown key": (["train.epoch=2"], ["unknown key train.epoch (did you mean train.epochs?)",
+                                        "fix: use one of train's keys: epochs, seed, lr,"]),
+    "unknown key added with +": (["+train.lrr=1"], ["unknown key train.lrr (did you mean train.lr?)", "A '+' does not add keys"]),
+    "unknown nested key added with +": (["+train.lora.rr=4"], ["unknown key train.lora.rr", "train.lora's keys: r, alpha"]),
     # ipsweep's pre-flight check of every point.
     "unknown prompt": (["prompt=caps_strongg"], ["unknown prompt 'caps_strongg'", "fix: choose one of: none, caps_format"]),
     "missing required value": (["model=hf"], ["model=hf needs model.path; fix: add `model.path=/path/to/model`"]),
@@ -43,6 +46,12 @@ CASES = {
                                                    "fix: eval.samples_per_prompt=1, or sample with eval.temperature>0"]),
     "contradiction: safety test grid without a safety prompt": (["~setting.prompts.safety", "eval.test_grid=true"],
                                                                 ["setting 'trait_pair' has none; fix: add one"]),
+    "a key the chosen model ignores": (["model.path=/tmp"], ["model.path=/tmp is used only by model=hf; model=tiny_random",
+                                                            "fix: add model=hf (to load that path), or drop model.path"]),
+    "eval size larger than the data": (["eval.n_eval=100000"], ["eval.n_eval=100000 but setting 'trait_pair' has at most 60",
+                                                                "fix: eval.n_eval=60 or eval.n_eval=null (all)"]),
+    "train size larger than the data": (["train.n_train=100000"], ["train.n_train=100000 but setting 'trait_pair' has",
+                                                                  "or train.n_train=null (all)"]),
     "unknown setting option": (["+setting.options.per_typ=3"], ["setting 'trait_pair' has no option per_typ; fix: use one of"]),
 }
 
