@@ -18,7 +18,10 @@ register()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg) -> list[dict]:
-    return run(cfg)
+    try:
+        return run(cfg)
+    except KeyboardInterrupt:  # Ctrl-C: the job has logged that its run is recorded as interrupted; no traceback
+        sys.exit(130)
 
 
 if __name__ == "__main__":

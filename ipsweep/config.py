@@ -101,6 +101,9 @@ class LoggerConfig:
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     samples_per_epoch: int = 30  # rows of the eval-sample table logged per epoch
+    # mode=online but the W&B server cannot be reached (checked in 3 s, before the sweep and in each job):
+    # offline = log offline with one warning (upload later with `ipsweep sync`); fail = stop before any job.
+    on_no_network: str = "offline"
 
 
 @dataclass

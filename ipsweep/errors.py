@@ -7,3 +7,7 @@ class ConfigError(CompactHydraException, ValueError):
 
 class OutOfMemory(RuntimeError):
     """The accelerator ran out of memory; the message names the settings that lower the need."""
+
+
+class SweepFailed(CompactHydraException):
+    """Some jobs of a sweep failed; the message is the sweep's summary (their records say why)."""

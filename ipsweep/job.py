@@ -92,8 +92,8 @@ def run(cfg) -> list[dict]:
                                                         "log": attempt.get("log")})
             run_dir.save(record)
             tracker.finish(exit_code=1)
-            log.warning("run %s interrupted after epoch %s; a rerun or requeue resumes it", run_dir.dir.name,
-                        max((int(k) for k in record["epochs"]), default=0))
+            log.warning("run %s is recorded as interrupted after epoch %s; to resume it, run the same command again "
+                        "(or let the scheduler requeue it)", run_dir.dir.name, max((int(k) for k in record["epochs"]), default=0))
             raise
         except BaseException as e:
             record.update(status="failed", error={"type": type(e).__name__, "message": str(e),

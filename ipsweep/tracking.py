@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
+from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
+
+from ipsweep.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +29,52 @@ def _safe(method):
     return wrapper
 
 
+def wandb_server() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+@functools.lru_cache(maxsize=None)
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the W&B server be opened within `timeout` s? (wandb.init alone waits ~95 s.)"""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def online_mode(logger_cfg) -> str:
+    """The W&B mode to use: `online` falls back to `offline` (one warning per process) when the server is unreachable
+    and logger.on_no_network=offline; with `fail` it raises ConfigError."""
+    if logger_cfg.mode != "online" or reachable(wandb_server()):
+        return logger_cfg.mode
+    if logger_cfg.on_no_network == "fail":
+        raise ConfigError(f"logger.mode=online but the W&B server {wandb_server()} cannot be reached (3 s); fix: check the "
+                          "network or WANDB_BASE_URL, or logger.mode=offline and upload later with `ipsweep sync`")
+    _warn_offline()
+    return "offline"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_offline() -> None:
+    log.warning("W&B server %s cannot be reached: logging offline instead (logger.on_no_network=offline); upload later "
+                "with `ipsweep sync <sweep dir>`", wandb_server())
+
+
 class Tracker:
     def __init__(self, cfg, *, signature: str, prompt, run_dir, epochs: int):
         self.run = None
         if cfg.logger.backend == "none" or cfg.logger.mode == "disabled":
             return
+        mode = online_mode(cfg.logger)
         try:
             import wandb
 
             self.run = wandb.init(
                 project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.name,
                 job_type=prompt.condition, name=f"{cfg.setting.name}-{prompt.name}-s{cfg.train.seed}-e{epochs}",
-                id=f"{signature}-e{epochs}", resume="allow", reinit="create_new", mode=cfg.logger.mode,
+                id=f"{signature}-e{epochs}", resume="allow", reinit="create_new", mode=mode,
                 dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
                 tags=[cfg.setting.name, prompt.name, prompt.condition, f"seed{cfg.train.seed}", *cfg.logger.tags],
             )

@@ -65,6 +65,8 @@ def _problems(cfg) -> list[str]:
     at_least("elicit.logprob_examples", cfg.elicit.logprob_examples, 1)
     if cfg.logger.backend not in ("wandb", "none"):
         out.append(f"logger.backend={cfg.logger.backend} is unknown; fix: logger=wandb or logger=none")
+    if cfg.logger.on_no_network not in ("offline", "fail"):
+        out.append(f"logger.on_no_network={cfg.logger.on_no_network} is unknown; fix: offline or fail")
     if cfg.logger.mode not in ("offline", "online", "disabled"):
         out.append(f"logger.mode={cfg.logger.mode} is unknown; fix: one of offline, online, disabled")
     return out

@@ -77,6 +77,8 @@ def test_nan_loss_fails_that_run_with_the_reason_and_the_sweep_goes_on(tmp_path)
     sweep = tmp_path / "sweep"
     proc = launch("-m", *TINY, "model=hf", f"model.path={good},{bad}", sweep_dir=sweep, check=False)
     assert proc.returncode == 1, "the sweep reports that a job failed"
+    assert "sweep finished: 1 done, 1 failed (of 2 points)" in proc.stdout + proc.stderr
+    assert "failed: job #1" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     by_path = {r["config"]["model"]["path"]: r for r in records(sweep)}
     assert by_path[str(good)]["status"] == "done"
     failed = by_path[str(bad)]
@@ -126,16 +128,39 @@ def test_gradient_checkpointing_trains_the_same_run(make_cfg):
 
 
 def test_wandb_failure_in_online_mode_keeps_the_local_result(tmp_path, monkeypatch):
-    # A bad API key and an unreachable server: W&B cannot start a run; the job goes on without it.
+    # The server answers but W&B cannot start a run (bad key, broken server): the job goes on without it.
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers every request 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "10")
     sweep = tmp_path / "sweep"
-    proc = launch(*TINY, "logger=wandb", "logger.mode=online", sweep_dir=sweep)
+    try:
+        proc = launch(*TINY, "logger=wandb", "logger.mode=online", sweep_dir=sweep)
+    finally:
+        server.shutdown()
     out = proc.stdout + proc.stderr
     assert "W&B init failed" in out and "results are still recorded locally" in out
     (rec,) = records(sweep)
     assert rec["status"] == "done" and "1" in rec["epochs"]
+
+
+@pytest.mark.parametrize("choice", ["offline", "fail"])
+def test_online_mode_without_network_is_detected_in_seconds(tmp_path, monkeypatch, choice):
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    sweep = tmp_path / "sweep"
+    proc = launch("-m", *TINY, "logger=wandb", "logger.mode=online", f"logger.on_no_network={choice}", "train.seed=0,1",
+                  sweep_dir=sweep, check=False)
+    out = proc.stdout + proc.stderr
+    if choice == "fail":
+        assert proc.returncode == 1 and "cannot be reached (3 s); fix:" in out and "Traceback" not in out
+        assert not (sweep / "runs").exists()
+    else:
+        assert proc.returncode == 0 and out.count("cannot be reached: logging offline instead") == 1, out
+        assert len(list(sweep.glob("runs/*/wandb/offline-run-*"))) == 2
 
 
 def test_eight_concurrent_jobs_share_one_store_and_cache(tmp_path):
@@ -201,3 +226,21 @@ def test_damaged_record_is_shown_refused_and_set_aside_on_rerun(tmp_path, damage
     assert len(kept) == 1 and kept[0].read_text() != text, "the damaged file is kept, not overwritten"
     assert "damaged run record" in proc.stdout + proc.stderr and str(kept[0].name) in proc.stdout + proc.stderr
     assert all(r["status"] == "done" for r in records(sweep)) and len(records(sweep)) == 2
+
+
+def test_ctrl_c_ends_with_one_line_and_no_traceback(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "launch.py"), *[a for a in TINY if not a.startswith("train.epochs")],
+           "train.epochs=200", f"hydra.run.dir={sweep}", f"hydra.sweep.dir={sweep}", f"elicit.cache_dir={tmp_path / 'ec'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    record = sweep / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any('"1": {' in p.read_text() for p in record.glob("*/record.json")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in out + err, err[-3000:]
+    assert "is recorded as interrupted after epoch" in out + err and "run the same command again" in out + err
+    (rec,) = records(sweep)
+    assert rec["status"] == "interrupted"

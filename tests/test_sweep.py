@@ -13,7 +13,8 @@ from ipsweep.store import records
 def test_multirun_epochs_axis_and_skip(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", *[a for a in TINY if not a.startswith("train.epochs")], "prompt=none,caps_strong", "train.epochs=2,1"]
-    launch(*args, sweep_dir=sweep)
+    proc = launch(*args, sweep_dir=sweep)
+    assert "sweep finished: 4 done (of 4 points)" in proc.stdout + proc.stderr
     recs = {r["prompt"]: r for r in records(sweep)}
     assert set(recs) == {"none", "caps_strong"}, "epochs=1 and epochs=2 share one run"
     for r in recs.values():
@@ -23,6 +24,7 @@ def test_multirun_epochs_axis_and_skip(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in sweep.glob("runs/*/record.json")}
     proc = launch(*args, sweep_dir=sweep)
     assert proc.stderr.count("skip:") + proc.stdout.count("skip:") == 4
+    assert "sweep finished: 4 skipped (of 4 points)" in proc.stdout + proc.stderr
     assert {p: p.stat().st_mtime_ns for p in sweep.glob("runs/*/record.json")} == before
 
 

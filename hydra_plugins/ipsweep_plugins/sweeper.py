@@ -8,6 +8,7 @@ for a SLURM launcher, the sbatch script, and launches nothing.
 """
 
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ from omegaconf import OmegaConf
 
 from hydra_plugins.ipsweep_plugins.launchers import SlurmLauncher, require_slurm
 from ipsweep import plan, status
-from ipsweep.errors import ConfigError
+from ipsweep.errors import ConfigError, SweepFailed
+from ipsweep.tracking import online_mode
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +87,42 @@ class IpsweepSweeper(BasicSweeper):
             return []
         if isinstance(self.launcher, SlurmLauncher):
             require_slurm()  # before the sweep dir or manifest is written
+        for logger in {json.dumps(p["config"]["logger"], sort_keys=True) for p in points}:
+            logger = json.loads(logger)
+            if logger["backend"] == "wandb":
+                online_mode(OmegaConf.create(logger))  # fail now, or warn once that the jobs log offline
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        plan.write_manifest(sweep_dir, [{k: v for k, v in p.items() if k != "config"} for p in points])
+        manifest = [{k: v for k, v in p.items() if k != "config"} for p in points]
+        plan.write_manifest(sweep_dir, manifest)
+        already = {p["num"] for p in manifest if status.point_state(p)["state"] == "done"}
         returns, initial_job_idx = [], 0
         while not self.is_done():
             batch = self.get_job_batch()
             results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
-            for r in results:
-                _ = r.return_value  # raises if a job failed (after all jobs of the batch ran); its record says why
             initial_job_idx += len(batch)
             returns.append(results)
+        summary, failed = self._summary(manifest, already)
+        log.info(summary)
+        if failed:  # every job ran; the records say why each failed
+            raise SweepFailed(summary)
         return returns
+
+    @staticmethod
+    def _summary(manifest: List[dict], already: set) -> tuple:
+        """One line per outcome: done (and how many were skipped as already done), failed with their records,
+        interrupted, still pending (e.g. queued with wait=false)."""
+        states: Dict[str, list] = {}
+        for p in manifest:
+            state = status.point_state(p)["state"]
+            states.setdefault("skipped" if state == "done" and p["num"] in already else state, []).append(p)
+        counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(states.items()))
+        lines = [f"sweep finished: {counts} (of {len(manifest)} points)"]
+        bad = [p for k in ("failed", "interrupted", "corrupt") for p in states.get(k, [])]
+        lines += [f"  {status.point_state(p)['state']}: job #{p['num']} {Path(p['run_dir']) / 'record.json'}" for p in bad]
+        if bad:
+            lines.append("  details: ipsweep status <sweep dir> --state failed interrupted; rerunning the sweep resumes them")
+        return "\n".join(lines), bool(bad)
 
     def _print_plan(self, points: List[dict], sweep_dir: Path) -> None:
         rows = []
