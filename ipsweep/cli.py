@@ -37,6 +37,12 @@ def _analyze(args) -> None:
     if not corr.empty and (corr.points >= 3).any():
         show(corr, ["setting", "epoch", "estimator", "prompts", "points", "pearson", "pearson_lo", "pearson_hi",
                     "pearson_p", "spearman", "spearman_p", "slope_ols", "slope_eiv"], "\nelicitation vs inoculation effect:\n")
+    not_done = [r for r in result["records"] if r["status"] != "done"]
+    if not_done:
+        print(f"\n{len(not_done)} run(s) not done, left out of every table:")
+        for r in not_done:
+            err = r.get("error") or {}
+            print(f"  {r['status']}: {r['run_dir']}/record.json" + (f" ({err.get('type')}: {err.get('message')})" if err else ""))
     log_analysis(result, project=args.wandb_project, mode=args.wandb_mode)
     wandb_runs = [r for d in args.sweep_dir for r in sorted(Path(d).glob("runs/*/wandb/offline-run-*"))]
     print(f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: {result['out_dir']}/conditions.csv, "

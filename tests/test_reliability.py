@@ -87,6 +87,8 @@ def test_nan_loss_fails_that_run_with_the_reason_and_the_sweep_goes_on(tmp_path)
     assert "1" not in failed["epochs"], "no epoch of a diverged run is recorded as a result"
     status = ipsweep_cli("status", str(sweep))
     assert "1 done" in status and "1 failed" in status and "DivergedError" in status
+    out = ipsweep_cli("analyze", str(sweep), "--wandb-mode", "disabled")
+    assert "1 run(s) not done, left out of every table:" in out and "failed: " in out and "DivergedError" in out
 
 
 @pytest.mark.parametrize("where, target, knobs", [
