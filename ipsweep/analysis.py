@@ -151,7 +151,8 @@ def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] =
     if arms.empty:
         return pd.DataFrame()
     keyed = its.set_index(["run", "epoch", "test_prompt", "kind"]).sort_index()
-    base = arms[(arms.epoch == 0) & (arms.arm == "control")].drop_duplicates(["setting", "design"])
+    # the untrained model under the unmodified prompt: the same in every run of a design (any arm holds it)
+    base = arms[(arms.epoch == 0) & (arms.test_prompt == prompts.NONE)].drop_duplicates(["setting", "design"])
     groups = [((s, d, "base", 0), g.iloc[:1]) for (s, d), g in base.groupby(["setting", "design"])]
     groups += list(arms[arms.epoch > 0].groupby(["setting", "design", "arm", "epoch"]))
     cells: dict[tuple, dict] = {}
