@@ -105,5 +105,12 @@ def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
 
 
 def read_manifest(sweep_dir: str | Path) -> list[dict]:
+    """The manifest's points, with each run folder found from the sweep dir, so that `ipsweep status` works from
+    any working directory (the manifest stores paths as the sweep was launched)."""
     data = store.read_json(Path(sweep_dir) / MANIFEST)
-    return data["points"] if data else []
+    points = data["points"] if data else []
+    for p in points:
+        here = Path(sweep_dir) / "runs" / Path(p["run_dir"]).name
+        if here.is_dir() or not Path(p["run_dir"]).is_dir():
+            p["run_dir"] = str(here)
+    return points

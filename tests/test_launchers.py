@@ -88,3 +88,39 @@ def test_slurm_dry_run_renders_without_slurm_and_submission_fails_first(tmp_path
     assert "hydra/launcher=slurm needs SLURM, but sbatch and srun are not on PATH" in proc.stderr
     assert "--dry-run" in proc.stderr and "Traceback" not in proc.stderr
     assert not sweep.exists(), "nothing is written before the check"
+
+
+def test_dry_run_without_m_trains_nothing(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = launch(*TINY, "--dry-run", sweep_dir=sweep)
+    assert "dry run: 1 jobs (1 trainings)" in proc.stdout and "loss" not in proc.stdout + proc.stderr
+    assert not sweep.exists()
+
+
+def test_glob_of_prompts_and_dry_run_with_another_sweeper_say_what_works(tmp_path):
+    proc = launch("-m", *TINY, "prompt=glob(*)", sweep_dir=tmp_path / "s", check=False)
+    assert proc.returncode == 1 and "glob() matches nothing; fix: list them, e.g. prompt=none,caps_strong," in proc.stderr
+    proc = launch(*TINY, "hydra/sweeper=basic", "--dry-run", sweep_dir=tmp_path / "s", check=False)
+    assert proc.returncode == 1 and "--dry-run is a feature of ipsweep's sweeper" in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_status_from_another_directory_and_records_readable_by_the_group(tmp_path):
+    import os
+    import stat
+
+    from conftest import ipsweep_cli
+
+    sweep = tmp_path / "sweep"
+    launch("-m", *TINY, sweep_dir=sweep)
+    manifest = (sweep / "sweep.json").read_text()
+    relative = manifest.replace(str(sweep), "outputs/elsewhere")  # as if launched with a relative sweep dir
+    (sweep / "sweep.json").write_text(relative)
+    here = os.getcwd()
+    os.chdir("/")
+    try:
+        assert "1 done" in ipsweep_cli("status", str(sweep))
+    finally:
+        os.chdir(here)
+    mode = stat.S_IMODE((next(sweep.glob("runs/*/record.json"))).stat().st_mode)
+    assert mode & 0o044 == 0o044 & ~os.umask(os.umask(0)), f"record mode {oct(mode)}"

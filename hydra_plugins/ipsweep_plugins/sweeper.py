@@ -76,7 +76,23 @@ class IpsweepSweeper(BasicSweeper):
             raise ConfigError(f"{bad} of {len(jobs)} sweep points are invalid; nothing was launched:\n" + "\n".join(lines))
         return points
 
+    def _refuse_glob_prompts(self, arguments: List[str]) -> None:
+        """prompt names come from the setting's library, not a config group: glob() would launch 0 jobs."""
+        globbed = [a for a in arguments if a.lstrip("+").startswith("prompt=") and "glob(" in a]
+        if not globbed:
+            return
+        rest = [a for a in arguments if a not in globbed]
+        names = ""
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, [a for a in rest if "," not in a])
+            names = ",".join(["none", *cfg.setting.prompts])
+        except Exception:  # noqa: BLE001 - the message still names the fix without the list
+            pass
+        raise ConfigError(f"{globbed[0]}: prompt names come from the setting's prompt library, not a config group, so "
+                          f"glob() matches nothing; fix: list them, e.g. prompt={names or 'none,<name>,...'}")
+
     def sweep(self, arguments: List[str]) -> Any:
+        self._refuse_glob_prompts(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
         self.overrides = self.split_arguments(overrides, self.max_batch_size)
