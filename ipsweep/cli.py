@@ -43,7 +43,10 @@ def _analyze(args) -> None:
         for r in not_done:
             err = r.get("error") or {}
             print(f"  {r['status']}: {r['run_dir']}/record.json" + (f" ({err.get('type')}: {err.get('message')})" if err else ""))
-    log_analysis(result, project=args.wandb_project, mode=args.wandb_mode)
+    from ipsweep.tracking import sweep_project
+
+    log_analysis(result, project=args.project or sweep_project(args.sweep_dir) or "ipsweep", mode=args.wandb_mode,
+                 entity=args.entity)
     wandb_runs = [r for d in args.sweep_dir for r in sorted(Path(d).glob("runs/*/wandb/offline-run-*"))]
     print(f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: {result['out_dir']}/conditions.csv, "
           "effects.csv, correlations.csv, influence.csv, power.csv, items.csv, tidy.csv")
@@ -171,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="analyse without run records that are damaged (listed in the report) instead of refusing")
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"],
                    help="log the tables and plots to W&B in the sweep's group (default: offline)")
-    p.add_argument("--wandb-project", default="ipsweep")
+    p.add_argument("--project", "--wandb-project", dest="project", default=None,
+                   help="W&B project (default: the sweep's logger.project, else ipsweep)")
+    p.add_argument("--entity", "--wandb-entity", dest="entity", default=None, help="W&B entity")
     p.set_defaults(func=_analyze)
     p = sub.add_parser("power", help="plan a sweep: the smallest effect and correlation it can detect, and what a target needs")
     p.add_argument("--prompts", type=int, default=11, help="IP-style prompts (points of the correlation)")
@@ -196,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_status)
     p = sub.add_parser("sync", help="upload a sweep's offline W&B runs (from a machine with network)")
     p.add_argument("sweep_dir")
-    p.add_argument("--project", default=None, help="override the W&B project")
-    p.add_argument("--entity", default=None, help="override the W&B entity")
+    p.add_argument("--project", "--wandb-project", dest="project", default=None, help="override the W&B project")
+    p.add_argument("--entity", "--wandb-entity", dest="entity", default=None, help="override the W&B entity")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
     p.set_defaults(func=_sync)
     args = parser.parse_args(argv)

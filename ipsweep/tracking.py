@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
@@ -111,18 +112,43 @@ class Tracker:
         self.run.finish(exit_code=exit_code)
 
 
+def _typed(df):
+    """A W&B table keeps numbers as numbers: only columns that mix types (or hold None) become strings."""
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object:
+            out[c] = out[c].map(lambda v: "" if v is None or (isinstance(v, float) and v != v) else str(v))
+    return out
+
+
+def sweep_project(sweep_dirs) -> str | None:
+    """The W&B project the sweep's jobs logged to (from its multirun.yaml), so the analysis lands beside them."""
+    for d in sweep_dirs:
+        path = Path(d) / "multirun.yaml"
+        if path.is_file():
+            project = OmegaConf.select(OmegaConf.load(path), "logger.project")
+            if project:
+                return str(project)
+    return None
+
+
 def log_analysis(result: dict, *, project: str, mode: str, entity: str | None = None) -> str | None:
-    """Log the analysis tables and plots as one W&B run (job_type=analysis) in the sweep's group."""
+    """Log the analysis tables (typed) and plots as the sweep's one W&B analysis run (job_type=analysis, in the
+    sweep's group). Its id is fixed by the output folder, so analysing again updates that run, not a new one."""
     if mode == "disabled":
         return None
     try:
         import wandb
 
+        from ipsweep.store import digest
+
         group = result["records"][0].get("sweep")
         run = wandb.init(project=project, entity=entity, group=group, job_type="analysis", name=f"{group}-analysis",
+                         id=f"analysis-{digest(str(Path(result['out_dir']).resolve()))}", resume="allow",
                          mode=mode, dir=str(result["out_dir"]), reinit="create_new")
-        tables = {k: result[k] for k in ("table", "effects", "elicitation", "correlations", "by_test_prompt")}
-        run.log({**{f"analysis/{k}": wandb.Table(dataframe=v.astype(str)) for k, v in tables.items() if not v.empty},
+        names = ("table", "effects", "effects_per_seed", "elicitation", "correlations", "influence", "power", "by_test_prompt")
+        tables = {k: result[k] for k in names if k in result}
+        run.log({**{f"analysis/{k}": wandb.Table(dataframe=_typed(v)) for k, v in tables.items() if not v.empty},
                  **{f"plots/{k}": wandb.Image(str(v)) for k, v in result["plots"].items()}})
         run.finish()
         return run.dir

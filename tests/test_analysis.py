@@ -187,3 +187,17 @@ def test_two_sweep_dirs_are_pooled_by_meta_analysis(tmp_path, sweep):
     infl = result["influence"]
     assert set(infl.prompt) == {"a", "b", "c", "d", "e"} and (infl.cooks_d >= 0).all()
     assert (tmp_path / "pooled" / "report.md").is_file()
+
+
+def test_analysing_again_updates_the_one_wandb_analysis_run_with_typed_tables(sweep, monkeypatch):
+    from ipsweep.tracking import _typed, log_analysis
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(sweep))
+    for _ in range(2):
+        result = analyze(sweep, n_permutations=99)
+        assert log_analysis(result, project="p", mode="offline")
+    runs = sorted((sweep / "analysis" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, "one run id: the same W&B run"
+    typed = _typed(result["effects"])
+    assert typed.effect.dtype.kind == "f" and typed.seeds.dtype.kind == "i" and typed.effect_ci.map(type).eq(str).all()
