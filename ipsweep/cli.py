@@ -87,7 +87,17 @@ def _sync(args) -> None:
            *(["--dry-run"] if args.dry_run else []), *(["-p", args.project] if args.project else []),
            *(["-e", args.entity] if args.entity else []), *runs]
     print(f"{'would sync' if args.dry_run else 'syncing'} {len(runs)} offline W&B runs (already synced ones are skipped)", flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    from ipsweep.tracking import reachable, wandb_server
+
+    if not args.dry_run and not reachable(wandb_server()):
+        raise ConfigError(f"the W&B server {wandb_server()} cannot be reached from this machine (3 s); fix: run "
+                          "`ipsweep sync` where there is network (copy the sweep dir there); the local runs are untouched")
+    try:
+        code = subprocess.run(cmd, timeout=args.timeout).returncode
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"wandb sync did not finish in {args.timeout} s; fix: check the network, or raise --timeout; "
+                          "runs already uploaded are skipped when you rerun") from None
+    if code != 0:
         raise ConfigError("wandb sync failed (see its message above); fix: `wandb login` on a machine with network, "
                           "then rerun `ipsweep sync`; the local runs are untouched")
 
@@ -204,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project", "--wandb-project", dest="project", default=None, help="override the W&B project")
     p.add_argument("--entity", "--wandb-entity", dest="entity", default=None, help="override the W&B entity")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
+    p.add_argument("--timeout", type=int, default=600, help="seconds to allow `wandb sync` (default 600)")
     p.set_defaults(func=_sync)
     args = parser.parse_args(argv)
     from hydra.errors import ConfigCompositionException

@@ -133,8 +133,11 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
     if "elicitation" not in record:
         record["elicitation"] = elicit.elicitation(cfg, setting, model, tokenizer, examples, prompt)
         run_dir.save(record)
-    for k in sorted(record["epochs"], key=int):  # the dashboard shows the whole curve, reused epochs too
-        tracker.log_epoch(int(k), record["epochs"][k], {})
+    if "elicitation" in record:
+        tracker.summary({f"elicitation/{est}/{k}": v[k] for est, v in record["elicitation"].items()
+                         for k in ("estimate", "lo", "hi") if k in v})
+    for k in sorted(record["epochs"], key=int):  # epochs trained before but not yet on this W&B run
+        _log_once(tracker, record, int(k), record["epochs"][k], {})
 
     train = setting.train_examples()[: cfg.train.n_train]
     train = [TrainExample(prompts.insert(ex.messages, prompt.train_prompt, cfg.setting.joiner, getattr(setting, "preamble", "")), ex.completion) for ex in train]
@@ -154,7 +157,7 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
                  "train_s": round(train_s, 2), "eval_s": round(time.time() - t, 2), "evals": evals}
         record["epochs"][str(ep.epoch)] = entry
         run_dir.save(record)
-        tracker.log_epoch(ep.epoch, entry, samples)
+        _log_once(tracker, record, ep.epoch, entry, samples)
         log.info("epoch %d: loss %.3f, %s", ep.epoch, ep.loss,
                  ", ".join(f"{m}={r['rate']:.2f}" for m, r in evals[record["headline_test_prompt"]]["metrics"].items()
                            if r["rate"] is not None))
@@ -162,6 +165,16 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
 
     done = {int(k): v["checkpoint"] for k, v in record["epochs"].items() if k != "0"}
     finetune(model, tokenizer, train, cfg.train, run_dir.dir / "checkpoints", done, on_epoch_end)
+
+
+def _log_once(tracker, record: dict, epoch: int, entry: dict, samples: dict) -> None:
+    """Log an epoch to the run's W&B run unless it already was (a resumed or extended run logs only new epochs)."""
+    logged = record.setdefault("wandb_logged_epochs", [])
+    if epoch in logged or tracker.run is None:
+        return
+    first_step = sum(record["epochs"][str(e)].get("steps", 0) for e in range(1, epoch) if str(e) in record["epochs"])
+    tracker.log_epoch(epoch, entry, samples, first_step)
+    logged.append(epoch)
 
 
 def _evaluate_checkpoint(cfg, setting, tokenizer, examples, record, run_dir, epoch: int, test_prompts) -> None:

@@ -63,33 +63,56 @@ def _warn_offline() -> None:
                 "with `ipsweep sync <sweep dir>`", wandb_server())
 
 
+def _run_config(cfg) -> dict:
+    """The job's config, with `setting` and `model` as their names (filterable) and their full configs beside."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data["setting_config"], data["model_config"] = data.pop("setting"), data.pop("model")
+    return {**data, "setting": cfg.setting.name, "model": cfg.model.name}
+
+
 class Tracker:
+    """One W&B run per ipsweep run folder: its id is the run's signature plus a hash of the folder (the same
+    config trained in two sweep dirs is two trainings, so two W&B runs). Extending a run to more epochs
+    resumes that W&B run and logs only the epochs it has not logged yet."""
+
     def __init__(self, cfg, *, signature: str, prompt, run_dir, epochs: int):
         self.run = None
         if cfg.logger.backend == "none" or cfg.logger.mode == "disabled":
             return
         mode = online_mode(cfg.logger)
+        from ipsweep.store import digest
+
         try:
             import wandb
 
             self.run = wandb.init(
                 project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.name,
-                job_type=prompt.condition, name=f"{cfg.setting.name}-{prompt.name}-s{cfg.train.seed}-e{epochs}",
-                id=f"{signature}-e{epochs}", resume="allow", reinit="create_new", mode=mode,
-                dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
+                job_type=prompt.condition, name=f"{cfg.setting.name}-{prompt.name}-s{cfg.train.seed}",
+                id=f"{signature}-{digest(str(Path(run_dir).resolve()))[:6]}", resume="allow", reinit="create_new",
+                mode=mode, dir=str(run_dir), config=_run_config(cfg),
                 tags=[cfg.setting.name, prompt.name, prompt.condition, f"seed{cfg.train.seed}", *cfg.logger.tags],
             )
-            self.run.config.update({"signature": signature, "condition": prompt.condition, "role": prompt.role},
+            # top-level keys to filter and group by in the W&B UI
+            self.run.config.update({"signature": signature, "prompt": prompt.name, "role": prompt.role,
+                                    "condition": prompt.condition, "seed": cfg.train.seed, "epochs": epochs},
                                    allow_val_change=True)
+            self.run.define_metric("epoch")
+            self.run.define_metric("eval/*", step_metric="epoch")
+            self.run.define_metric("train/loss", step_metric="epoch")
+            self.run.define_metric("train/global_step")
+            self.run.define_metric("train/step_loss", step_metric="train/global_step")
         except Exception as e:  # noqa: BLE001
             log.warning("W&B init failed (%s); continuing without it, results are still recorded locally", e)
             self.run = None
         self.max_samples = cfg.logger.samples_per_epoch
 
     @_safe
-    def log_epoch(self, epoch: int, entry: dict, samples: dict[str, list[dict]]) -> None:
+    def log_epoch(self, epoch: int, entry: dict, samples: dict[str, list[dict]], first_step: int = 0) -> None:
+        """One epoch's evaluations (x-axis: epoch) and its per-step training losses (x-axis: global step)."""
         import wandb
 
+        for i, loss in enumerate(entry.get("losses") or []):
+            self.run.log({"train/global_step": first_step + i + 1, "train/step_loss": loss})
         data = {"epoch": epoch}
         if "loss" in entry:
             data["train/loss"] = entry["loss"]

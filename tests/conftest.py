@@ -79,3 +79,48 @@ def cmv(tmp_path_factory):
     server.cache_dir = root / "judge_cache"
     yield server
     server.close()
+
+
+def wandb_offline_runs(folder: Path) -> list[dict]:
+    """What W&B recorded in each offline run under `folder` (read back from its .wandb file): run id, config
+    and history rows. The .wandb file is a LevelDB-style log of protobuf records; wandb 0.31 ships no Python
+    reader for it, so this is the minimal one (header ':W&B' + 3 bytes, 32 KiB blocks, 7-byte record headers)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    def chunks(data: bytes):
+        pos, block, buf = 7, 32768, b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+            if left < 7 or (length == 0 and kind == 0):
+                pos += left
+                continue
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 1:
+                yield chunk
+            elif kind in (2, 3):
+                buf = (buf if kind == 3 else b"") + chunk
+            elif kind == 4:
+                yield buf + chunk
+
+    out = []
+    for path in sorted(folder.glob("offline-run-*/*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", f"{path} is not a W&B log"
+        run = {"id": None, "config": {}, "history": []}
+        for raw in chunks(data):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(raw)
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                run["id"] = rec.run.run_id
+                run["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "config":
+                run["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+            elif kind == "history":
+                run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        out.append(run)
+    return out

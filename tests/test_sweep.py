@@ -66,13 +66,27 @@ def test_ptst_reuses_the_controls_training_and_tests_with_the_safety_prompt(tmp_
     assert "| done" in ipsweep_cli("status", str(sweep)) and "pending" not in ipsweep_cli("status", str(sweep))
 
 
-def test_sync_lists_offline_wandb_runs_and_fails_clearly_without_login(tmp_path):
+def test_sync_lists_offline_wandb_runs_and_fails_clearly_without_login_or_network(tmp_path):
+    import http.server
+    import threading
+
     sweep = tmp_path / "sweep"
     launch(*TINY, "logger=wandb", sweep_dir=sweep)
     assert "would sync 1 offline W&B runs" in ipsweep_cli("sync", str(sweep), "--dry-run")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")} | {"HOME": str(tmp_path), "WANDB_SILENT": "false"}
-    proc = subprocess.run([str(Path(sys.executable).with_name("ipsweep")), "sync", str(sweep)], env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    sync = [str(Path(sys.executable).with_name("ipsweep")), "sync", str(sweep)]
+    # no network: said in seconds, not after minutes of silence
+    proc = subprocess.run(sync, env={**env, "WANDB_BASE_URL": "http://127.0.0.1:9"}, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot be reached from this machine (3 s); fix:" in proc.stderr
+    # a server that answers, but no login
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proc = subprocess.run(sync, env={**env, "WANDB_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}"},
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
     assert proc.returncode == 2
     assert "fix: `wandb login`" in proc.stderr and "the local runs are untouched" in proc.stderr
     assert len(list(sweep.glob("runs/*/wandb/offline-run-*/*.wandb"))) == 1
@@ -92,3 +106,22 @@ def test_sweep_to_report_end_to_end(tmp_path):
         row = effects[effects.index == arm].iloc[0]
         assert row.seeds == 2 and row["items"] == 10 and row.effect_lo <= row.effect <= row.effect_hi
     assert (sweep / "analysis" / "report.md").read_text().count("ptst:safety") >= 2
+
+
+def test_extending_a_run_resumes_its_wandb_run_and_logs_only_new_epochs(tmp_path):
+    from conftest import wandb_offline_runs
+
+    sweep = tmp_path / "sweep"
+    no_epochs = [a for a in TINY if not a.startswith("train.epochs")]
+    launch(*no_epochs, "logger=wandb", "train.epochs=1", sweep_dir=sweep)
+    launch(*no_epochs, "logger=wandb", "train.epochs=2", sweep_dir=sweep)
+    (folder,) = sweep.glob("runs/*/wandb")
+    first, second = wandb_offline_runs(folder)
+    assert first["id"] == second["id"], "one W&B run per ipsweep run"
+    epochs = [[h["epoch"] for h in r["history"] if "epoch" in h] for r in (first, second)]
+    assert epochs == [[0, 1], [2]], "the extension logs epoch 2 only"
+    steps = [h["train/global_step"] for r in (first, second) for h in r["history"] if "train/step_loss" in h]
+    assert steps == [1, 2, 3, 4], "per-step training loss, continuing across the extension"
+    config = first["config"]
+    assert config["setting"] == "trait_pair" and config["condition"] == "control" and config["model"] == "tiny_random"
+    assert config["seed"] == 0 and "signature" in config and config["setting_config"]["name"] == "trait_pair"
