@@ -428,6 +428,31 @@ def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: fl
     return pd.DataFrame(rows)
 
 
+def provenance(records: list[dict], dirs: list[Path]) -> list[str]:
+    """Who made these numbers: the analysis (date, ipsweep version and commit, machine) and the runs (models,
+    code versions, machines, the sweep commands from each sweep's multirun.yaml)."""
+    import platform
+    import time
+
+    from omegaconf import OmegaConf
+
+    def values(get) -> str:
+        return ", ".join(sorted({str(v) for r in records if (v := get(r))})) or "unknown"
+
+    code = store.code_version()
+    lines = [f"- analysed {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} with ipsweep {code['ipsweep']}"
+             + (f" (commit {code['commit']})" if "commit" in code else ""),
+             f"- runs: model {values(lambda r: r['model'])}; made by ipsweep commit "
+             f"{values(lambda r: (r.get('versions') or {}).get('commit'))}, torch {values(lambda r: (r.get('versions') or {}).get('torch'))}; "
+             f"on {values(lambda r: ((r.get('attempts') or [{}])[-1]).get('host'))}"]
+    for d in dirs:
+        path = d / "multirun.yaml"
+        if path.is_file():
+            overrides = OmegaConf.select(OmegaConf.load(path), "hydra.overrides.task") or []
+            lines.append(f"- sweep command: `python launch.py -m {' '.join(map(str, overrides))}`")
+    return lines
+
+
 def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_permutations: int = 9999,
             skip_damaged: bool = False) -> dict:
     """Write the tables (CSV), plots and report.md of one or several sweeps; return paths and tables.
@@ -481,7 +506,7 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
     show = lambda t, cols: _fmt(t[[c for c in cols if c in t]]) if not t.empty else "(none)"  # noqa: E731
     degenerate = [f"{r.arm} epoch {r.epoch}" for r in effects.itertuples() if "degenerate" in str(getattr(r, "effect_method", ""))]
     report = "\n".join([
-        f"# ipsweep report: {sources}", "",
+        f"# ipsweep report: {sources}", "", *provenance(records, dirs), "",
         f"{len(records)} runs ({len(records) - len(failed)} done, {len(failed)} not done).", "",
         "## Behaviour and capability per condition and epoch",
         "Mean over seeds x eval items under the arm's headline test prompt (unmodified; PTST: its safety prompt).",

@@ -25,7 +25,7 @@ def _versions() -> dict:
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
+            "transformers": transformers.__version__, "peft": peft.__version__, **store.code_version()}
 
 
 def _summary(eval_result: dict) -> dict:

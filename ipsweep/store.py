@@ -48,6 +48,25 @@ def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
     return data
 
 
+def code_version() -> dict:
+    """ipsweep's version and, when it runs from a git checkout, the commit (with -dirty for uncommitted changes)."""
+    import subprocess
+    from importlib.metadata import version
+
+    out = {"ipsweep": version("ipsweep")}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit:
+            out["commit"] = commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return out
+
+
 def digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 

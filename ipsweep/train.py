@@ -11,6 +11,7 @@ length into batches (less padding, but a different training: see BENCHMARKS.md).
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import warnings
@@ -28,6 +29,7 @@ from ipsweep.errors import ConfigError, OutOfMemory
 from ipsweep.settings.base import TrainExample
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 # transformers 5.x warns about its own deprecated call inside Trainer on every run; not actionable here.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -99,6 +101,43 @@ class _Watch(TrainerCallback):
             self.losses.append(loss)
 
 
+class _Progress(TrainerCallback):
+    """Training progress: a tqdm bar (steps, loss, it/s, ETA) on a terminal; elsewhere (SLURM logs, CI) a log line
+    every tenth of the epoch, so a log file shows how far a job got."""
+
+    def __init__(self, epoch: int, epochs: int):
+        self.epoch, self.epochs, self.bar, self.start = epoch, epochs, None, 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import sys
+        import time
+
+        from tqdm.auto import tqdm
+
+        self.first, self.start = state.global_step, time.time()
+        self.total = state.max_steps - state.global_step
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=self.total, desc=f"train epoch {self.epoch}/{self.epochs}", unit="step", leave=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import time
+
+        if not logs or "loss" not in logs:
+            return
+        done = state.global_step - self.first
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+        elif done % max(1, self.total // 10) == 0 or done == self.total:
+            per_step = (time.time() - self.start) / max(done, 1)
+            log.info("train epoch %d/%d: step %d/%d, loss %.3f, %.1f s/step, ETA %.0f s", self.epoch, self.epochs, done,
+                     self.total, logs["loss"], per_step, per_step * (self.total - done))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def label_logits(model, input_ids, attention_mask, keep):
     """Logits (fp32) of the positions where `keep` is true, `keep` being over positions 0..T-2 (position t
     predicts token t+1). Runs the LM head only there: the same numbers as the model's own forward,
@@ -164,7 +203,7 @@ def finetune(model, tokenizer, examples: list[TrainExample], cfg, out_dir: Path,
     for epoch in range(start + 1, cfg.epochs + 1):
         watch = _Watch()
         trainer = ReplyLossTrainer(model=model, args=_args(cfg, out_dir, epoch), train_dataset=rows,
-                          data_collator=collator(tokenizer), callbacks=[watch])
+                          data_collator=collator(tokenizer), callbacks=[watch, _Progress(epoch, cfg.epochs)])
         trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
         try:
             trainer.train(resume_from_checkpoint=done.get(epoch - 1))

@@ -15,6 +15,7 @@ def test_multirun_epochs_axis_and_skip(tmp_path):
     args = ["-m", *[a for a in TINY if not a.startswith("train.epochs")], "prompt=none,caps_strong", "train.epochs=2,1"]
     proc = launch(*args, sweep_dir=sweep)
     assert "sweep finished: 4 done (of 4 points)" in proc.stdout + proc.stderr
+    assert "train epoch 2/2: step 2/2, loss" in proc.stdout + proc.stderr, "progress in the log when not a terminal"
     recs = {r["prompt"]: r for r in records(sweep)}
     assert set(recs) == {"none", "caps_strong"}, "epochs=1 and epochs=2 share one run"
     for r in recs.values():
@@ -105,7 +106,11 @@ def test_sweep_to_report_end_to_end(tmp_path):
     for arm in ("ip:caps_strong", "ptst:safety"):
         row = effects[effects.index == arm].iloc[0]
         assert row.seeds == 2 and row["items"] == 10 and row.effect_lo <= row.effect <= row.effect_hi
-    assert (sweep / "analysis" / "report.md").read_text().count("ptst:safety") >= 2
+    report = (sweep / "analysis" / "report.md").read_text()
+    assert report.count("ptst:safety") >= 2
+    # provenance: the analysis, the runs' model, code and machine, and the sweep command
+    assert "with ipsweep 0.1.0" in report and "runs: model tiny_random; made by ipsweep commit" in report
+    assert "- sweep command: `python launch.py -m " in report and "prompt=none,caps_strong,safety" in report
 
 
 def test_extending_a_run_resumes_its_wandb_run_and_logs_only_new_epochs(tmp_path):
