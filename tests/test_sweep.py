@@ -16,6 +16,8 @@ def test_multirun_epochs_axis_and_skip(tmp_path):
     proc = launch(*args, sweep_dir=sweep)
     assert "sweep finished: 4 done (of 4 points)" in proc.stdout + proc.stderr
     assert "train epoch 2/2: step 2/2, loss" in proc.stdout + proc.stderr, "progress in the log when not a terminal"
+    assert "sweep progress: 1/4 points (1 done, 0 skipped, 0 failed)" in proc.stdout + proc.stderr
+    assert "sweep progress: 3/4 points (3 done, 0 skipped, 0 failed)" in proc.stdout + proc.stderr
     recs = {r["prompt"]: r for r in records(sweep)}
     assert set(recs) == {"none", "caps_strong"}, "epochs=1 and epochs=2 share one run"
     for r in recs.values():

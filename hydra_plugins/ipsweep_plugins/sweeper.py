@@ -11,11 +11,13 @@ for a SLURM launcher, the sbatch script, and launches nothing.
 import json
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -95,7 +97,10 @@ class IpsweepSweeper(BasicSweeper):
         self._refuse_glob_prompts(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
-        self.overrides = self.split_arguments(overrides, self.max_batch_size)
+        # The in-process launcher runs one job at a time anyway: hand it one job per batch, so the sweep can say
+        # after each job how far it is. Other launchers (SLURM arrays, pools) get the whole sweep at once.
+        in_process = isinstance(self.launcher, BasicLauncher)
+        self.overrides = self.split_arguments(overrides, 1 if in_process and self.max_batch_size is None else self.max_batch_size)
         points = self.preflight([job for batch in self.overrides for job in batch])
         sweep_dir = Path(self.config.hydra.sweep.dir)
         if self.dry_run:
@@ -112,17 +117,31 @@ class IpsweepSweeper(BasicSweeper):
         manifest = [{k: v for k, v in p.items() if k != "config"} for p in points]
         plan.write_manifest(sweep_dir, manifest)
         already = {p["num"] for p in manifest if status.point_state(p)["state"] == "done"}
-        returns, initial_job_idx = [], 0
+        returns, initial_job_idx, start = [], 0, time.time()
         while not self.is_done():
             batch = self.get_job_batch()
             results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
             initial_job_idx += len(batch)
             returns.append(results)
+            if not self.is_done():
+                log.info(self._progress(manifest[:initial_job_idx], already, len(manifest), time.time() - start))
         summary, failed = self._summary(manifest, already)
         log.info(summary)
         if failed:  # every job ran; the records say why each failed
             raise SweepFailed(summary)
         return returns
+
+    @staticmethod
+    def _progress(ran: List[dict], already: set, total: int, elapsed: float) -> str:
+        """After each job: how many of the sweep's points are done, skipped, failed, and an ETA."""
+        states = [status.point_state(p)["state"] for p in ran]
+        skipped = sum(1 for p, st in zip(ran, states) if st == "done" and p["num"] in already)
+        trained = sum(1 for p, st in zip(ran, states) if st == "done" and p["num"] not in already)
+        failed = sum(st in ("failed", "interrupted", "corrupt") for st in states)
+        per_job = elapsed / max(trained + failed, 1)
+        eta = per_job * (total - len(ran))  # an upper bound: points that turn out to be done already cost ~nothing
+        return (f"sweep progress: {len(ran)}/{total} points ({trained} done, {skipped} skipped, {failed} failed); "
+                f"{elapsed / 60:.1f} min so far, ETA {eta / 60:.0f} min")
 
     @staticmethod
     def _summary(manifest: List[dict], already: set) -> tuple:
