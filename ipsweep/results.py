@@ -41,6 +41,8 @@ def export(sweep_dir: str | Path, dest: str | Path) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1, sort_keys=True))
         n += 1
+    if (Path(sweep_dir) / "multirun.yaml").is_file():  # the sweep command, for the report's provenance
+        shutil.copy(Path(sweep_dir) / "multirun.yaml", dest / "multirun.yaml")
     return n
 
 
