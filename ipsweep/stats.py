@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import proportion_confint, proportion_effectsize
@@ -133,8 +134,13 @@ def difference_interval(control: np.ndarray, arm: np.ndarray) -> dict:
     control, arm = np.asarray(control, float), np.asarray(arm, float)
     r = crossed_mean(control - arm)
     if r["degenerate"] and np.isin(control, (0, 1)).all() and np.isin(arm, (0, 1)).all():
-        r["lo"], r["hi"] = newcombe_paired(control[0] == 1, arm[0] == 1)
+        x, y = control[0] == 1, arm[0] == 1
+        r["lo"], r["hi"] = newcombe_paired(x, y)
         r["method"] = "degenerate (every difference equal): Newcombe paired on one seed's items"
+        # and McNemar's exact test on those items (every item discordant the same way, or none discordant)
+        r["p"] = float(mcnemar([[int((x & y).sum()), int((x & ~y).sum())], [int((~x & y).sum()), int((~x & ~y).sum())]],
+                               exact=True).pvalue)
+        return r
     r["p"] = float(2 * stats.t.sf(abs(r["estimate"] / r["se"]), r["df"])) if r.get("se", 0) > 0 else np.nan
     return r
 

@@ -122,6 +122,8 @@ def test_one_seed_is_items_only_and_equals_a_t_interval():
 def test_degenerate_data_are_flagged_and_rates_never_zero_width():
     r = st.difference_interval(np.ones((2, 40)), np.zeros((2, 40)))
     assert r["estimate"] == 1 and "degenerate" in r["method"] and r["lo"] < 1 - 0.05
+    assert r["p"] == pytest.approx(2 * 0.5 ** 40)  # McNemar exact: 40 of 40 items go one way
+    assert st.difference_interval(np.ones((2, 40)), np.ones((2, 40)))["p"] == 1.0
     rate = st.rate_interval(np.ones((3, 40)))
     assert rate["hi"] == 1 and rate["lo"] == pytest.approx(st.wilson(40, 40)[0]) and "wilson on 40 items" in rate["method"]
 
