@@ -142,6 +142,7 @@ def difference_interval(control: np.ndarray, arm: np.ndarray) -> dict:
                                exact=True).pvalue)
         return r
     r["p"] = float(2 * stats.t.sf(abs(r["estimate"] / r["se"]), r["df"])) if r.get("se", 0) > 0 else np.nan
+    r["lo"], r["hi"] = max(r["lo"], -1.0), min(r["hi"], 1.0)  # a difference of rates lies in [-1, 1]
     return r
 
 
