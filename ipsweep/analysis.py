@@ -337,17 +337,17 @@ def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: st
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         e = ip[(ip.setting == setting) & (ip.epoch == ip[ip.setting == setting].epoch.max())]
-        pts = []
-        for k, g in enumerate(e.itertuples()):
+        pts, labels = [], []
+        for g in e.itertuples():
             el = elicitation[(elicitation.setting == setting) & (elicitation.prompt == g.prompt)]
             if el.empty or pd.isna(el[estimator].iloc[0]):
                 continue
             x, xlo, xhi = el[estimator].iloc[0], el[f"{estimator}_lo"].iloc[0], el[f"{estimator}_hi"].iloc[0]
             ax.errorbar(x, g.effect, xerr=[[max(x - xlo, 0)], [max(xhi - x, 0)]],
                         yerr=[[max(g.effect - g.effect_lo, 0)], [max(g.effect_hi - g.effect, 0)]], fmt="o", capsize=3)
-            # alternate label offsets so neighbouring labels do not sit on each other
-            ax.annotate(g.prompt, (x, g.effect), fontsize=7, xytext=(4, 4 if k % 2 == 0 else -10), textcoords="offset points")
             pts.append((x, g.effect))
+            labels.append(g.prompt)
+        _label_points(ax, pts, labels)
         if len(pts) >= 3 and np.ptp([p[0] for p in pts]) > 0:  # no line through points that share one x
             fit = stats.linregress(*zip(*pts))
             xs = np.linspace(min(p[0] for p in pts), max(p[0] for p in pts), 20)
@@ -361,6 +361,20 @@ def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: st
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _label_points(ax, pts: list[tuple[float, float]], labels: list[str]) -> None:
+    """Label each point, moving a label down a line at a time while it would sit on an earlier one
+    (labels are compared in display space, so the rule holds at any axis scale)."""
+    ax.figure.canvas.draw()  # fixes the data-to-pixel transform
+    placed: list[tuple[float, float]] = []
+    for (x, y), label in sorted(zip(pts, labels), key=lambda t: (-t[0][1], t[0][0])):
+        px, py = ax.transData.transform((x, y))
+        dy = 4
+        while any(abs(px - qx) < 60 and abs(py + dy - qy) < 9 for qx, qy in placed):
+            dy -= 9
+        placed.append((px, py + dy))
+        ax.annotate(label, (x, y), fontsize=7, xytext=(4, dy), textcoords="offset points")
 
 
 def plot_effect_curves(effects: pd.DataFrame, path: Path) -> Path | None:

@@ -98,7 +98,15 @@ def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
         old = store.read_json(path) or {"points": []}
         key = lambda p: (p["run_dir"], p["epochs"], p["prompt"])  # noqa: E731 - control and PTST share a run
         keyed = {key(p): p for p in old["points"]}
+        taken = {p["num"] for p in old["points"]}
+        launched = time.strftime("%Y-%m-%dT%H:%M:%S")
         for p in points:
+            p = {**p, "launched": launched}
+            if key(p) in keyed:  # the same point asked again keeps its number
+                p["num"] = keyed[key(p)]["num"]
+            elif p["num"] in taken:  # a later sweep into this dir: numbers go on from the last one
+                p["num"] = max(taken) + 1
+            taken.add(p["num"])
             keyed[key(p)] = {**keyed.get(key(p), {}), **p}
         store.atomic_write_json(path, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "points": list(keyed.values())})
     return path

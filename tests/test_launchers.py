@@ -124,3 +124,15 @@ def test_status_from_another_directory_and_records_readable_by_the_group(tmp_pat
         os.chdir(here)
     mode = stat.S_IMODE((next(sweep.glob("runs/*/record.json"))).stat().st_mode)
     assert mode & 0o044 == 0o044 & ~os.umask(os.umask(0)), f"record mode {oct(mode)}"
+
+
+def test_a_second_sweep_into_the_same_dir_keeps_the_first_ones_jobs(tmp_path):
+    import json
+
+    sweep = tmp_path / "sweep"
+    launch("-m", *TINY, "prompt=none", sweep_dir=sweep)
+    launch("-m", *TINY, "prompt=caps_strong", sweep_dir=sweep)
+    nums = [p["num"] for p in json.loads((sweep / "sweep.json").read_text())["points"]]
+    assert sorted(nums) == [0, 1], "no second job 0"
+    assert len(list(sweep.glob("jobs/*/.hydra"))) == 2, "the second sweep does not overwrite the first's job folder"
+    assert "--dry-run" in launch("--help", sweep_dir=tmp_path / "h").stdout
