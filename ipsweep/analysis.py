@@ -329,7 +329,8 @@ def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: st
     ip = effects[effects.condition == "ip"].dropna(subset=["effect"]) if "effect" in effects else pd.DataFrame()
     if ip.empty or elicitation.empty or estimator not in elicitation:
         return None
-    settings = [s for s in sorted(ip.setting.unique()) if ip[(ip.setting == s)][f"elicit_{estimator}"].notna().sum() >= 3]
+    settings = [s for s in sorted(ip.setting.unique())
+                if ip[(ip.setting == s) & ip[f"elicit_{estimator}"].notna()].prompt.nunique() >= 3]
     if not settings:
         return None
     plt = pyplot()

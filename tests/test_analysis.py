@@ -150,6 +150,15 @@ def test_group_table_per_group(sweep):
     assert g.loc[("base", 0, "arith"), "behaviour"] == 0.0
 
 
+def test_no_scatter_from_fewer_than_three_prompts(sweep):
+    for i, prompt in enumerate(["a", "b"]):
+        rec = _record(prompt, "ip", 0, (i, i))
+        rec["elicitation"] = {"logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.3}}
+        _save(sweep, rec)
+    plots = analyze(sweep, n_permutations=99)["plots"]
+    assert "scatter_logprob" not in plots and "effect_curves" in plots
+
+
 def test_scatter_with_no_spread_in_elicitation(sweep):
     # A small model can ignore every prompt before training: all sampled elicitations are 0.
     for i, prompt in enumerate(["a", "b", "c"]):

@@ -63,3 +63,26 @@ def test_write_interrupted_midway_keeps_the_previous_record(tmp_path, monkeypatc
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"status": "done", "epochs": {"1": {}}}
     assert [p.name for p in path.parent.iterdir()] == ["record.json"], "no temp file is left behind"
+
+
+def test_a_point_served_by_a_longer_running_run_is_done(tmp_path):
+    """epochs=1 and epochs=2 share a run: while the epochs=2 job still trains, the epochs=1 point is done."""
+    from ipsweep import status
+
+    run = store.Run(tmp_path / "runs" / "r")
+    evals = {"evals": {"none": {"metrics": {}}}}
+    run.save({"signature": "s", "setting": "trait_pair", "prompt": "none", "role": "none", "condition": "control",
+              "seed": 0, "model": "m", "status": "running", "behaviour_metric": "caps", "capability_metric": "correct",
+              "config": {}, "epochs": {"0": evals, "1": evals}})
+    point = {"run_dir": str(run.dir), "epochs": 1, "test_prompts": ["none"], "base": True}
+    assert status.point_state(point)["state"] == "done"
+    assert status.point_state({**point, "epochs": 2})["state"] in ("running", "interrupted")
+
+
+def test_analysis_logs_to_the_project_the_sweep_used(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ipsweep.tracking import sweep_project
+
+    OmegaConf.save(OmegaConf.create({"logger": {"project": "my-ip"}}), tmp_path / "multirun.yaml")
+    assert sweep_project([tmp_path]) == "my-ip" and sweep_project([tmp_path / "none"]) is None
