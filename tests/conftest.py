@@ -110,7 +110,7 @@ def wandb_offline_runs(folder: Path) -> list[dict]:
     for path in sorted(folder.glob("offline-run-*/*.wandb")):
         data = path.read_bytes()
         assert data[:4] == b":W&B", f"{path} is not a W&B log"
-        run = {"id": None, "config": {}, "history": []}
+        run = {"id": None, "config": {}, "history": [], "summary": {}}
         for raw in chunks(data):
             rec = wandb_internal_pb2.Record()
             rec.ParseFromString(raw)
@@ -120,6 +120,8 @@ def wandb_offline_runs(folder: Path) -> list[dict]:
                 run["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
             elif kind == "config":
                 run["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+            elif kind == "summary":
+                run["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
             elif kind == "history":
                 run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
         out.append(run)

@@ -120,8 +120,8 @@ def test_extending_a_run_resumes_its_wandb_run_and_logs_only_new_epochs(tmp_path
 
     sweep = tmp_path / "sweep"
     no_epochs = [a for a in TINY if not a.startswith("train.epochs")]
-    launch(*no_epochs, "logger=wandb", "train.epochs=1", sweep_dir=sweep)
-    launch(*no_epochs, "logger=wandb", "train.epochs=2", sweep_dir=sweep)
+    launch(*no_epochs, "logger=wandb", "prompt=caps_strong", "elicit.logprob_examples=4", "train.epochs=1", sweep_dir=sweep)
+    launch(*no_epochs, "logger=wandb", "prompt=caps_strong", "elicit.logprob_examples=4", "train.epochs=2", sweep_dir=sweep)
     (folder,) = sweep.glob("runs/*/wandb")
     first, second = wandb_offline_runs(folder)
     assert first["id"] == second["id"], "one W&B run per ipsweep run"
@@ -130,5 +130,7 @@ def test_extending_a_run_resumes_its_wandb_run_and_logs_only_new_epochs(tmp_path
     steps = [h["train/global_step"] for r in (first, second) for h in r["history"] if "train/step_loss" in h]
     assert steps == [1, 2, 3, 4], "per-step training loss, continuing across the extension"
     config = first["config"]
-    assert config["setting"] == "trait_pair" and config["condition"] == "control" and config["model"] == "tiny_random"
+    assert config["setting"] == "trait_pair" and config["condition"] == "ip" and config["model"] == "tiny_random"
+    assert config["prompt"] == "caps_strong" and config["role"] == "inoculation"
+    assert {"elicitation/logprob/estimate", "elicitation/sampled/lo"} <= set(first["summary"]), first["summary"]
     assert config["seed"] == 0 and "signature" in config and config["setting_config"]["name"] == "trait_pair"
