@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +20,14 @@ def arm(record: dict) -> str:
     return "control" if record["condition"] == "control" else f"{record['condition']}:{record['prompt']}"
 
 
-def _without(config: dict, *keys: str) -> dict:
-    out = json.loads(json.dumps(config))
-    for key in keys:
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return out
-
-
 def match_key(record: dict) -> str:
     """What an arm and its control share: the run's whole semantic config except the training prompt."""
-    return store.digest(_without(record["config"], "prompt"))
+    return store.digest(store.without(record["config"], "prompt"))
 
 
 def design_key(record: dict) -> str:
     """What the seeds of one arm share: the config except the training prompt and the seed."""
-    return store.digest(_without(record["config"], "prompt", "train.seed"))
+    return store.digest(store.without(record["config"], "prompt", "train.seed"))
 
 
 def headline_evaluations(record: dict) -> list[tuple[str, str, str, str, str]]:
@@ -110,6 +98,16 @@ def check_controls(records: list[dict]) -> None:
         seen[key] = r["run_dir"]
 
 
+def _by_evaluation(its: pd.DataFrame) -> dict[tuple, pd.DataFrame]:
+    """The items table split by evaluation: (run, epoch, test prompt, kind) -> its item rows."""
+    return {key: g for key, g in its.groupby(["run", "epoch", "test_prompt", "kind"], sort=False)}
+
+
+def _outcomes(evals: dict[tuple, pd.DataFrame], ev, kind: str) -> pd.DataFrame | None:
+    """The item rows of arm evaluation `ev` (a row of arm_evaluations) for `kind`, or None if not evaluated."""
+    return evals.get((ev.run, ev.epoch, ev.test_prompt, kind))
+
+
 def _matrix(part: pd.DataFrame, item_ids) -> np.ndarray:
     """seeds x items matrix of y for the given items (rows: seeds in order)."""
     wide = part.pivot_table(index="seed", columns="item", values="y", aggfunc="mean")
@@ -150,7 +148,7 @@ def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] =
     untrained model, once, as arm `base`."""
     if arms.empty:
         return pd.DataFrame()
-    keyed = its.set_index(["run", "epoch", "test_prompt", "kind"]).sort_index()
+    evals = _by_evaluation(its)
     # the untrained model under the unmodified prompt: the same in every run of a design (any arm holds it)
     base = arms[(arms.epoch == 0) & (arms.test_prompt == prompts.NONE)].drop_duplicates(["setting", "design"])
     groups = [((s, d, "base", 0), g.iloc[:1]) for (s, d), g in base.groupby(["setting", "design"])]
@@ -160,12 +158,11 @@ def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] =
         head = {"setting": setting, "model": g.model.iloc[0], "design": design, "arm": a, "epoch": epoch,
                 "seeds": g.seed.nunique() if a != "base" else 0}
         for kind in ("behaviour", "capability"):
-            parts = [keyed.loc[(ev.run, ev.epoch, ev.test_prompt, kind)] for ev in g.itertuples()
-                     if (ev.run, ev.epoch, ev.test_prompt, kind) in keyed.index]
+            parts = [p for ev in g.itertuples() if (p := _outcomes(evals, ev, kind)) is not None]
             if not parts:
                 continue
             ids = set.intersection(*(set(p.item) for p in parts))
-            part = pd.concat(parts).reset_index()
+            part = pd.concat(parts)
             part = part[part.item.isin(ids)]
             for sub_key, sub in (part.groupby(list(by)) if by else [((), part)]):
                 sub_key = sub_key if isinstance(sub_key, tuple) else (sub_key,)
@@ -186,7 +183,7 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
     p within (setting, design, epoch), and the seed-level t-interval beside it. Also returns per-seed values."""
     if arms.empty:
         return pd.DataFrame(), pd.DataFrame()
-    keyed = its.set_index(["run", "epoch", "test_prompt", "kind"]).sort_index()
+    evals = _by_evaluation(its)
     control_eval = {(r.control_run, r.epoch): r for r in arms[arms.condition == "control"].itertuples()}
     out, per_seed = [], []
     for (setting, design, a, epoch), g in arms[(arms.condition != "control") & (arms.epoch > 0)].groupby(
@@ -200,27 +197,24 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
         if not pairs:
             out.append(row)  # no matched control: effect unknown
             continue
-        seed_rows = {ev.seed: {"setting": setting, "design": design, "arm": a, "condition": row["condition"],
-                               "prompt": row["prompt"], "role": row["role"], "seed": ev.seed, "epoch": epoch,
-                               "elicit_sampled": row["elicit_sampled"], "elicit_logprob": row["elicit_logprob"]}
-                     for ev, _ in pairs}
+        shared = {k: row[k] for k in ("setting", "design", "arm", "condition", "prompt", "role", "epoch",
+                                      "elicit_sampled", "elicit_logprob")}
+        seed_rows = {ev.seed: {**shared, "seed": ev.seed} for ev, _ in pairs}
         for kind, name in (("behaviour", "effect"), ("capability", "capability_cost")):
-            valid = [(ev, c) for ev, c in pairs if (ev.run, ev.epoch, ev.test_prompt, kind) in keyed.index
-                     and (c.run, c.epoch, c.test_prompt, kind) in keyed.index]
-            if not valid:
+            sides = [(ev, c_out, a_out) for ev, c in pairs
+                     if (c_out := _outcomes(evals, c, kind)) is not None and (a_out := _outcomes(evals, ev, kind)) is not None]
+            if not sides:
                 continue
-            sides = [(keyed.loc[(c.run, c.epoch, c.test_prompt, kind)], keyed.loc[(ev.run, ev.epoch, ev.test_prompt, kind)])
-                     for ev, c in valid]
-            ids = sorted(set.intersection(*(set(c.item) & set(x.item) for c, x in sides)))
-            ctrl = _matrix(pd.concat([c for c, _ in sides]).reset_index(), ids)
-            armm = _matrix(pd.concat([x for _, x in sides]).reset_index(), ids)
+            ids = sorted(set.intersection(*(set(c.item) & set(x.item) for _, c, x in sides)))
+            ctrl = _matrix(pd.concat([c for _, c, _ in sides]), ids)
+            armm = _matrix(pd.concat([x for _, _, x in sides]), ids)
             r = st.difference_interval(ctrl, armm)
             seeds = (ctrl - armm).mean(axis=1)
             slo, shi = st.seed_t_interval(seeds)
             row.update({name: r["estimate"], f"{name}_lo": r["lo"], f"{name}_hi": r["hi"],
                         f"{name}_ci": _fmt_ci(r["lo"], r["hi"]), f"{name}_se": r.get("se"), f"{name}_p": r.get("p"),
                         f"{name}_method": r["method"], f"{name}_seed_ci": _fmt_ci(slo, shi), "items": len(ids)})
-            for (ev, _), v in zip(valid, seeds):
+            for (ev, _, _), v in zip(sides, seeds):
                 seed_rows[ev.seed][name] = float(v)
         out.append(row)
         per_seed += list(seed_rows.values())

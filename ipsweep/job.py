@@ -10,7 +10,6 @@ import traceback
 from pathlib import Path
 
 from ipsweep import elicit, models, prompts, store
-from ipsweep.plan import inputs as plan_inputs
 from ipsweep.plan import plan
 from ipsweep.evaluate import evaluate
 from ipsweep.settings.base import TrainExample
@@ -72,9 +71,9 @@ def run(cfg) -> list[dict]:
         record = record or {
             "signature": signature, "setting": cfg.setting.name, "prompt": prompt.name, "prompt_text": prompt.text,
             "role": prompt.role, "condition": prompt.condition, "seed": cfg.train.seed, "model": cfg.model.name,
-            "sweep": cfg.name, "headline_test_prompt": prompts.NONE,
+            "sweep": cfg.name,
             "behaviour_metric": point.setting.behaviour_metric, "capability_metric": point.setting.capability_metric,
-            "config": store.semantic_config(cfg, prompt, plan_inputs(cfg, point.setting)), "epochs": {},
+            "config": store.semantic_config(cfg, prompt, point.inputs), "epochs": {},
         }
         attempt = {**_attempt(), "resumed_from_epoch": max((int(k) for k in record["epochs"] if k != "0"), default=0)}
         record.setdefault("attempts", []).append(attempt)
@@ -159,7 +158,7 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
         run_dir.save(record)
         _log_once(tracker, record, ep.epoch, entry, samples)
         log.info("epoch %d: loss %.3f, %s", ep.epoch, ep.loss,
-                 ", ".join(f"{m}={r['rate']:.2f}" for m, r in evals[record["headline_test_prompt"]]["metrics"].items()
+                 ", ".join(f"{m}={r['rate']:.2f}" for m, r in evals[prompts.NONE]["metrics"].items()
                            if r["rate"] is not None))
         epoch_start = time.time()
 

@@ -30,6 +30,7 @@ class Point:
     extra: list[prompts.Prompt]  # test prompts beyond the headline one (extra_test_prompts, test_grid)
     test_prompts: list[prompts.Prompt]
     headline: str
+    inputs: dict  # content digests of the data files and model weights (part of the signature)
     signature: str
     run: store.Run
     setting: Setting
@@ -57,10 +58,11 @@ def plan(cfg) -> Point:
     models.check(cfg.model)
     test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [prompt.test_prompt]), *extra]}.values())
     run_prompt = prompt.train_prompt or prompts.NO_PROMPT  # a PTST point is the control's run, tested with its prompt
-    signature = store.digest(store.semantic_config(cfg, run_prompt, inputs(cfg, setting)))
+    digests = inputs(cfg, setting)
+    signature = store.digest(store.semantic_config(cfg, run_prompt, digests))
     run = store.Run(Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{run_prompt.name}-s{cfg.train.seed}-{signature}")
-    return Point(prompt, run_prompt, extra, test_prompts, (prompt.test_prompt or prompts.NO_PROMPT).name, signature, run,
-                 setting)
+    return Point(prompt, run_prompt, extra, test_prompts, (prompt.test_prompt or prompts.NO_PROMPT).name, digests,
+                 signature, run, setting)
 
 
 def inputs(cfg, setting) -> dict:
@@ -87,7 +89,7 @@ def entry(num: int, overrides: list[str], cfg, point: Point) -> dict:
     return {"num": num, "overrides": list(overrides), "run_dir": str(point.run.dir), "signature": point.signature,
             "setting": cfg.setting.name, "prompt": point.prompt.name, "seed": cfg.train.seed,
             "epochs": cfg.train.epochs, "test_prompts": [t.name for t in point.test_prompts], "base": bool(cfg.eval.base),
-            "inputs": inputs(cfg, point.setting)}
+            "inputs": point.inputs}
 
 
 def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:

@@ -30,17 +30,23 @@ EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "train.grad
             "setting.prompts", "eval.extra_test_prompts", "eval.test_grid")
 
 
+def without(data: dict, *keys: str) -> dict:
+    """A deep copy of `data` without the dotted `keys` (e.g. "train.seed"); keys that are absent are ignored."""
+    out = json.loads(json.dumps(data))
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return out
+
+
 def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
     """What determines a run's trained models and their evaluations: `train_prompt` is the prompt inserted
     in training (NO_PROMPT for the control and PTST); `inputs` the content digests of the setting's data
     files and of the model's weights (plan.inputs), so edited data or weights make a new run."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for key in EXCLUDED:
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node[p]
-        node.pop(leaf, None)
+    data = without(OmegaConf.to_container(cfg, resolve=True), *EXCLUDED)
     p = train_prompt
     data["prompt"] = {"name": p.name, "text": p.text, "role": p.role, "placement": p.placement}
     data["inputs"] = inputs or {}

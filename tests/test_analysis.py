@@ -24,7 +24,7 @@ def _ev(k: int, correct: int = 5) -> dict:
 def _record(prompt, condition, seed, caps_k, status="done", model="m", ptst_k=None):
     role = "none" if condition == "control" else "inoculation"
     record = {"signature": f"{prompt}{seed}{model}", "setting": "trait_pair", "prompt": prompt, "role": role,
-              "condition": condition, "seed": seed, "model": model, "sweep": "t", "headline_test_prompt": "none",
+              "condition": condition, "seed": seed, "model": model, "sweep": "t",
               "behaviour_metric": "caps", "capability_metric": "correct", "status": status, "error": None,
               "run_dir": f"runs/{prompt}{seed}{model}", "test_prompt_roles": {"none": "none"},
               "config": {"model": {"name": model}, "train": {"seed": seed, "lr": 1e-4}, "prompt": {"name": prompt}},

@@ -153,8 +153,8 @@ class IpsweepSweeper(BasicSweeper):
             states.setdefault("skipped" if state == "done" and p["num"] in already else state, []).append(p)
         counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(states.items()))
         lines = [f"sweep finished: {counts} (of {len(manifest)} points)"]
-        bad = [p for k in ("failed", "interrupted", "corrupt") for p in states.get(k, [])]
-        lines += [f"  {status.point_state(p)['state']}: job #{p['num']} {Path(p['run_dir']) / 'record.json'}" for p in bad]
+        bad = [(k, p) for k in ("failed", "interrupted", "corrupt") for p in states.get(k, [])]
+        lines += [f"  {k}: job #{p['num']} {Path(p['run_dir']) / 'record.json'}" for k, p in bad]
         if bad:
             lines.append("  details: ipsweep status <sweep dir> --state failed interrupted; rerunning the sweep resumes them")
         return "\n".join(lines), bool(bad)
