@@ -48,21 +48,6 @@ def test_effect_interval_covers_the_true_effect(seeds):
     assert min(cov.values()) >= 0.91 and max(cov.values()) <= 0.985, msg
 
 
-def test_the_old_seed_bootstrap_would_fail_the_same_check():
-    """The interval this replaced (percentile bootstrap over 2 seeds) covers far below 95%: the test can fail."""
-    alpha, delta, ti, ts = REGIMES["typical"]
-    rng = np.random.default_rng(7)
-    truth = _true_effect(rng, *REGIMES["typical"])
-    hits = 0
-    for _ in range(500):
-        b = rng.normal(0, ti, 60)
-        c = rng.random((2, 60)) < expit(alpha + b + rng.normal(0, ts, (2, 1)))
-        a = rng.random((2, 60)) < expit(alpha - delta + b + rng.normal(0, ts, (2, 1)))
-        per_seed = (c.astype(float) - a).mean(1)
-        hits += per_seed.min() <= truth <= per_seed.max()  # what a 2-seed percentile bootstrap returns
-    assert hits / 500 < 0.8
-
-
 @pytest.mark.parametrize("rho", [0.0, 0.57, 0.8])
 @pytest.mark.parametrize("prompts", [8, 11])
 @pytest.mark.parametrize("seeds", [1, 3])
