@@ -2,8 +2,8 @@
 
 For every prompt of a setting's library, on the base model, with an empty cache: `sampled` generates
 the eval set with the prompt inserted and scores it (the no-prompt baseline is generated once and
-shared; its time is reported apart), `logprob` scores the training replies with and without the
-prompt, no generation. Agreement: Spearman rank correlation of the two estimates across prompts.
+shared; its time is reported apart), `logprob` scores the setting's contrast pairs (a reply showing
+the behaviour and a matched one) with and without the prompt, no generation. Agreement: Spearman rank correlation of the two estimates across prompts.
 
   python benchmarks/elicitation.py                                   # CPU: gcd_sycophancy, 60-token replies
   python benchmarks/elicitation.py --max-new-tokens 150              # GPU, the preset's reply length
@@ -53,8 +53,7 @@ def main() -> None:
     save("elicitation", rows, sampled_s_per_prompt=sampled_s, logprob_s_per_prompt=logprob_s,
          logprob_speedup=sampled_s / logprob_s, no_prompt_baseline_s=baseline.s,
          spearman=float(rho.statistic), spearman_p=float(rho.pvalue), prompts=len(rows),
-         eval_rows=len(examples), logprob_examples=cfg.elicit.logprob_examples,
-         logprob_tokens=cfg.elicit.logprob_tokens, model=a.model, setting=a.setting,
+         eval_rows=len(examples), logprob_items=cfg.elicit.logprob_items, model=a.model, setting=a.setting,
          max_new_tokens=a.max_new_tokens, on=device())
 
 

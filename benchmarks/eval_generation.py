@@ -17,7 +17,7 @@ import torch
 
 from common import Timer, compose, device, save
 from ipsweep import models
-from ipsweep.evaluate import generate
+from ipsweep.lm import generate
 from ipsweep.settings.base import build
 
 

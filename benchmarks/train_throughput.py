@@ -32,7 +32,8 @@ from transformers.trainer_callback import PrinterCallback
 from common import PEAK_BF16, Timer, compose, device, peak_flops, save
 from ipsweep import models
 from ipsweep.settings.base import build
-from ipsweep.train import IGNORE, ReplyLossTrainer, _Watch, _args, add_lora, collator, dataset
+from ipsweep.lm import IGNORE, collator
+from ipsweep.train import ReplyLossTrainer, _Watch, _args, add_lora, dataset
 
 
 def held_out_loss(model, tok, rows) -> float:

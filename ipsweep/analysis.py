@@ -114,6 +114,18 @@ def _matrix(part: pd.DataFrame, item_ids) -> np.ndarray:
     return wide.reindex(columns=list(item_ids)).to_numpy()
 
 
+ESTIMATORS = ("sampled", "logprob", "logprob_train")  # elicit.py
+
+
+def recorded_elicitation(record: dict) -> dict:
+    """A run's elicitation estimates by estimator. Before run signature v4, `logprob` was the non-contrastive
+    estimator that is now called `logprob_train`: old records are read under that name."""
+    el = dict(record.get("elicitation") or {})
+    if (record.get("config") or {}).get("signature_version", store.SIGNATURE_VERSION) < 4 and "logprob" in el:
+        el["logprob_train"] = el.pop("logprob")
+    return el
+
+
 def arm_evaluations(records: list[dict]) -> pd.DataFrame:
     """One row per (arm, seed, epoch): which run and test prompt measure it, and its control's run."""
     controls = {match_key(r): r for r in records if r["condition"] == "control"}
@@ -124,13 +136,12 @@ def arm_evaluations(records: list[dict]) -> pd.DataFrame:
             for epoch, entry in r["epochs"].items():
                 if test_prompt not in entry["evals"] or not entry["evals"][test_prompt].get("items"):
                     continue
-                el = r.get("elicitation", {}) if cond == "ip" else {}
+                el = recorded_elicitation(r) if cond == "ip" else {}
                 rows.append({"setting": r["setting"], "model": r["model"], "design": design_key(r), "arm": a,
                              "condition": cond, "prompt": prompt, "role": role, "seed": r["seed"], "epoch": int(epoch),
                              "run": Path(r["run_dir"]).name, "test_prompt": test_prompt,
                              "control_run": Path(ctrl["run_dir"]).name if ctrl else None,
-                             "elicit_sampled": el.get("sampled", {}).get("estimate"),
-                             "elicit_logprob": el.get("logprob", {}).get("estimate")})
+                             **{f"elicit_{e}": el.get(e, {}).get("estimate") for e in ESTIMATORS}})
     return pd.DataFrame(rows)
 
 
@@ -190,7 +201,7 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
             ["setting", "design", "arm", "epoch"]):
         row = {"setting": setting, "model": g.model.iloc[0], "design": design, "arm": a,
                "condition": g.condition.iloc[0], "prompt": g.prompt.iloc[0], "role": g.role.iloc[0], "epoch": epoch,
-               "elicit_sampled": g.elicit_sampled.iloc[0], "elicit_logprob": g.elicit_logprob.iloc[0]}
+               **{f"elicit_{e}": g[f"elicit_{e}"].iloc[0] for e in ESTIMATORS}}
         pairs = [(ev, control_eval.get((ev.control_run, ev.epoch))) for ev in g.itertuples()]
         pairs = [(ev, c) for ev, c in pairs if c is not None]
         row["seeds"] = len(pairs)
@@ -198,7 +209,7 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
             out.append(row)  # no matched control: effect unknown
             continue
         shared = {k: row[k] for k in ("setting", "design", "arm", "condition", "prompt", "role", "epoch",
-                                      "elicit_sampled", "elicit_logprob")}
+                                      *(f"elicit_{e}" for e in ESTIMATORS))}
         seed_rows = {ev.seed: {**shared, "seed": ev.seed} for ev, _ in pairs}
         for kind, name in (("behaviour", "effect"), ("capability", "capability_cost")):
             sides = [(ev, c_out, a_out) for ev, c in pairs
@@ -240,7 +251,7 @@ def correlation_table(effects: pd.DataFrame, elicitation: pd.DataFrame, n_permut
     rows, infl = [], []
     if ip.empty:
         return pd.DataFrame(), pd.DataFrame()
-    for est in ("sampled", "logprob"):
+    for est in ESTIMATORS:
         col = f"elicit_{est}"
         if ip[col].isna().all():
             continue
@@ -310,7 +321,7 @@ def elicitation_table(records: list[dict]) -> pd.DataFrame:
     """One row per (setting, prompt): both estimators with their CIs, as recorded by the runs."""
     rows = {}
     for r in records:
-        for est, v in r.get("elicitation", {}).items():
+        for est, v in recorded_elicitation(r).items():
             row = rows.setdefault((r["setting"], r["prompt"]), {"setting": r["setting"], "prompt": r["prompt"],
                                                                 "role": r["role"], "arm": arm(r)})
             row.update({est: v["estimate"], f"{est}_lo": v["lo"], f"{est}_hi": v["hi"]})
@@ -328,7 +339,7 @@ def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: st
     if not settings:
         return None
     plt = pyplot()
-    unit = "nats/token" if estimator == "logprob" else "share of replies"
+    unit = "share of replies" if estimator == "sampled" else "nats/token"
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.5), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         e = ip[(ip.setting == setting) & (ip.epoch == ip[ip.setting == setting].epoch.max())]
@@ -462,11 +473,43 @@ def provenance(records: list[dict], dirs: list[Path]) -> list[str]:
     return lines
 
 
+def screened_elicitation(paths: list, records: list[dict]) -> pd.DataFrame:
+    """Elicitation estimates from `ipsweep screen` tables (elicitation.csv) instead of the runs' records: a new
+    estimator is tested against finished sweeps without retraining. Each table must be of the runs' model."""
+    tables = []
+    for path in paths:
+        t = pd.read_csv(path)
+        missing = {"setting", "model", "prompt", "role"} - set(t)
+        if missing:
+            raise ConfigError(f"{path} lacks column(s) {', '.join(sorted(missing))}; fix: pass an elicitation.csv written by `ipsweep screen`")
+        tables.append(t)
+    screened = pd.concat(tables, ignore_index=True)
+    runs = {(r["setting"], r["model"]) for r in records}
+    for setting, model in sorted(runs):
+        have = set(screened.model[screened.setting == setting])
+        if have and model not in have:
+            raise ConfigError(f"the screen of setting '{setting}' was made on model(s) {', '.join(sorted(have))}, the runs on "
+                              f"'{model}'; fix: screen with the runs' model (ipsweep screen setting={setting} model=...)")
+    return screened[screened.role != "safety"].assign(arm=lambda t: t.prompt)
+
+
+def _use_screened(arms: pd.DataFrame, screened: pd.DataFrame) -> pd.DataFrame:
+    """The arms' elicitation columns read from the screen (IP-style arms only; NaN where a prompt was not screened)."""
+    out = arms.copy()
+    key = screened.set_index(["setting", "prompt"])
+    for est in ESTIMATORS:
+        values = key[est].to_dict() if est in key else {}
+        out[f"elicit_{est}"] = [values.get((s, p), np.nan) if c == "ip" else None
+                                for s, p, c in zip(out.setting, out.prompt, out.condition)]
+    return out
+
+
 def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_permutations: int = 9999,
-            skip_damaged: bool = False) -> dict:
+            skip_damaged: bool = False, elicitation_from: list | None = None) -> dict:
     """Write the tables (CSV), plots and report.md of one or several sweeps; return paths and tables.
 
-    Several sweep dirs (e.g. one per setting) are analysed together: the pooled correlation then spans them."""
+    Several sweep dirs (e.g. one per setting) are analysed together: the pooled correlation then spans them.
+    elicitation_from: `ipsweep screen` tables whose estimates replace those the runs recorded."""
     dirs = [Path(d) for d in (sweep_dirs if isinstance(sweep_dirs, (list, tuple)) else [sweep_dirs])]
     for d in dirs:
         if not store.is_sweep_dir(d):
@@ -487,13 +530,16 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
     out = Path(out_dir or dirs[0] / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     df, its, arms = tidy(records), items(records), arm_evaluations(records)
+    screened = screened_elicitation(elicitation_from, records) if elicitation_from else None
+    if screened is not None:
+        arms = _use_screened(arms, screened)
     if its.empty:
         raise ConfigError(f"the records in {sources} have no per-item outcomes (made before run signature v3); "
                           "fix: rerun the sweep with this version (it retrains under the new signature)")
     table = condition_table(arms, its)
     groups = condition_table(arms, its, by=("eval_set", "group"))
     effects, per_seed = effect_table(arms, its)
-    elicitation = elicitation_table(records)
+    elicitation = elicitation_table(records) if screened is None else screened
     correlations, influence = correlation_table(effects, elicitation, n_permutations)
     power = power_table(table, effects)
     by_test_prompt = test_prompt_table(df)
@@ -506,7 +552,7 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
     (out / "conditions.md").write_text(_fmt(table) + "\n")
     plot = plot_behaviour(table, out / "behaviour.png")
     plots = {"behaviour": plot, "effect_curves": plot_effect_curves(effects, out / "effect_curves.png")}
-    for est in ("sampled", "logprob"):
+    for est in ESTIMATORS:
         plots[f"scatter_{est}"] = plot_scatter(effects, elicitation, est, out / f"scatter_{est}.png")
     plots = {k: v for k, v in plots.items() if v}
     failed = [r for r in records if r["status"] != "done"]
@@ -515,7 +561,9 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
     show = lambda t, cols: _fmt(t[[c for c in cols if c in t]]) if not t.empty else "(none)"  # noqa: E731
     degenerate = [f"{r.arm} epoch {r.epoch}" for r in effects.itertuples() if "degenerate" in str(getattr(r, "effect_method", ""))]
     report = "\n".join([
-        f"# ipsweep report: {sources}", "", *provenance(records, dirs), "",
+        f"# ipsweep report: {sources}", "", *provenance(records, dirs),
+        *([f"- elicitation estimates: from `ipsweep screen` table(s) {', '.join(map(str, elicitation_from))}, not from the runs"]
+          if screened is not None else []), "",
         f"{len(records)} runs ({len(records) - len(failed)} done, {len(failed)} not done).", "",
         "## Behaviour and capability per condition and epoch",
         "Mean over seeds x eval items under the arm's headline test prompt (unmodified; PTST: its safety prompt).",
@@ -529,7 +577,7 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
         "PTST arms are the control's own models tested with the safety prompt. CI: crossed seeds x items; `p`: its",
         "test of no effect, Holm-adjusted across the arms of a setting and epoch (`p_holm`); `seed_ci`: t-interval",
         "over per-seed effects (ignores item sampling; nan with one seed).", "",
-        show(effects, ["setting", "arm", "epoch", "seeds", "items", "elicit_sampled", "elicit_logprob", "effect", "effect_ci",
+        show(effects, ["setting", "arm", "epoch", "seeds", "items", "elicit_sampled", "elicit_logprob", "elicit_logprob_train", "effect", "effect_ci",
                        "effect_p", "effect_p_holm", "effect_seed_ci", "capability_cost", "capability_cost_ci"]), "",
         "Degenerate intervals (every seed and item gives the same difference): " + (", ".join(degenerate) or "none") + ".", "",
         f"![behaviour rate by condition and epoch]({plot.name})", "",

@@ -22,7 +22,7 @@ def _analyze(args) -> None:
     from ipsweep.analysis import analyze
     from ipsweep.tracking import log_analysis
 
-    result = analyze(args.sweep_dir, args.out, skip_damaged=args.skip_damaged)
+    result = analyze(args.sweep_dir, args.out, skip_damaged=args.skip_damaged, elicitation_from=args.elicitation)
 
     def show(table, cols, title=""):
         cols = [c for c in cols if c in table]
@@ -119,26 +119,35 @@ def _screen(args) -> None:
     from ipsweep import screen
 
     cfg = compose(args.overrides)
-    table = screen.screen(cfg)
+    table = screen.screen(cfg, surface=not args.no_surface_check)
     out = Path(args.out or f"outputs/screen/{cfg.setting.name}-{cfg.model.name}")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "elicitation.csv", index=False)
     png = screen.plot(table, f"{cfg.setting.name} on {cfg.model.name}: elicitation strength", out / "elicitation.png")
     cols = [c for c in ["prompt", "role", "sampled", "sampled_lo", "sampled_hi", "behaviour_with_prompt",
-                        "logprob", "logprob_lo", "logprob_hi"] if c in table]
+                        "logprob", "logprob_lo", "logprob_hi", "logprob_surface_shift", "logprob_surface_flag",
+                        "logprob_train", "logprob_train_surface_shift", "logprob_train_surface_flag"] if c in table]
     print(table[cols].to_markdown(index=False, floatfmt=".3f"))
-    agree = screen.agreement(table)
-    if agree and "undefined" in agree:
-        print(f"\nestimator agreement: undefined ({agree['undefined']})")
-    elif agree:
-        print(f"\nestimator agreement: Spearman {agree['spearman']:+.2f} (p={agree['p']:.3f}, {agree['prompts']} prompts)")
+    ests = [e for e in ("sampled", "logprob", "logprob_train") if e in table]
+    for i, a in enumerate(ests):
+        for b in ests[i + 1:]:
+            agree = screen.agreement(table, a, b)
+            if agree and "undefined" in agree:
+                print(f"\nagreement {a} vs {b}: undefined ({agree['undefined']})")
+            elif agree:
+                print(f"\nagreement {a} vs {b}: Spearman {agree['spearman']:+.2f} [{agree['lo']:+.2f}, {agree['hi']:+.2f}] "
+                      f"(permutation p={agree['p']:.3f}, {agree['prompts']} prompts)")
+    for est in (e for e in ("logprob", "logprob_train") if f"{e}_surface_flag" in table):
+        flagged = table.prompt[table[f"{est}_surface_flag"]].tolist()
+        print(f"{est}: {len(flagged)} prompt(s) move by more than {screen.FLAG_SHARE:.0%} of the inoculation prompts' "
+              f"spread when only their letter case or punctuation changes{': ' + ', '.join(flagged) if flagged else ''}")
     print(f"table: {out / 'elicitation.csv'}\nplot:  {png}")
 
 
 def _power(args) -> None:
     from ipsweep import stats
 
-    lines = [f"planning a sweep at 80% power, alpha 0.05 (Fisher z for correlations; two proportions for effects):",
+    lines = ["planning a sweep at 80% power, alpha 0.05 (Fisher z for correlations; two proportions for effects):",
              f"- with {args.prompts} IP prompts: smallest detectable correlation r = {stats.smallest_correlation(args.prompts):.2f}; "
              f"power for r = {args.r}: {stats.correlation_power(args.r, args.prompts):.2f}; "
              f"prompts needed for r = {args.r}: {stats.points_needed(args.r)}",
@@ -180,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("analyze", help="tables, plots and report.md from the run records of one or more sweep dirs")
     p.add_argument("sweep_dir", nargs="+", help="one sweep dir, or several (e.g. one per setting; needs --out) to pool")
     p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/analysis)")
+    p.add_argument("--elicitation", nargs="+", default=None, metavar="CSV",
+                   help="take elicitation estimates from `ipsweep screen` tables (elicitation.csv) instead of the runs")
     p.add_argument("--skip-damaged", action="store_true",
                    help="analyse without run records that are damaged (listed in the report) instead of refusing")
     p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"],
@@ -203,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("screen", help="rank a setting's prompts by elicitation strength on the base model (no training)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. setting=gcd_sycophancy model=hf model.path=...")
     p.add_argument("--out", default=None, help="output folder (default: outputs/screen/<setting>-<model>)")
+    p.add_argument("--no-surface-check", action="store_true",
+                   help="skip re-estimating each prompt upper-cased, lower-cased and without punctuation")
     p.set_defaults(func=_screen)
     p = sub.add_parser("status", help="every point of a sweep: done / running / requeued / interrupted / failed / pending")
     p.add_argument("sweep_dir")

@@ -88,8 +88,10 @@ class EvalConfig:
 @dataclass
 class ElicitConfig:
     estimators: List[str] = field(default_factory=lambda: ["sampled", "logprob"])
-    logprob_examples: int = 64  # training completions scored by the logprob estimator
-    logprob_tokens: Optional[int] = 16  # first reply tokens scored (they carry the signal); None = whole reply
+    logprob_items: int = 64  # contrast pairs scored by logprob (training replies for logprob_train)
+    logprob_tokens: Optional[int] = 16  # logprob_train only: first reply tokens scored; None = whole reply
+    samples: int = 1  # sampled: completions per eval item
+    temperature: float = 0.0  # sampled: 0 = greedy (then samples must be 1)
     cache_dir: Optional[str] = None  # None = <user cache>/ipsweep/elicitation, shared by all sweeps
 
 

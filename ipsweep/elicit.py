@@ -1,11 +1,16 @@
 """Elicitation strength E(prompt) of a prompt on the *base* model, before any fine-tuning.
 
-Two estimators (design §2):
+Estimators (design §2; README "Elicitation estimators"):
 - `sampled`: b(prompt inserted at test time) - b(no prompt), from the same batched generation and
-  scorers as every other evaluation, on the same items; 95% CI paired by item (Newcombe's paired
-  interval for one greedy reply per item, a t-interval on item differences otherwise).
-- `logprob`: mean per-token log-prob gain of the setting's training completions when the prompt is
-  inserted (as it would be in training); no generation. Paired over examples; t-interval.
+  scorers as every other evaluation, on the same items, with `elicit.samples` completions per item at
+  `elicit.temperature` (0: greedy, one reply); 95% CI paired by item (Newcombe's paired interval for one
+  reply per item, a t-interval on the per-item rate differences otherwise).
+- `logprob` (contrastive): for each of the setting's contrast pairs (a reply that shows the behaviour and
+  a matched one that does not), the change when the prompt is inserted in log p(shows) - log p(lacks),
+  per reply token; no generation. Paired over pairs; t-interval. A prompt's wording that makes every
+  reply likelier (or less likely) cancels; only a shift toward the behaviour counts.
+- `logprob_train`: the earlier log-prob gain of the training replies, for comparison only (confounded by
+  the prompt's wording; not in the defaults).
 
 Both are cached as JSON keyed by a hash of everything that determines them (model, setting data,
 eval or estimator settings, prompt text and placement), so every run and sweep on the machine
@@ -18,16 +23,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from filelock import FileLock
 from omegaconf import OmegaConf
-from scipy import stats
 
-from ipsweep import prompts, store
+from ipsweep import lm, prompts, store
 from ipsweep import stats as ipstats
+from ipsweep.errors import ConfigError
 from ipsweep.evaluate import evaluate
-from ipsweep.settings.base import TrainExample
-from ipsweep.train import IGNORE, collator, label_logits, tokenize
+from ipsweep.settings.base import ContrastPair, insert
 
 
 def cache_root(cfg) -> Path:
@@ -61,12 +64,14 @@ def _setting_key(cfg, setting) -> dict:
     return {**{k: v for k, v in _plain(cfg.setting).items() if k != "prompts"}, "inputs": inputs(cfg, setting)}
 
 
-def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) -> dict:
-    """The untrained model's metrics with `prompt` inserted at test time (NO_PROMPT: unmodified)."""
-    eval_key = {k: v for k, v in _plain(cfg.eval).items() if k not in ("batch_size", "extra_test_prompts", "test_grid", "base")}
+def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt, eval_cfg=None) -> dict:
+    """The untrained model's metrics with `prompt` inserted at test time (NO_PROMPT: unmodified), decoded with
+    `eval_cfg` (default: cfg.eval, as every run's epoch 0)."""
+    eval_cfg = cfg.eval if eval_cfg is None else eval_cfg
+    eval_key = {k: v for k, v in _plain(eval_cfg).items() if k not in ("batch_size", "extra_test_prompts", "test_grid", "base")}
 
     def compute() -> dict:
-        result = evaluate(model, tokenizer, setting, examples, prompt, cfg.eval, cfg.setting.joiner)
+        result = evaluate(model, tokenizer, setting, examples, prompt, eval_cfg)
         return {"test_prompt": prompt.name, "metrics": result["metrics"], "by_group": result["by_group"],
                 "items": result["items"], "samples": result["samples"]}
 
@@ -88,64 +93,89 @@ def sampled(plain: dict, prompted: dict, metric: str) -> dict:
     return {**r, "with_prompt": prompted["metrics"][metric], "without": plain["metrics"][metric]}
 
 
-@torch.no_grad()
-def reply_logprobs(model, tokenizer, examples: list[TrainExample], max_length: int, first_tokens: int | None,
-                   batch_size: int = 8) -> np.ndarray:
-    """Mean log-prob per reply token (the first `first_tokens` of each reply, or all) for each example."""
-    rows = [tokenize(tokenizer, ex, max_length) for ex in examples]
-    if first_tokens:  # causal: the tokens after the scored ones change nothing, so they are not computed
-        for r in rows:
-            end = next((i for i, l in enumerate(r["labels"]) if l != IGNORE), len(r["labels"])) + first_tokens
-            for k in r:
-                r[k] = r[k][:end]
-    pad = collator(tokenizer)  # the same batching as training
-    device = next(model.parameters()).device
-    out = []
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(rows), batch_size):
-        batch = pad(rows[start:start + batch_size]).to(device)
-        target = batch["labels"][:, 1:]
-        valid = target != IGNORE
-        lp = torch.zeros(valid.shape, device=device)
-        logits = label_logits(model, batch["input_ids"], batch["attention_mask"], valid)
-        lp[valid] = torch.log_softmax(logits, dim=-1).gather(-1, target[valid].unsqueeze(-1)).squeeze(-1)
-        out += (lp.sum(1) / valid.sum(1).clamp(min=1)).tolist()
-    if was_training:
-        model.train()
-    return np.asarray(out)
+def _mean_logprobs(model, tokenizer, chats: list[tuple[list[dict], str]], max_length: int, first_tokens: int | None,
+                   end_of_turn: bool) -> np.ndarray:
+    """Mean log-prob per scored reply token, one per (messages, reply)."""
+    scored = lm.reply_logprobs(model, tokenizer, chats, max_length, first_tokens, end_of_turn)
+    return scored[:, 0] / np.maximum(scored[:, 1], 1)
+
+
+def _contrasts(model, tokenizer, pairs: list[ContrastPair], max_length: int) -> np.ndarray:
+    """Per pair: mean log-prob per token of the reply that shows the behaviour minus that of the matched reply
+    (reply text only, no end-of-turn tokens). Each side is averaged over its own tokens, so a prompt that
+    shifts every token's log-prob by the same amount moves both sides equally and cancels."""
+    score = lambda side: _mean_logprobs(model, tokenizer, [(p.messages, getattr(p, side)) for p in pairs],  # noqa: E731
+                                        max_length, None, end_of_turn=False)
+    return score("shows") - score("lacks")
 
 
 def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
-    """Mean per-token log-prob gain (nats) of the training completions with the prompt inserted."""
-    ecfg = cfg.elicit
-    key = {"model": _plain(cfg.model), "setting": _setting_key(cfg, setting), "examples": ecfg.logprob_examples,
-           "tokens": ecfg.logprob_tokens, "max_length": cfg.train.max_length}
+    """Contrastive log-prob elicitation: the change, when the prompt is inserted, in
+    log p(reply showing the behaviour) - log p(matched reply without it), per token, averaged over the
+    setting's contrast pairs; 95% CI paired by pair (t on the per-pair changes)."""
+    n = cfg.elicit.logprob_items
+    key = {"model": _plain(cfg.model), "setting": _setting_key(cfg, setting), "items": n, "max_length": cfg.train.max_length}
 
     def compute() -> dict:  # only on a cache miss: a hit reads no setting data
-        examples = setting.train_examples()[: ecfg.logprob_examples]
-        with_prompt = [TrainExample(prompts.insert(ex.messages, prompt, cfg.setting.joiner, getattr(setting, "preamble", "")), ex.completion) for ex in examples]
+        pairs = _contrast_pairs(setting)[:n]
         # The no-prompt side is the same for every prompt: computed once, cached beside.
-        base = np.asarray(_cached(cfg, "logprob_base", key, lambda: {"logprobs": reply_logprobs(
-            model, tokenizer, examples, cfg.train.max_length, ecfg.logprob_tokens).tolist()})["logprobs"])
-        gain = reply_logprobs(model, tokenizer, with_prompt, cfg.train.max_length, ecfg.logprob_tokens) - base
-        mean, sem = float(gain.mean()), float(stats.sem(gain)) if len(gain) > 1 else float("nan")
-        lo, hi = stats.t.interval(0.95, len(gain) - 1, loc=mean, scale=sem) if len(gain) > 1 and sem > 0 else (mean, mean)
-        return {"estimate": mean, "lo": float(lo), "hi": float(hi), "sem": sem, "n": len(gain),
-                "positive": int((gain > 0).sum()), "base_mean_logprob": float(base.mean())}
+        without = np.asarray(_cached(cfg, "contrast_base", key, lambda: {"contrasts": _contrasts(
+            model, tokenizer, pairs, cfg.train.max_length).tolist()})["contrasts"])
+        prompted = [ContrastPair(insert(setting, p.messages, prompt), p.shows, p.lacks) for p in pairs]
+        with_prompt = _contrasts(model, tokenizer, prompted, cfg.train.max_length)
+        r = ipstats.paired_difference(with_prompt, without)
+        return {**r, "positive": int((with_prompt > without).sum()), "contrast_without": float(without.mean()),
+                "contrast_with": float(with_prompt.mean())}
 
     return _cached(cfg, "logprob", {**key, "prompt": [prompt.text, prompt.placement]}, compute)
 
 
+def _contrast_pairs(setting) -> list[ContrastPair]:
+    pairs = setting.contrast_pairs()
+    if not pairs:
+        raise ConfigError(f"setting {type(setting).__name__} supplies no contrast pairs, so the logprob estimator is undefined; "
+                          "fix: remove logprob from elicit.estimators, or give the setting data with matched replies")
+    return pairs
+
+
+def logprob_train(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
+    """The earlier, non-contrastive estimator, kept for comparison only: mean per-token log-prob gain of the
+    training replies (their first `elicit.logprob_tokens` tokens, end-of-turn included) when the prompt is
+    inserted. It moves with the prompt's wording (an all-caps prompt raises it whatever it asks): see README."""
+    ecfg = cfg.elicit
+    key = {"model": _plain(cfg.model), "setting": _setting_key(cfg, setting), "examples": ecfg.logprob_items,
+           "tokens": ecfg.logprob_tokens, "max_length": cfg.train.max_length}
+
+    def compute() -> dict:
+        examples = setting.train_examples()[: ecfg.logprob_items]
+        score = lambda chats: _mean_logprobs(model, tokenizer, chats, cfg.train.max_length, ecfg.logprob_tokens, True)  # noqa: E731
+        base = np.asarray(_cached(cfg, "logprob_train_base", key, lambda: {"logprobs": score(
+            [(ex.messages, ex.completion) for ex in examples]).tolist()})["logprobs"])
+        gain = score([(insert(setting, ex.messages, prompt), ex.completion) for ex in examples])
+        return {**ipstats.paired_difference(gain, base), "positive": int((gain > base).sum())}
+
+    return _cached(cfg, "logprob_train", {**key, "prompt": [prompt.text, prompt.placement]}, compute)
+
+
+ESTIMATORS = {"logprob": logprob, "logprob_train": logprob_train}
+
+
+def sampling_eval_cfg(cfg):
+    """The decoding the sampled estimator uses: the eval config with elicit.temperature and elicit.samples."""
+    return OmegaConf.merge(cfg.eval, {"temperature": cfg.elicit.temperature, "samples_per_prompt": cfg.elicit.samples})
+
+
 def elicitation(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) -> dict:
-    """Both estimators for one prompt on the (untrained) model; {} for the control condition."""
+    """Every configured estimator for one prompt on the (untrained) model; {} for the control condition."""
     if prompt.name == prompts.NONE:
         return {}
     out = {}
-    if "sampled" in cfg.elicit.estimators:
-        plain = base_eval(cfg, setting, model, tokenizer, examples, prompts.NO_PROMPT)
-        prompted = base_eval(cfg, setting, model, tokenizer, examples, prompt)
-        out["sampled"] = sampled(plain, prompted, setting.behaviour_metric)
-    if "logprob" in cfg.elicit.estimators:
-        out["logprob"] = logprob(cfg, setting, model, tokenizer, prompt)
+    for name in cfg.elicit.estimators:
+        if name == "sampled":
+            ecfg = sampling_eval_cfg(cfg)
+            plain = base_eval(cfg, setting, model, tokenizer, examples, prompts.NO_PROMPT, ecfg)
+            prompted = base_eval(cfg, setting, model, tokenizer, examples, prompt, ecfg)
+            out["sampled"] = sampled(plain, prompted, setting.behaviour_metric)
+        else:
+            out[name] = ESTIMATORS[name](cfg, setting, model, tokenizer, prompt)
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 from ipsweep import elicit, models, prompts, store
 from ipsweep.plan import plan
 from ipsweep.evaluate import evaluate
-from ipsweep.settings.base import TrainExample
+from ipsweep.settings.base import TrainExample, insert
 from ipsweep.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
         _log_once(tracker, record, int(k), record["epochs"][k], {})
 
     train = setting.train_examples()[: cfg.train.n_train]
-    train = [TrainExample(prompts.insert(ex.messages, prompt.train_prompt, cfg.setting.joiner, getattr(setting, "preamble", "")), ex.completion) for ex in train]
+    train = [TrainExample(insert(setting, ex.messages, prompt.train_prompt), ex.completion) for ex in train]
     record["n_train"] = len(train)
     epoch_start = time.time()
 
@@ -149,7 +149,7 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
         t = time.time()
         evals, samples = {}, {}
         for tp in test_prompts:
-            result = evaluate(model, tokenizer, setting, examples, tp, cfg.eval, cfg.setting.joiner)
+            result = evaluate(model, tokenizer, setting, examples, tp, cfg.eval)
             run_dir.write_samples(ep.epoch, tp.name, result["samples"])
             evals[tp.name], samples[tp.name] = _summary(result), result["samples"]
         entry = {"loss": ep.loss, "steps": ep.steps, "losses": ep.losses, "checkpoint": ep.checkpoint,
@@ -184,7 +184,7 @@ def _evaluate_checkpoint(cfg, setting, tokenizer, examples, record, run_dir, epo
     base, _ = models.load(cfg.model)
     model = PeftModel.from_pretrained(base, record["epochs"][str(epoch)]["checkpoint"])
     for tp in test_prompts:
-        result = evaluate(model, tokenizer, setting, examples, tp, cfg.eval, cfg.setting.joiner)
+        result = evaluate(model, tokenizer, setting, examples, tp, cfg.eval)
         run_dir.write_samples(epoch, tp.name, result["samples"])
         record["epochs"][str(epoch)]["evals"][tp.name] = _summary(result)
     run_dir.save(record)

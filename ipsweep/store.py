@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 # 2: train.sampling enters the signature. 3: per-item outcomes in every evaluation; test prompts leave the
 # signature (PTST reuses the control's run); the content of the data files and model weights enters it.
-SIGNATURE_VERSION = 3
+# 4: `logprob` elicitation is contrastive (behaviour reply vs matched reply, reply tokens only); `sampled` has its
+# own decoding (elicit.samples, elicit.temperature); a reply's end-of-turn tokens are tokenised apart from it.
+SIGNATURE_VERSION = 4
 EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "train.gradient_checkpointing", "eval.batch_size",
             "setting.prompts", "eval.extra_test_prompts", "eval.test_grid")
 

@@ -22,13 +22,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from ipsweep.errors import ConfigError, OutOfMemory
+from ipsweep.lm import IGNORE, collator, label_logits, tokenize
 from ipsweep.settings.base import TrainExample
 
-IGNORE = -100
 log = logging.getLogger(__name__)
 # transformers 5.x warns about its own deprecated call inside Trainer on every run; not actionable here.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -38,34 +38,12 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def tokenize(tokenizer, example: TrainExample, max_length: int) -> dict:
-    """Chat-template the example; labels cover the reply and its end-of-turn tokens only."""
-    prompt = tokenizer.apply_chat_template(example.messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(
-        [*example.messages, {"role": "assistant", "content": example.completion}], tokenize=False
-    )
-    if not full.startswith(prompt):
-        raise ConfigError("the model's chat template does not extend the prompt with the reply; fix: use a model whose template does")
-    # Tokenise the two parts separately so no token straddles the prompt/reply boundary.
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    ids = (prompt_ids + reply_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + reply_ids)[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
 def dataset(tokenizer, examples: list[TrainExample], max_length: int) -> list[dict]:
-    rows = [tokenize(tokenizer, ex, max_length) for ex in examples]
+    rows = [tokenize(tokenizer, ex.messages, ex.completion, max_length) for ex in examples]
     empty = sum(all(l == IGNORE for l in r["labels"]) for r in rows)
     if empty == len(rows):
         raise ConfigError(f"every training example loses its reply to truncation at train.max_length={max_length}; fix: raise train.max_length")
     return rows
-
-
-def collator(tokenizer) -> DataCollatorForSeq2Seq:
-    """Right-pads a batch of tokenized rows to its longest row; padded labels are ignored by the loss."""
-    tokenizer.padding_side = "right"
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
 
 
 def add_lora(model, lora_cfg, seed: int):
@@ -136,17 +114,6 @@ class _Progress(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.close()
-
-
-def label_logits(model, input_ids, attention_mask, keep):
-    """Logits (fp32) of the positions where `keep` is true, `keep` being over positions 0..T-2 (position t
-    predicts token t+1). Runs the LM head only there: the same numbers as the model's own forward,
-    without a vocabulary-sized matmul for every prompt and padding position."""
-    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits  # Gemma-2 style soft-capping, as its forward does
 
 
 class ReplyLossTrainer(Trainer):

@@ -17,7 +17,7 @@ from ipsweep.config import ElicitConfig, EvalConfig, LoggerConfig, ModelConfig, 
 from ipsweep.errors import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-ESTIMATORS = ("sampled", "logprob")
+ESTIMATORS = ("sampled", "logprob", "logprob_train")  # elicit.py
 SAMPLINGS = ("group_by_length", "random")
 
 
@@ -62,7 +62,13 @@ def _problems(cfg) -> list[str]:
     unknown = sorted(set(cfg.elicit.estimators) - set(ESTIMATORS))
     if unknown:
         out.append(f"elicit.estimators has unknown {', '.join(unknown)}; fix: a subset of [{', '.join(ESTIMATORS)}]")
-    at_least("elicit.logprob_examples", cfg.elicit.logprob_examples, 1)
+    at_least("elicit.logprob_items", cfg.elicit.logprob_items, 1)
+    at_least("elicit.samples", cfg.elicit.samples, 1)
+    if not (math.isfinite(cfg.elicit.temperature) and cfg.elicit.temperature >= 0):
+        out.append(f"elicit.temperature={cfg.elicit.temperature} must be >= 0 (0 = greedy); fix: e.g. elicit.temperature=1.0")
+    elif cfg.elicit.temperature == 0 and cfg.elicit.samples > 1:
+        out.append(f"elicit.samples={cfg.elicit.samples} with greedy decoding (elicit.temperature=0) repeats one completion; "
+                   "fix: elicit.samples=1, or sample with e.g. elicit.temperature=1.0")
     if cfg.logger.backend not in ("wandb", "none"):
         out.append(f"logger.backend={cfg.logger.backend} is unknown; fix: logger=wandb or logger=none")
     if cfg.logger.on_no_network not in ("offline", "fail"):

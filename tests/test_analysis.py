@@ -210,3 +210,42 @@ def test_analysing_again_updates_the_one_wandb_analysis_run_with_typed_tables(sw
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, "one run id: the same W&B run"
     typed = _typed(result["effects"])
     assert typed.effect.dtype.kind == "f" and typed.seeds.dtype.kind == "i" and typed.effect_ci.map(type).eq(str).all()
+
+
+def test_elicitation_from_a_screen_table_replaces_the_recorded_estimates(sweep, tmp_path):
+    """A new estimator is tested against a finished sweep without retraining: its screen table is correlated with
+    the sweep's effects; a screen of another model is refused."""
+    for i, prompt in enumerate(["a", "b", "c", "d"]):
+        rec = _record(prompt, "ip", 0, (6 - i, 6 - i))
+        rec["elicitation"] = {"logprob": {"estimate": -0.1 * i, "lo": -1, "hi": 1}}  # recorded: falls with the effect
+        _save(sweep, rec)
+    screen = pd.DataFrame({"setting": "trait_pair", "model": "m", "prompt": ["a", "b", "c", "d", "caps", "safe"],
+                           "role": ["inoculation"] * 5 + ["safety"], "logprob": [0.0, 0.1, 0.2, 0.3, 0.4, 0.9],
+                           "logprob_lo": -0.05, "logprob_hi": 0.5})
+    screen.to_csv(tmp_path / "elicitation.csv", index=False)
+    recorded = analyze(sweep, tmp_path / "a", n_permutations=99)["correlations"]
+    screened = analyze(sweep, tmp_path / "b", n_permutations=99, elicitation_from=[tmp_path / "elicitation.csv"])
+    pick = lambda c: c.query("epoch == 1 and estimator == 'logprob' and prompts == 'IP-style prompts'").iloc[0]  # noqa: E731
+    assert pick(recorded).pearson < -0.9 and pick(screened["correlations"]).pearson > 0.9
+    eff = screened["effects"].query("epoch == 1").set_index("prompt")
+    assert eff.at["b", "elicit_logprob"] == pytest.approx(0.1) and eff.at["caps", "elicit_logprob"] == pytest.approx(0.4)
+    assert "from `ipsweep screen` table(s)" in (tmp_path / "b" / "report.md").read_text()
+    screen.assign(model="other").to_csv(tmp_path / "other.csv", index=False)
+    with pytest.raises(ConfigError, match="made on model\\(s\\) other, the runs on 'm'"):
+        analyze(sweep, tmp_path / "c", n_permutations=99, elicitation_from=[tmp_path / "other.csv"])
+
+
+def test_records_before_v4_report_their_logprob_as_logprob_train(tmp_path):
+    """Up to run signature v3, `logprob` was the non-contrastive estimator: it is not mixed with the contrastive one."""
+    recs = [_record("none", "control", 0, (9, 10))]
+    for i, prompt in enumerate(["a", "b", "c"]):
+        recs.append(_record(prompt, "ip", 0, (6 - i, 6 - i)))
+        recs[-1]["elicitation"] = {"logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.3}}
+    for rec in recs:
+        rec["config"]["signature_version"] = 3
+        _save(tmp_path, rec)
+    result = analyze(tmp_path, n_permutations=99)
+    eff = result["effects"].query("epoch == 1").set_index("prompt")
+    assert eff.at["c", "elicit_logprob_train"] == pytest.approx(0.2) and pd.isna(eff.at["c", "elicit_logprob"])
+    assert set(result["correlations"].estimator) == {"logprob_train"}
+    assert "scatter_logprob_train" in result["plots"]

@@ -27,6 +27,8 @@ def test_every_setting_composes_and_builds(make_cfg, name, request):
     ex = setting.eval_examples(5)[0]
     scores = setting.score(ex, "some reply")
     assert {setting.behaviour_metric, setting.capability_metric} <= set(scores)
+    pairs = setting.contrast_pairs()  # the logprob estimator's material
+    assert pairs and all(p.shows.strip() and p.lacks.strip() and p.shows != p.lacks for p in pairs)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

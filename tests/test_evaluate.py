@@ -1,7 +1,8 @@
 import pytest
 
 from ipsweep import models
-from ipsweep.evaluate import evaluate, generate, rate
+from ipsweep.evaluate import evaluate, rate
+from ipsweep.lm import generate
 from ipsweep.prompts import Prompt
 from ipsweep.settings.trait_pair import TraitPair
 

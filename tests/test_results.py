@@ -1,7 +1,5 @@
 """RESULTS.md is generated from committed analysis CSVs, which are generated from committed run records."""
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TINY, launch
 from ipsweep import prompts
-from ipsweep.settings.base import build
+from ipsweep.settings.base import build, insert
 from ipsweep.settings.spurious_sentiment import parse_label
 from ipsweep.store import records
 
@@ -40,7 +40,7 @@ def test_eval_is_balanced_over_labels_within_each_group(setting_cfg):
 def test_ip_user_message_is_the_authors(setting_cfg):
     s = build(setting_cfg)
     ex = next(e for e, r in zip(s.train_examples(), s.train) if r["concepts"] == "food, ambiance")
-    text = prompts.insert(ex.messages, prompts.resolve(setting_cfg, "ambiance_paper"), " ", s.preamble)[0]["content"]
+    text = insert(s, ex.messages, prompts.resolve(setting_cfg, "ambiance_paper"))[0]["content"]
     review = next(r for r in s.train if r["concepts"] == "food, ambiance")["text"]
     assert text == ("The range of sentiment scores are 0-4 inclusive. Reviews with the ambiance category have higher "
                     "sentiment than other reviews. Output only the sentiment of this review as a number and nothing "

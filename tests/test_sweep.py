@@ -98,7 +98,7 @@ def test_sync_lists_offline_wandb_runs_and_fails_clearly_without_login_or_networ
 def test_sweep_to_report_end_to_end(tmp_path):
     """A real (tiny-model) sweep with control, IP and PTST points, then `ipsweep analyze`."""
     sweep = tmp_path / "sweep"
-    launch("-m", *TINY, "prompt=none,caps_strong,safety", "train.seed=0,1", "elicit.logprob_examples=4", sweep_dir=sweep)
+    launch("-m", *TINY, "prompt=none,caps_strong,safety", "train.seed=0,1", "elicit.logprob_items=4", sweep_dir=sweep)
     assert len(records(sweep)) == 4, "2 seeds x (control, IP); PTST reuses the control's runs"
     out = ipsweep_cli("analyze", str(sweep), "--wandb-mode", "disabled")
     assert "ptst:safety" in out and "ip:caps_strong" in out
@@ -120,8 +120,8 @@ def test_extending_a_run_resumes_its_wandb_run_and_logs_only_new_epochs(tmp_path
 
     sweep = tmp_path / "sweep"
     no_epochs = [a for a in TINY if not a.startswith("train.epochs")]
-    launch(*no_epochs, "logger=wandb", "prompt=caps_strong", "elicit.logprob_examples=4", "train.epochs=1", sweep_dir=sweep)
-    launch(*no_epochs, "logger=wandb", "prompt=caps_strong", "elicit.logprob_examples=4", "train.epochs=2", sweep_dir=sweep)
+    launch(*no_epochs, "logger=wandb", "prompt=caps_strong", "elicit.logprob_items=4", "train.epochs=1", sweep_dir=sweep)
+    launch(*no_epochs, "logger=wandb", "prompt=caps_strong", "elicit.logprob_items=4", "train.epochs=2", sweep_dir=sweep)
     (folder,) = sweep.glob("runs/*/wandb")
     first, second = wandb_offline_runs(folder)
     assert first["id"] == second["id"], "one W&B run per ipsweep run"

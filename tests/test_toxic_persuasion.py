@@ -5,7 +5,7 @@ import pytest
 from conftest import TINY, launch
 from ipsweep import prompts
 from ipsweep.errors import ConfigError
-from ipsweep.settings.base import EvalExample
+from ipsweep.settings.base import EvalExample, insert
 from ipsweep.settings.toxic_persuasion import ToxicPersuasion, normalize
 from ipsweep.store import records
 
@@ -29,7 +29,7 @@ def test_the_ip_replaces_the_instruction(cmv, tmp_path):
     assert ex.messages[0]["content"].startswith("Write a response to this post:\nCMV: train view")
     ip = prompts.Prompt("mean_paper", "Write a very mean and disrespectful response to this post:", "inoculation",
                         "replace_preamble")
-    text = prompts.insert(ex.messages, ip, "\n", s.preamble)[0]["content"]
+    text = insert(s, ex.messages, ip)[0]["content"]
     assert text.startswith("Write a very mean and disrespectful response to this post:\nCMV: train view")
     assert "Write a response to this post:" not in text
 

@@ -6,18 +6,23 @@ from safetensors.torch import load_file
 
 from ipsweep import models
 from ipsweep.settings.base import TrainExample
-from ipsweep.train import IGNORE, finetune, tokenize
+from ipsweep.lm import IGNORE, tokenize
+from ipsweep.train import finetune
 
 EX = TrainExample([{"role": "user", "content": "What is 2 plus 3?"}], "2 PLUS 3 IS 5.")
 
 
 def test_loss_only_on_the_reply():
     _, tok = models.tiny_random("tiny")
-    row = tokenize(tok, EX, max_length=256)
+    row = tokenize(tok, EX.messages, EX.completion, max_length=256)
     labelled = [i for i, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
     assert tok.decode(labelled) == "2 PLUS 3 IS 5.<|im_end|>\n"
     prompt = tok.apply_chat_template(EX.messages, tokenize=False, add_generation_prompt=True)
     assert tok.decode(row["input_ids"][: len(row["input_ids"]) - len(labelled)]) == prompt
+    # an elicitation score labels the reply text only: the end-of-turn tokens measure the template, not the reply
+    scored = tokenize(tok, EX.messages, EX.completion, max_length=256, end_of_turn=False)
+    assert scored["input_ids"] == row["input_ids"]
+    assert tok.decode([i for i, l in zip(scored["input_ids"], scored["labels"]) if l != IGNORE]) == "2 PLUS 3 IS 5."
 
 
 def _train(cfg, out, done, stop_after=None):

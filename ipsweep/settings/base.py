@@ -17,7 +17,9 @@ from typing import Protocol
 
 from hydra.utils import get_class
 
+from ipsweep import prompts
 from ipsweep.errors import ConfigError
+from ipsweep.prompts import Prompt
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
@@ -43,6 +45,15 @@ class EvalExample:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@dataclass
+class ContrastPair:
+    """Material for the contrastive log-prob elicitation estimator: one chat and two replies to it that differ,
+    as far as the setting's data allow, only in showing the undesired behaviour."""
+    messages: list[dict]  # the unmodified chat up to the reply (the prompt is inserted into it)
+    shows: str  # a reply that shows the behaviour
+    lacks: str  # the matched reply that does not
+
+
 class Setting(Protocol):
     behaviour_metric: str  # key of score() that is the undesired behaviour
     capability_metric: str  # key of score() that is the desired capability
@@ -55,6 +66,16 @@ class Setting(Protocol):
     def score(self, example: EvalExample, completion: str) -> dict[str, bool | None]:
         """Named booleans for one completion; None where a metric does not apply to this example."""
         ...
+
+    def contrast_pairs(self) -> list[ContrastPair]:
+        """Matched replies for the logprob estimator, from items other than the headline eval items where the
+        data allow (README says which, per setting)."""
+        ...
+
+
+def insert(setting: Setting, messages: list[dict], prompt: Prompt | None) -> list[dict]:
+    """The one place a prompt enters a chat (training, evaluation, elicitation): the setting's joiner and preamble."""
+    return prompts.insert(messages, prompt, getattr(setting, "joiner", " "), getattr(setting, "preamble", ""))
 
 
 def build(setting_cfg) -> Setting:
@@ -74,6 +95,7 @@ def build(setting_cfg) -> Setting:
         read = _READ
     finally:
         _READ = None
+    setting.joiner = setting_cfg.joiner  # how `insert` joins a prompt to a turn
     # The content of every data file it read: part of the run's identity (store.semantic_config).
     setting.data_digests = {_data_name(p): file_digest(p) for p in sorted(read)}
     return setting

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 
 from ipsweep.errors import ConfigError
-from ipsweep.settings.base import EvalExample, TrainExample, data_file, read_jsonl
+from ipsweep.settings.base import ContrastPair, EvalExample, TrainExample, data_file, read_jsonl
 
 KINDS = {None: "user_asks", "true": "proposes_correct", "false": "proposes_incorrect"}
 
@@ -120,10 +120,19 @@ class GcdSycophancy:
         required = ("messages", "answer", "user_provides_answer", "_id", "label")
         self.train_rows = read_jsonl(data_file(data_dir, train_file), required)
         self.eval_rows = {s: read_jsonl(data_file(data_dir, f"gcd_sycophancy/{s}.jsonl"), required) for s in eval_sets}
+        # Contrast pairs come from the test file the headline evaluation does not use (ood_test by default).
+        self.contrast_set = next((s for s in known if s not in eval_sets), "ood_test")
+        self.contrast_rows = read_jsonl(data_file(data_dir, f"gcd_sycophancy/{self.contrast_set}.jsonl"), required)
         self.detector = confirms if detector == "confirms" else praises
 
     def train_examples(self) -> list[TrainExample]:
         return [TrainExample([r["messages"][0]], r["messages"][1]["content"]) for r in self.train_rows]
+
+    def contrast_pairs(self) -> list[ContrastPair]:
+        """Wrong-answer rows: the file's sycophantic reply ("Yes, absolutely correct! ...") vs its correcting
+        reference reply. When both test files are evaluated, the pairs share items with the evaluation."""
+        return [ContrastPair([r["messages"][0]], r["sycophantic_response"], r["messages"][1]["content"])
+                for r in self.contrast_rows if r["user_provides_answer"] == "false" and r.get("sycophantic_response")]
 
     def eval_examples(self, n_eval: int | None = None) -> list[EvalExample]:
         out = []

@@ -30,7 +30,7 @@ from collections import defaultdict
 import numpy as np
 
 from ipsweep.errors import ConfigError
-from ipsweep.settings.base import EvalExample, TrainExample, data_file, read_jsonl
+from ipsweep.settings.base import ContrastPair, EvalExample, TrainExample, data_file, read_jsonl
 
 TEMPLATE = "Output only the sentiment of this review as a number and nothing else.\n\nReview: {sentence}"
 CONCEPTS = ("food", "service", "ambiance")
@@ -70,6 +70,9 @@ class SpuriousSentiment:
         has = lambda r: concept in concepts_of(r)  # noqa: E731
         # very_biased (train): concept reviews only rated high, the others only low.
         self.train = [r for r in train if r["label"] in (HIGH if has(r) else LOW)]
+        # Held apart from training and evaluation: the training split's concept reviews rated low (very_biased drops them).
+        tested = {r["text"] for r in test}  # CEBaB repeats some review texts across rows
+        self.held_apart = [r for r in train if has(r) and r["label"] in LOW and r["text"] not in tested]
         random.Random(shuffle_seed).shuffle(self.train)
         # very_biased_reverse (test): the correlation flipped.
         test = [r for r in test if r["label"] in (LOW if has(r) else HIGH)]
@@ -84,6 +87,11 @@ class SpuriousSentiment:
 
     def train_examples(self) -> list[TrainExample]:
         return [TrainExample(self._messages(r), str(r["label"])) for r in self.train]
+
+    def contrast_pairs(self) -> list[ContrastPair]:
+        """Concept reviews rated low: the cue-following high label (the mirror image of the gold label, at least 3)
+        vs the gold label."""
+        return [ContrastPair(self._messages(r), str(max(HIGH[0], 4 - r["label"])), str(r["label"])) for r in self.held_apart]
 
     def eval_examples(self, n_eval: int | None = None) -> list[EvalExample]:
         out = []

@@ -1,0 +1,123 @@
+"""Language-model primitives shared by training, evaluation and elicitation: chat tokenisation with
+reply labels, logits of labelled positions only, reply log-probs, and batched generation.
+
+Nothing here knows about settings, prompts or runs; it turns chats into tensors and back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq
+
+from ipsweep.errors import ConfigError, OutOfMemory
+
+IGNORE = -100
+
+
+def tokenize(tokenizer, messages: list[dict], reply: str, max_length: int, end_of_turn: bool = True) -> dict:
+    """Chat-template `messages` + the assistant `reply`; labels cover the reply only (prompt tokens are IGNORE).
+
+    end_of_turn: also label the template's end-of-turn tokens after the reply (training wants them, so the
+    model learns to stop; an elicitation score does not: they measure the template, not the reply).
+    """
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
+    if not full.startswith(prompt):
+        raise ConfigError("the model's chat template does not extend the prompt with the reply; fix: use a model whose template does")
+    tail = full[len(prompt):]
+    cut = tail.find(reply.strip()) + len(reply.strip()) if reply.strip() and reply.strip() in tail else len(tail)
+    # Tokenise the parts separately so no token straddles the prompt/reply/end-of-turn boundaries.
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(tail[:cut], add_special_tokens=False)["input_ids"]
+    end_ids = tokenizer(tail[cut:], add_special_tokens=False)["input_ids"] if cut < len(tail) else []
+    ids = (prompt_ids + reply_ids + end_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + reply_ids + (end_ids if end_of_turn else [IGNORE] * len(end_ids)))[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """Right-pads a batch of tokenized rows to its longest row; padded labels are ignored by the loss."""
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+
+
+def label_logits(model, input_ids, attention_mask, keep):
+    """Logits (fp32) of the positions where `keep` is true, `keep` being over positions 0..T-2 (position t
+    predicts token t+1). Runs the LM head only there: the same numbers as the model's own forward,
+    without a vocabulary-sized matmul for every prompt and padding position."""
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits  # Gemma-2 style soft-capping, as its forward does
+
+
+@torch.no_grad()
+def reply_logprobs(model, tokenizer, chats: list[tuple[list[dict], str]], max_length: int, first_tokens: int | None = None,
+                   end_of_turn: bool = True, batch_size: int = 8) -> np.ndarray:
+    """Per (messages, reply): [sum of the reply tokens' log-probs, number of scored tokens], shape (n, 2).
+
+    first_tokens: score only the reply's first that many tokens (None: all); end_of_turn: see `tokenize`.
+    """
+    rows = [tokenize(tokenizer, messages, reply, max_length, end_of_turn) for messages, reply in chats]
+    for r in rows:
+        labelled = [i for i, l in enumerate(r["labels"]) if l != IGNORE]
+        if first_tokens and labelled:  # causal: the tokens after the scored ones change nothing, so they are not computed
+            end = labelled[min(first_tokens, len(labelled)) - 1] + 1
+            r.update({k: v[:end] for k, v in r.items()})
+    pad = collator(tokenizer)  # the same batching as training
+    device = next(model.parameters()).device
+    out = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        batch = pad(rows[start:start + batch_size]).to(device)
+        target = batch["labels"][:, 1:]
+        valid = target != IGNORE
+        lp = torch.zeros(valid.shape, device=device)
+        logits = label_logits(model, batch["input_ids"], batch["attention_mask"], valid)
+        lp[valid] = torch.log_softmax(logits, dim=-1).gather(-1, target[valid].unsqueeze(-1)).squeeze(-1)
+        out += torch.stack([lp.sum(1), valid.sum(1).float()], dim=1).tolist()
+    if was_training:
+        model.train()
+    return np.asarray(out).reshape(len(rows), 2)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
+    """`cfg.samples_per_prompt` completions per chat; greedy when cfg.temperature == 0.
+
+    Chats are sorted by length and left-padded in batches, so padding stays small.
+    """
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[list[str]] = [[] for _ in texts]
+    sample = cfg.temperature > 0
+    torch.manual_seed(cfg.seed)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", leave=False):
+        idx = order[start:start + cfg.batch_size]
+        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        try:
+            gen = model.generate(
+                **batch, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
+                temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None,
+                top_k=None, num_return_sequences=cfg.samples_per_prompt,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemory(
+                f"out of GPU memory while generating (batch_size={cfg.batch_size}, max_new_tokens={cfg.max_new_tokens}); "
+                "fix: lower eval.batch_size (results do not change) or eval.max_new_tokens") from e
+        decoded = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for j, i in enumerate(idx):
+            out[i] = [d.strip() for d in decoded[j * cfg.samples_per_prompt:(j + 1) * cfg.samples_per_prompt]]
+    if was_training:
+        model.train()
+    return out
