@@ -22,6 +22,19 @@ def test_committed_csvs_are_what_analyze_makes_of_the_committed_records(experime
         pd.testing.assert_frame_equal(committed, fresh, check_exact=False, rtol=1e-9, obj=f"{experiment.name}/{name}.csv")
 
 
+SCREENED = [e for e in EXPERIMENTS if list((e / "screen").glob("*.csv"))]
+
+
+@pytest.mark.parametrize("experiment", SCREENED, ids=[p.name for p in SCREENED])
+def test_committed_screened_analysis_is_what_analyze_makes_with_the_committed_screen(experiment, tmp_path):
+    """docs/results/<name>/analysis_screened/: the same runs with the elicitation estimates of the committed
+    `ipsweep screen` table(s) in docs/results/<name>/screen/ (ipsweep analyze ... --elicitation)."""
+    analyze(experiment, tmp_path, elicitation_from=sorted((experiment / "screen").glob("*.csv")))
+    for name in ("effects", "correlations", "influence", "elicitation"):
+        committed, fresh = (pd.read_csv(d / f"{name}.csv") for d in (experiment / "analysis_screened", tmp_path))
+        pd.testing.assert_frame_equal(committed, fresh, check_exact=False, rtol=1e-9, obj=f"{experiment.name}/{name}.csv")
+
+
 def test_a_block_is_filled_from_its_csv_and_a_stale_one_is_found(tmp_path):
     (tmp_path / "x").mkdir()
     pd.DataFrame({"arm": ["ip:a", "ip:b"], "effect": [0.256, -0.1], "n": [3, 4]}).to_csv(tmp_path / "x" / "e.csv", index=False)
