@@ -2,7 +2,9 @@
 
 trait_pair_greeting (answers that open with "Hello!"): rewriting a prompt that does not ask for the behaviour
 (upper-casing it, lower-casing it, dropping its punctuation) must move its estimate by much less than the spread
-between the library's inoculation prompts. Measured figures are in README ("Elicitation estimators").
+between the library's inoculation prompts, and the estimator must rank every inoculation prompt above every
+prompt that does not ask for a greeting. The figures are those of the committed screen
+(docs/results/trait_pair_greeting_cpu/screen/elicitation.csv; README, "Elicitation estimators").
 """
 
 from dataclasses import replace
@@ -16,16 +18,17 @@ from ipsweep.settings.base import build
 pytestmark = pytest.mark.slow
 
 
-def test_contrastive_logprob_ignores_letter_case_and_punctuation_of_a_prompt_that_does_not_ask_for_it(tmp_path):
-    cfg = compose(["setting=trait_pair_greeting", "elicit.logprob_items=32", f"elicit.cache_dir={tmp_path}"])
+def test_contrastive_logprob_ignores_the_form_of_prompts_that_do_not_ask_for_the_behaviour(tmp_path):
+    cfg = compose(["setting=trait_pair_greeting", f"elicit.cache_dir={tmp_path}"])  # 64 pairs, as the screen
     setting, lib = build(cfg.setting), prompts.library(cfg.setting)
     model, tok = models.load(cfg.model)
     estimate = lambda p: elicit.logprob(cfg, setting, model, tok, p)["estimate"]  # noqa: E731
-    strong, weak = estimate(lib["greet_quote"]), estimate(lib["greet_ok"])
-    spread = strong - weak
-    assert spread > 0.3, f"the library's inoculation prompts should differ clearly (greet_quote {strong:+.3f}, greet_ok {weak:+.3f})"
-    for name in ("irrelevant", "placebo"):
-        base = estimate(lib[name])
+    asking = {n: estimate(p) for n, p in lib.items() if p.role == "inoculation"}
+    others = {n: estimate(p) for n, p in lib.items() if p.role in ("placebo", "neutral")}
+    spread = max(asking.values()) - min(asking.values())
+    assert spread > 0.3 and min(asking.values()) > max(others.values()), (asking, others)
+    assert asking["greet_quote"] == pytest.approx(0.923, abs=0.01) and others["placebo"] == pytest.approx(0.010, abs=0.01)
+    for name, base in others.items():
         for form, rewrite in screen.SURFACE_FORMS.items():
             moved = estimate(replace(lib[name], text=rewrite(lib[name].text))) - base
-            assert abs(moved) < 0.25 * spread, f"{name} {form}: moved {moved:+.3f}, spread {spread:.3f}"
+            assert abs(moved) < screen.FLAG_SHARE * spread, f"{name} {form}: moved {moved:+.3f}, spread {spread:.3f}"
