@@ -95,9 +95,9 @@ def sampled(plain: dict, prompted: dict, metric: str) -> dict:
 
 def _mean_logprobs(model, tokenizer, chats: list[tuple[list[dict], str]], max_length: int, first_tokens: int | None,
                    end_of_turn: bool) -> np.ndarray:
-    """Mean log-prob per scored reply token, one per (messages, reply)."""
+    """Mean log-prob per scored reply token, one per (messages, reply); NaN where truncation left no reply token."""
     scored = lm.reply_logprobs(model, tokenizer, chats, max_length, first_tokens, end_of_turn)
-    return scored[:, 0] / np.maximum(scored[:, 1], 1)
+    return np.where(scored[:, 1] > 0, scored[:, 0] / np.maximum(scored[:, 1], 1), np.nan)
 
 
 def _contrasts(model, tokenizer, pairs: list[ContrastPair], max_length: int) -> np.ndarray:
@@ -123,9 +123,11 @@ def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
             model, tokenizer, pairs, cfg.train.max_length).tolist()})["contrasts"])
         prompted = [ContrastPair(insert(setting, p.messages, prompt), p.shows, p.lacks) for p in pairs]
         with_prompt = _contrasts(model, tokenizer, prompted, cfg.train.max_length)
+        kept = np.isfinite(with_prompt) & np.isfinite(without)  # pairs whose replies survive train.max_length
+        with_prompt, without = with_prompt[kept], without[kept]
         r = ipstats.paired_difference(with_prompt, without)
-        return {**r, "positive": int((with_prompt > without).sum()), "contrast_without": float(without.mean()),
-                "contrast_with": float(with_prompt.mean())}
+        return {**r, "positive": int((with_prompt > without).sum()), "truncated_away": int((~kept).sum()),
+                "contrast_without": float(without.mean()), "contrast_with": float(with_prompt.mean())}
 
     return _cached(cfg, "logprob", {**key, "prompt": [prompt.text, prompt.placement]}, compute)
 
@@ -152,7 +154,8 @@ def logprob_train(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dic
         base = np.asarray(_cached(cfg, "logprob_train_base", key, lambda: {"logprobs": score(
             [(ex.messages, ex.completion) for ex in examples]).tolist()})["logprobs"])
         gain = score([(insert(setting, ex.messages, prompt), ex.completion) for ex in examples])
-        return {**ipstats.paired_difference(gain, base), "positive": int((gain > base).sum())}
+        kept = np.isfinite(gain) & np.isfinite(base)
+        return {**ipstats.paired_difference(gain[kept], base[kept]), "positive": int((gain > base).sum())}
 
     return _cached(cfg, "logprob_train", {**key, "prompt": [prompt.text, prompt.placement]}, compute)
 

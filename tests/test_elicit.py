@@ -69,6 +69,22 @@ def test_contrast_cancels_what_moves_both_replies_alike(make_cfg, monkeypatch):
     assert e["contrast_with"] - e["contrast_without"] == pytest.approx(0.5)
 
 
+def test_a_pair_truncated_away_is_left_out_not_scored_as_zero(make_cfg, monkeypatch):
+    cfg = make_cfg("elicit.logprob_items=4")
+    setting = build(cfg.setting)
+    first = setting.contrast_pairs()[0].messages[0]["content"]
+
+    def fake(model, tokenizer, chats, max_length, first_tokens=None, end_of_turn=True, batch_size=8):
+        # the first pair's replies lose every token to truncation; the others favour the behaviour by 0.2 with the prompt
+        return np.asarray([[0.0, 0] if m[0]["content"].startswith(first) else
+                           [(-1.0 + (0.2 if r.isupper() and "capital letters" in m[0]["content"] else 0)) * 5, 5]
+                           for m, r in chats])
+
+    monkeypatch.setattr(lm, "reply_logprobs", fake)
+    e = elicit.logprob(cfg, setting, None, None, CAPS)
+    assert e["n"] == 3 and e["truncated_away"] == 1 and e["estimate"] == pytest.approx(0.2)
+
+
 def test_every_setting_supplies_matched_pairs(make_cfg):
     """trait_pair: caps vs as written; gcd: the sycophantic vs the correcting reply on wrong-answer rows of the test
     file the evaluation does not use; spurious: a cue-following vs the gold label; code: hard-coded vs reference."""
