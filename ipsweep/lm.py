@@ -113,7 +113,7 @@ def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
             )
         except torch.OutOfMemoryError as e:
             raise OutOfMemory(
-                f"out of GPU memory while generating (batch_size={cfg.batch_size}, max_new_tokens={cfg.max_new_tokens}); "
+                f"out of GPU memory while generating (eval.batch_size={cfg.batch_size}, eval.max_new_tokens={cfg.max_new_tokens}); "
                 "fix: lower eval.batch_size (results do not change) or eval.max_new_tokens") from e
         decoded = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, i in enumerate(idx):

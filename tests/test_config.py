@@ -87,7 +87,7 @@ def test_every_library_spans_roles(make_cfg, name):
     assert roles.count("inoculation") >= 8 and "safety" in roles and "placebo" in roles and "neutral" in roles
 
 
-@pytest.mark.parametrize("experiment", ["elicitation_correlation", "elicitation_correlation_gcd"])
+@pytest.mark.parametrize("experiment", ["elicitation_correlation", "elicitation_correlation_gcd", "elicitation_correlation_greeting"])
 def test_correlation_presets_sweep_the_whole_library(make_cfg, experiment):
     from hydra import compose, initialize_config_dir
 
