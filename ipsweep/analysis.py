@@ -10,6 +10,7 @@ from scipy import stats
 
 from ipsweep import prompts, store
 from ipsweep import stats as st
+from ipsweep.config import ESTIMATORS
 from ipsweep.errors import ConfigError
 
 ARM_ORDER = {"control": 0, "ip": 1, "ptst": 2}
@@ -112,9 +113,6 @@ def _matrix(part: pd.DataFrame, item_ids) -> np.ndarray:
     """seeds x items matrix of y for the given items (rows: seeds in order)."""
     wide = part.pivot_table(index="seed", columns="item", values="y", aggfunc="mean")
     return wide.reindex(columns=list(item_ids)).to_numpy()
-
-
-ESTIMATORS = ("sampled", "logprob", "logprob_train")  # elicit.py
 
 
 def recorded_elicitation(record: dict) -> dict:

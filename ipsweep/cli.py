@@ -117,6 +117,7 @@ def compose(overrides: list[str]):
 
 def _screen(args) -> None:
     from ipsweep import screen
+    from ipsweep.config import ESTIMATORS
 
     cfg = compose(args.overrides)
     table = screen.screen(cfg, surface=not args.no_surface_check)
@@ -128,7 +129,7 @@ def _screen(args) -> None:
                         "logprob", "logprob_lo", "logprob_hi", "logprob_surface_shift", "logprob_surface_flag",
                         "logprob_train", "logprob_train_surface_shift", "logprob_train_surface_flag"] if c in table]
     print(table[cols].to_markdown(index=False, floatfmt=".3f"))
-    ests = [e for e in ("sampled", "logprob", "logprob_train") if e in table]
+    ests = [e for e in ESTIMATORS if e in table]
     for i, a in enumerate(ests):
         for b in ests[i + 1:]:
             agree = screen.agreement(table, a, b)

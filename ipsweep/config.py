@@ -85,6 +85,11 @@ class EvalConfig:
     base: bool = True  # also evaluate the untrained model (epoch 0); cached per machine with the elicitation
 
 
+# Elicitation estimators by name (implemented in elicit.py); kept here so config checks and the analysis
+# need not import the model code.
+ESTIMATORS = ("sampled", "logprob", "logprob_train")
+
+
 @dataclass
 class ElicitConfig:
     estimators: List[str] = field(default_factory=lambda: ["sampled", "logprob"])

@@ -160,7 +160,7 @@ def logprob_train(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dic
     return _cached(cfg, "logprob_train", {**key, "prompt": [prompt.text, prompt.placement]}, compute)
 
 
-ESTIMATORS = {"logprob": logprob, "logprob_train": logprob_train}
+LOGPROB_ESTIMATORS = {"logprob": logprob, "logprob_train": logprob_train}
 
 
 def sampling_eval_cfg(cfg):
@@ -180,5 +180,5 @@ def elicitation(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt
             prompted = base_eval(cfg, setting, model, tokenizer, examples, prompt, ecfg)
             out["sampled"] = sampled(plain, prompted, setting.behaviour_metric)
         else:
-            out[name] = ESTIMATORS[name](cfg, setting, model, tokenizer, prompt)
+            out[name] = LOGPROB_ESTIMATORS[name](cfg, setting, model, tokenizer, prompt)
     return out

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ipsweep import elicit, models, prompts
 from ipsweep import stats as st
+from ipsweep.config import ESTIMATORS
 from ipsweep.settings.base import build
 
 # Rewrites of a prompt that keep what it asks for: a log-prob estimate that moves under them measures wording.
@@ -22,7 +23,7 @@ SURFACE_FORMS = {
     "no_punctuation": lambda t: t.translate(str.maketrans("", "", string.punctuation)).strip(),
 }
 FLAG_SHARE = 0.25  # flag a prompt when a rewrite moves its estimate by more than this share of the inoculation prompts' spread
-LOGPROB = ("logprob", "logprob_train")
+LOGPROB = tuple(elicit.LOGPROB_ESTIMATORS)
 
 
 def screen(cfg, surface: bool = True) -> pd.DataFrame:
@@ -43,12 +44,12 @@ def screen(cfg, surface: bool = True) -> pd.DataFrame:
         for est in (est for est in LOGPROB if est in e and surface):
             for form, rewrite in SURFACE_FORMS.items():
                 variant = replace(p, text=rewrite(p.text))
-                row[f"{est}_{form}"] = elicit.ESTIMATORS[est](cfg, setting, model, tokenizer, variant)["estimate"]
+                row[f"{est}_{form}"] = elicit.LOGPROB_ESTIMATORS[est](cfg, setting, model, tokenizer, variant)["estimate"]
         rows.append(row)
     table = pd.DataFrame(rows)
     if surface:
         table = flag_surface(table)
-    sort = [c for c in ("sampled", "logprob", "logprob_train") if c in table]
+    sort = [c for c in ESTIMATORS if c in table]
     return table.sort_values(sort, ascending=False).reset_index(drop=True)
 
 
@@ -82,7 +83,7 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
     from ipsweep.analysis import pyplot
 
     plt = pyplot()
-    ests = [e for e in ("sampled", "logprob", "logprob_train") if e in table]
+    ests = [e for e in ESTIMATORS if e in table]
     fig, axes = plt.subplots(1, len(ests), figsize=(5.5 * len(ests), 0.45 * len(table) + 1.5), squeeze=False)
     for ax, est in zip(axes[0], ests):
         t = table.sort_values(est)

@@ -13,11 +13,10 @@ from difflib import get_close_matches
 from typing import get_type_hints
 
 from ipsweep import prompts
-from ipsweep.config import ElicitConfig, EvalConfig, LoggerConfig, ModelConfig, SettingConfig, TrainConfig
+from ipsweep.config import ESTIMATORS, ElicitConfig, EvalConfig, LoggerConfig, ModelConfig, SettingConfig, TrainConfig
 from ipsweep.errors import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-ESTIMATORS = ("sampled", "logprob", "logprob_train")  # elicit.py
 SAMPLINGS = ("group_by_length", "random")
 
 
