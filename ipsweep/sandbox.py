@@ -1,43 +1,56 @@
-"""Run model-written Python in a separate, limited process and check it against tests the harness holds.
+"""Run model-written Python in a confined process, one process per test, and compare with values the harness holds.
 
-Each program runs in its own process (python -I -S, ipsweep/sandbox_driver.py) in a new session and a
-throwaway working dir, with a minimal environment (no secrets), wall-clock, CPU-time, memory,
-file-size and open-file limits, its own network namespace where the kernel allows it, and an audit
-hook that refuses forks, subprocesses, signals, sockets, ctypes, and file access outside its dir
-(reads only from the Python install). On timeout the whole process group is killed.
+Each test's call (`f(3)` of `assert f(3) == 9`) runs in a new process, `python -I -S
+ipsweep/sandbox_driver.py`, in a throwaway folder, with a minimal environment (no secrets). Layers,
+each enforced by the kernel, so that nothing the program does to its own interpreter lifts them:
+- outer (this module, the strongest the machine allows, see `outer_layers`): new PID, network and
+  mount namespaces (`unshare`; the program sees no process outside, the harness included, and
+  everything it starts dies with it) and no capabilities or new privileges (`setpriv`);
+- inner (the driver): resource limits and Landlock (reads only the Python install, writes only its
+  folder, no execve; on ABI 6+ no signal reaches a process outside the sandbox).
+An audit hook inside gives clear errors for forks, sockets and such; it is a convenience, not a layer.
 
-A test such as `assert f(3) == 9` is split: the program's process evaluates only `f(3)` and reports it
-as a plain value (exact built-in types; an object with a rigged __eq__ is refused); the expected value
-(`9`) is read by the harness and never enters that process. So exiting early, printing "passed",
-patching builtins or the driver cannot make a test pass: only the right value can.
+Timing is load-independent: a test's budget is CPU seconds (`Limits.cpu_s`, measured by the kernel
+for the process tree), so a busy machine does not turn a correct program into a failure. A wall-clock
+backstop (`Limits.wall_s`, generous) ends programs that sleep. A test that runs out of either is a
+`timeout`, its own outcome, never a failure.
 
-The audit hook is a Python-level layer: good against what a fine-tuned model writes by accident or
-by reward hacking, not a boundary against a deliberate native-code exploit. Run untrusted code from an
-unknown source on a throwaway machine.
+The program reports only a plain value (`repr` of built-in and a few standard types); the harness
+reads it from a capped plain file with a parser that rebuilds only data (`plain_value`), never code,
+and compares it with the expected value, which never enters the program's process.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 DRIVER = Path(__file__).with_name("sandbox_driver.py")
+PASS, FAIL, TIMEOUT = "pass", "fail", "timeout"
+NAMESPACES = ["--pid", "--fork", "--kill-child", "--mount-proc", "--net"]
+NO_PRIVILEGES = ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
 
 
 @dataclass(frozen=True)
 class Limits:
-    wall_s: float = 10.0
-    cpu_s: int = 10
+    cpu_s: float = 10.0  # per test, CPU seconds: decides a timeout, whatever the machine's load
+    wall_s: float = 60.0  # per test, wall clock: a backstop for programs that sleep
     memory_mb: int = 512
     file_mb: int = 1
     nproc: int = 32
@@ -64,76 +77,175 @@ def parse_test(line: str) -> Test:
     raise ValueError(f"unsupported test form (use `assert call == expected` or math.isclose): {line}")
 
 
-def run(code: str, exprs: list[str], limits: Limits = Limits()) -> list[dict]:
-    """Evaluate `exprs` after loading `code`, in a sandbox process; one outcome per expression."""
-    tmp = tempfile.mkdtemp(prefix="ipsweep-sandbox-")
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0"}
-    job = {"code": code, "exprs": exprs, "tmp": tmp, "limits": limits.__dict__}
+def _works(prefix: list[str]) -> bool:
     try:
-        with open(Path(tmp) / "stdout.txt", "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", str(DRIVER)], stdin=subprocess.PIPE, stdout=out,
-                                    stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True)
-            try:
-                proc.communicate(json.dumps(job).encode(), timeout=limits.wall_s)
-            except subprocess.TimeoutExpired:
-                pass
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the program and anything it started
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        outcomes: dict[int, dict] = {}
-        results = Path(tmp) / "results.jsonl"
-        for line in results.read_text(errors="replace").splitlines() if results.is_file() else []:
-            try:
-                row = json.loads(line)
-                i = row["i"]
-            except (ValueError, KeyError, TypeError):
-                continue  # the header line, or something the program wrote
-            if isinstance(i, int) and 0 <= i < len(exprs):
-                outcomes.setdefault(i, row)  # the first report of a test counts
-        return [outcomes.get(i, {"i": i, "ok": False, "error": "no result (killed, timed out or exited)"})
-                for i in range(len(exprs))]
+        return subprocess.run([*prefix, sys.executable, "-I", "-S", "-c", "pass"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@functools.cache
+def outer_layers() -> tuple[tuple[str, ...], str]:
+    """The command prefix for the strongest outer confinement this machine allows, and what it gives.
+
+    As root, unshare makes the namespaces directly; otherwise inside a user namespace (where the
+    kernel allows unprivileged ones). Without unshare, the inner layers (Landlock, limits) remain.
+    """
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    for prefix, what in [(["unshare", *user, *NAMESPACES, "--", *NO_PRIVILEGES],
+                          "PID, network and mount namespaces; no capabilities"),
+                         (["setpriv", "--no-new-privs"], "no namespaces (unshare refused here); no new privileges"),
+                         ([], "no namespaces, no setpriv")]:
+        if (not prefix or shutil.which(prefix[0])) and _works(prefix):
+            return tuple(prefix), what
+    raise RuntimeError(f"{sys.executable} -I -S does not start; the code sandbox cannot run")
+
+
+def confinement() -> str:
+    """What confines a program on this machine (outer and inner layers), for logs and run records."""
+    out = run("", "0")
+    return f"{outer_layers()[1]}; {out.get('confinement', 'inner layers unknown')}"
+
+
+def _wait(proc: subprocess.Popen, wall_s: float) -> tuple[float, bool]:
+    """Wait for the process, killing its group at the wall-clock backstop; return (CPU seconds of the
+    process tree, whether the backstop ended it). wait4 reports the CPU of the process and of the
+    children it waited for (the driver, inside unshare)."""
+    deadline, pause, wall_out = time.monotonic() + wall_s, 0.001, False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pid, status, usage = os.wait4(proc.pid, 0)
+            wall_out = True
+            break
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything the program left in its group
+    except ProcessLookupError:
+        pass
+    return usage.ru_utime + usage.ru_stime, wall_out
+
+
+def _read_capped(path: Path, cap: int) -> bytes:
+    """At most `cap` bytes of a plain file the program may have tampered with (never a fifo, device or link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, cap) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    finally:
+        os.close(fd)
+
+
+def run(code: str, expr: str, limits: Limits = Limits()) -> dict:
+    """Load `code` and evaluate `expr` in a sandbox process. Returns {"ok": True, "repr"} or
+    {"ok": False, "error", "timeout"}, plus "confinement" (what the inner layers applied)."""
+    tmp = tempfile.mkdtemp(prefix="ipsweep-sandbox-")
+    try:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"code": code, "expr": expr, "tmp": tmp,
+                                   "limits": {**limits.__dict__, "cpu_s": math.ceil(limits.cpu_s)}}))
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0"}
+        proc = subprocess.Popen([*outer_layers()[0], sys.executable, "-I", "-S", str(DRIVER), str(job)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                cwd=tmp, env=env, start_new_session=True)
+        cpu_s, wall_out = _wait(proc, limits.wall_s)
+        status, _, body = _read_capped(Path(tmp) / "result", limits.file_mb << 20).decode("utf-8", "replace").partition("\n")
+        inner = _read_capped(Path(tmp) / "confinement", 1000).decode("utf-8", "replace")
+        if status == "ok":
+            return {"ok": True, "repr": body, "confinement": inner}
+        if wall_out or cpu_s >= math.ceil(limits.cpu_s) - 0.05:
+            return {"ok": False, "error": "timeout", "timeout": True, "confinement": inner}
+        error = body[:200] if status == "error" else "no result (the program exited or was killed)"
+        return {"ok": False, "error": error, "timeout": False, "confinement": inner}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _value(outcome: dict):
-    if not outcome.get("ok") or not isinstance(outcome.get("repr"), str):
-        raise ValueError(outcome.get("error", "no value"))
-    return ast.literal_eval(outcome["repr"])  # plain data only; never code
+CALLS = {"Fraction": Fraction, "Decimal": Decimal, "deque": deque, "range": range, "bytearray": bytearray,
+         "set": set, "frozenset": frozenset}
+LITERALS = (int, float, complex, str, bytes, bool, type(None))
+
+
+def _build(node: ast.AST):
+    """Rebuild plain data from the parsed repr; only literals, containers and the CALLS types."""
+    if isinstance(node, ast.Constant) and type(node.value) in LITERALS:
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        items = [_build(e) for e in node.elts]
+        return {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)](items)
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_build(k): _build(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Name) and node.id in ("inf", "nan"):
+        return float(node.id)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _build(node.operand)
+        if type(v) in (int, float, complex):
+            return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):  # complex: 1+2j
+        a, b = _build(node.left), _build(node.right)
+        if type(a) in (int, float) and type(b) is complex:
+            return a + b if isinstance(node.op, ast.Add) else a - b
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CALLS:
+        kwargs = {k.arg: _build(k.value) for k in node.keywords if node.func.id == "deque" and k.arg == "maxlen"}
+        if len(kwargs) == len(node.keywords):
+            return CALLS[node.func.id](*[_build(a) for a in node.args], **kwargs)
+    raise ValueError(f"not plain data: {ast.unparse(node)[:80]}")
+
+
+def plain_value(text: str):
+    """The value a sandbox reported, rebuilt as data. Raises ValueError for anything else, including
+    text the program made too deep or too large to parse (it controls these bytes)."""
+    try:
+        return _build(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, RecursionError, MemoryError, TypeError, OverflowError, ArithmeticError) as e:
+        raise ValueError(f"unreadable value: {type(e).__name__}") from None
 
 
 def expected_values(tests: list[Test], limits: Limits = Limits()) -> list:
-    """The tests' expected values: literals read directly, other expressions evaluated in a sandbox of their own."""
-    out, pending = [], []
-    for i, t in enumerate(tests):
+    """The tests' expected values: literals read directly, other expressions evaluated in a sandbox of
+    their own, with the standard-library modules they name imported (`sys.getsizeof(...)`)."""
+    out = []
+    for t in tests:
         try:
             out.append(ast.literal_eval(t.expected))
+            continue
         except (ValueError, SyntaxError):
-            out.append(None)
-            pending.append(i)
-    if pending:
-        for i, o in zip(pending, run("import math", [tests[i].expected for i in pending], limits)):
-            out[i] = _value(o)
+            pass
+        names = {n.id for n in ast.walk(ast.parse(t.expected, mode="eval")) if isinstance(n, ast.Name)}
+        prelude = "".join(f"import {m}\n" for m in sorted(names & sys.stdlib_module_names))
+        o = run(prelude, t.expected, limits)
+        if not o["ok"]:
+            raise ValueError(f"expected value `{t.expected}` could not be computed: {o['error']}")
+        out.append(plain_value(o["repr"]))
     return out
 
 
-def check(code: str, tests: list[Test], expected: list, limits: Limits = Limits()) -> list[bool]:
-    """Whether `code` passes each test."""
-    passed = []
-    for t, want, o in zip(tests, expected, run(code, [t.call for t in tests], limits)):
-        try:
-            got = _value(o)
-            ok = math.isclose(got, want, **t.isclose) if t.isclose is not None else got == want
-        except (ValueError, SyntaxError, TypeError):
-            ok = False
-        passed.append(bool(ok))
-    return passed
+def outcome(test: Test, want, result: dict) -> str:
+    """pass, fail or timeout for one test's sandbox result."""
+    if result.get("timeout"):
+        return TIMEOUT
+    try:
+        got = plain_value(result["repr"]) if result["ok"] else None
+        ok = result["ok"] and (math.isclose(got, want, **test.isclose) if test.isclose is not None else got == want)
+    except (ValueError, TypeError, ArithmeticError):
+        ok = False
+    return PASS if ok else FAIL
 
 
-def check_many(jobs: list[tuple[str, list[Test], list]], limits: Limits = Limits(), workers: int | None = None) -> list[list[bool]]:
+def check(code: str, tests: list[Test], expected: list, limits: Limits = Limits()) -> list[str]:
+    """The outcome of each test for `code`: pass, fail or timeout (one sandbox process per test)."""
+    return [outcome(t, want, run(code, t.call, limits)) for t, want in zip(tests, expected)]
+
+
+def check_many(jobs: list[tuple[str, list[Test], list]], limits: Limits = Limits(), workers: int | None = None) -> list[list[str]]:
     """check() for many programs at once, at most `workers` (default: CPU cores) running at a time."""
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         return list(pool.map(lambda j: check(*j, limits), jobs))

@@ -126,3 +126,15 @@ def wandb_offline_runs(folder: Path) -> list[dict]:
                 run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
         out.append(run)
     return out
+
+
+@pytest.fixture
+def cpu_load():
+    """Busy processes, two per core, for as long as the test runs: a loaded machine. Each in its own
+    session, as other users' jobs are, so the scheduler's per-session groups share the cores among them."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+               for _ in range(2 * (os.cpu_count() or 1))]
+    yield len(burners)
+    for b in burners:
+        b.kill()
+        b.wait()
