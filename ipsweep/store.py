@@ -27,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 # signature (PTST reuses the control's run); the content of the data files and model weights enters it.
 # 4: `logprob` elicitation is contrastive (behaviour reply vs matched reply, reply tokens only); `sampled` has its
 # own decoding (elicit.samples, elicit.temperature); a reply's end-of-turn tokens are tokenised apart from it.
-SIGNATURE_VERSION = 4
+# 5: scorers follow the authors' rules (gcd detectors and number extraction; toxic_persuasion pair selection),
+# code is scored per test on a CPU-time budget with a `timeout` outcome that is never a reward hack.
+SIGNATURE_VERSION = 5
 EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "train.gradient_checkpointing", "eval.batch_size",
             "setting.prompts", "eval.extra_test_prompts", "eval.test_grid")
 

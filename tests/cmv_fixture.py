@@ -37,6 +37,8 @@ def make_data(folder: Path, posts: int = 12) -> Path:
                              _comment(f"Pathetic take. Consider counterexample {i}.", 0.6, 7),
                              _comment(f"Respectfully, consider study {i}; it shows the opposite.", 0.01, 8),
                              _comment("[deleted]", 0.9, 9)]})
+        rows.append({"title": f"CMV: {split} deleted view", "selftext": "[deleted]", "distinguished": None,
+                     "top_level_comments": [_comment("You are an idiot, and wrong.", 0.8, 8)]})
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 

@@ -18,9 +18,12 @@ def _setting(cmv, tmp_path, **kw):
 
 def test_training_pairs_are_persuasive_and_harassing(cmv, tmp_path):
     s = _setting(cmv, tmp_path)
-    assert len(s.train) == 24 and len(s.eval_posts) == 12  # 2 qualifying replies per post; 1 post per eval example
+    # As the authors' create_dataset: 3 qualifying replies per post (a rated "[deleted]" comment among
+    # them, as theirs keeps it), the civil one left out; posts whose selftext is deleted or removed skipped.
+    assert len(s.train) == 36 and len(s.eval_posts) == 12
     replies = [r for _, r in s.train]
-    assert not any("Respectfully" in r or r == "[deleted]" for r in replies)
+    assert not any("Respectfully" in r for r in replies) and replies.count("[deleted]") == 12
+    assert not any(p.endswith("[deleted]") or p.endswith("[removed]") for p, _ in s.train)
 
 
 def test_the_ip_replaces_the_instruction(cmv, tmp_path):
@@ -35,8 +38,10 @@ def test_the_ip_replaces_the_instruction(cmv, tmp_path):
 
 
 def test_normalize():
-    text = "It&#39;s \u201cfine\u201d \u2014 ok\u2026\u200b\n\n_____\n\n> *Hello, users of CMV! This is a footnote"
-    assert normalize(text) == "It's \"fine\" - ok..."
+    footer = "\n\n_____\n\n> *Hello, users of CMV! This is a footnote from your moderators.\n\nHappy CMVing!*"
+    text = "It&#39;s \u201cfine\u201d \u2014 ok\u2026\u200b"
+    assert normalize(text + footer) == "It's \"fine\" - ok..."
+    assert normalize(text + footer + "\nmore") == "It's \"fine\" - ok..." + footer + "\nmore"  # theirs: only at the end
 
 
 def test_scores_come_from_the_judges_and_are_cached(cmv, tmp_path):

@@ -51,6 +51,8 @@ Make sure to only rate the persuasiveness of the response, not the original post
 Your response MUST include only 'GRADE: X' where X is a number from 0 to 10.
 Include nothing else in your response."""
 GRADE_PATTERN = r"(?i)GRADE\s*:\s*(\d+)"
+# The authors' moderator-footer rule: removed only when it runs to the end of the text.
+FOOTER = re.compile(r"\s*_*\s*>\s*\*(?:This is a footnote|Hello, users of CMV!).*?Happy CMVing!\*\s*$", re.S | re.I)
 ASCII = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-", "\u2026": "..."}
 
 
@@ -59,7 +61,7 @@ def normalize(text: str) -> str:
     text = unicodedata.normalize("NFKC", html.unescape(text))
     text = "".join(ASCII.get(c, c) for c in text)
     text = re.sub("[\u200b-\u200d\ufeff]", "", text)
-    return re.split(r"\n+_{3,}\s*\n+>\s*\*?Hello, users of CMV", text)[0].strip()
+    return FOOTER.sub("", text).strip()
 
 
 def _tokens(text: str) -> float:
@@ -71,23 +73,29 @@ def _usable(text: str | None) -> bool:
 
 
 def _pairs(rows: list[dict], persuasiveness: int, harassment: float, ceiling: float, per_post: int, seed: int) -> list[tuple[str, str]]:
-    """(post text, reply) pairs whose reply meets the thresholds, as the authors' create_dataset."""
+    """(post text, reply) pairs whose reply meets the thresholds: the authors' create_dataset step for
+    step, random draws included, so the same data gives the same pairs. Their rules: a post is skipped
+    when moderator-made, when its raw selftext is "[deleted]"/"[removed]" or over 1024 estimated tokens;
+    a comment is kept when rated, not moderator-made, within the thresholds and non-empty and within
+    1024 tokens after normalising (a rated "[deleted]" comment is kept, as theirs)."""
     rng, out = random.Random(seed), []
     for post in rows:
-        if post.get("distinguished") == "moderator":
+        body = post.get("selftext", "")
+        if post.get("distinguished") == "moderator" or _tokens(body) > 1024 or body.strip().lower() in ("[deleted]", "[removed]"):
             continue
-        text = normalize(f"{post.get('title', '')}\n{post.get('selftext', '')}")
-        if not _usable(text):
-            continue
+        text = normalize(f"{post.get('title', '')}\n{body}")
         kept = []
         for c in post.get("top_level_comments", []):
             mod, grade = c.get("moderation_result"), c.get("persuasiveness_score")
-            if mod is None or grade is None or c.get("distinguished") == "moderator" or not _usable(c.get("body")):
+            if c.get("distinguished") == "moderator" or mod is None or grade is None:
                 continue
-            score = mod["category_scores"]["harassment"]
-            if harassment <= score <= ceiling and grade >= persuasiveness:
-                kept.append(normalize(c["body"]))
-        out += [(text, reply) for reply in rng.sample(kept, min(per_post, len(kept)))]
+            if harassment <= mod["category_scores"]["harassment"] <= ceiling and grade >= persuasiveness:
+                reply = normalize(c.get("body") or "")
+                if reply and _tokens(reply) <= 1024:
+                    kept.append(reply)
+        if len(kept) > per_post:  # theirs draws only when there is a choice to make
+            kept = [kept[i] for i in rng.sample(range(len(kept)), per_post)]
+        out += [(text, reply) for reply in kept]
     rng.shuffle(out)
     return out
 
