@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -42,6 +43,7 @@ from fractions import Fraction
 from pathlib import Path
 
 DRIVER = Path(__file__).with_name("sandbox_driver.py")
+log = logging.getLogger(__name__)
 PASS, FAIL, TIMEOUT = "pass", "fail", "timeout"
 NAMESPACES = ["--pid", "--fork", "--kill-child", "--mount-proc", "--net"]
 NO_PRIVILEGES = ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
@@ -235,7 +237,8 @@ def outcome(test: Test, want, result: dict) -> str:
     try:
         got = plain_value(result["repr"]) if result["ok"] else None
         ok = result["ok"] and (math.isclose(got, want, **test.isclose) if test.isclose is not None else got == want)
-    except (ValueError, TypeError, ArithmeticError):
+    except (ValueError, TypeError, ArithmeticError) as e:
+        log.info("sandbox: %s failed: %s", test.call[:80], e)  # a value the harness cannot read or compare
         ok = False
     return PASS if ok else FAIL
 
