@@ -17,8 +17,18 @@ ARM_ORDER = {"control": 0, "ip": 1, "ptst": 2}
 
 
 def arm(record: dict) -> str:
-    """Display name of a run's condition: control, ip:<prompt>."""
-    return "control" if record["condition"] == "control" else f"{record['condition']}:{record['prompt']}"
+    """Display name of a run's condition: control, ip:<prompt>, with [mixed] for a paraphrase mix and
+    @<placement> where the sweep moved the prompt from the library's placement."""
+    return "control" if record["condition"] == "control" else f"{record['condition']}:{record['prompt']}{variant(record)}"
+
+
+def variant(record: dict) -> str:
+    """How an IP run's prompt was trained, when not as the library has it: [mixed] (paraphrase mix),
+    @<placement> (moved). Correlations are computed within a variant."""
+    if record["condition"] != "ip":
+        return ""
+    mixed = "[mixed]" if record.get("prompt_mode") == "mixed" else ""
+    return mixed + (f"@{record['placement_override']}" if record.get("placement_override") else "")
 
 
 def match_key(record: dict) -> str:
@@ -136,6 +146,7 @@ def arm_evaluations(records: list[dict]) -> pd.DataFrame:
                     continue
                 el = recorded_elicitation(r) if cond == "ip" else {}
                 rows.append({"setting": r["setting"], "model": r["model"], "design": design_key(r), "arm": a,
+                             "variant": variant(r) if cond == "ip" else "",
                              "condition": cond, "prompt": prompt, "role": role, "seed": r["seed"], "epoch": int(epoch),
                              "run": Path(r["run_dir"]).name, "test_prompt": test_prompt,
                              "control_run": Path(ctrl["run_dir"]).name if ctrl else None,
@@ -148,7 +159,7 @@ def _fmt_ci(lo, hi) -> str:
 
 
 def _arm_order(a: str) -> int:
-    return -1 if a == "base" else ARM_ORDER[a.split(":")[0]]
+    return -1 if a == "base" else ARM_ORDER.get(a.split(":")[0], len(ARM_ORDER))
 
 
 def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -199,7 +210,7 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
             ["setting", "design", "arm", "epoch"]):
         row = {"setting": setting, "model": g.model.iloc[0], "design": design, "arm": a,
                "condition": g.condition.iloc[0], "prompt": g.prompt.iloc[0], "role": g.role.iloc[0], "epoch": epoch,
-               **{f"elicit_{e}": g[f"elicit_{e}"].iloc[0] for e in ESTIMATORS}}
+               "variant": g.variant.iloc[0], **{f"elicit_{e}": g[f"elicit_{e}"].iloc[0] for e in ESTIMATORS}}
         pairs = [(ev, control_eval.get((ev.control_run, ev.epoch))) for ev in g.itertuples()]
         pairs = [(ev, c) for ev, c in pairs if c is not None]
         row["seeds"] = len(pairs)
@@ -236,6 +247,86 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
     return table.drop(columns="_o").reset_index(drop=True), pd.DataFrame(per_seed)
 
 
+def leak_table(records: list[dict], its: pd.DataFrame) -> pd.DataFrame:
+    """Behaviour of each arm under the leak test prompts (`<prompt>~negation`, `~keywords`, `~heldout`):
+    per setting, design, arm, test prompt and epoch, mean over seeds x items with the 95% CI of the
+    condition table; the untrained model once per design (`base`, epoch 0); the control under the same
+    prompts is each leak's baseline. Does the inoculated behaviour come back under a related prompt?"""
+    rows = []
+    for r in records:
+        for epoch, entry in r["epochs"].items():
+            for test_prompt in entry["evals"]:
+                if prompts.LEAK in test_prompt:
+                    rows.append({"setting": r["setting"], "model": r["model"], "design": design_key(r),
+                                 "arm": "base" if epoch == "0" else arm(r), "test_prompt": test_prompt,
+                                 "seed": r["seed"] if epoch != "0" else -1, "epoch": int(epoch), "run": Path(r["run_dir"]).name})
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).drop_duplicates(["setting", "design", "arm", "test_prompt", "epoch", "seed"])
+    evals, out = _by_evaluation(its), []
+    for (setting, design, a, test_prompt, epoch), g in frame.groupby(["setting", "design", "arm", "test_prompt", "epoch"]):
+        parts = [p for ev in g.itertuples() if (p := _outcomes(evals, ev, "behaviour")) is not None]
+        if not parts:
+            continue
+        ids = sorted(set.intersection(*(set(p.item) for p in parts)))
+        part = pd.concat(parts)
+        r = st.rate_interval(_matrix(part[part.item.isin(ids)], ids))
+        prompt, _, kind = test_prompt.partition(prompts.LEAK)
+        out.append({"setting": setting, "model": g.model.iloc[0], "design": design, "arm": a, "epoch": epoch,
+                    "leak_of": prompt, "leak": kind, "test_prompt": test_prompt, "seeds": g.seed.nunique() if a != "base" else 0,
+                    "behaviour_metric": part.metric.iloc[0], "behaviour": r["estimate"], "behaviour_lo": r["lo"],
+                    "behaviour_hi": r["hi"], "behaviour_ci": _fmt_ci(r["lo"], r["hi"]), "items": len(ids)})
+    table = pd.DataFrame(out)
+    return table.assign(_o=table.arm.map(_arm_order)).sort_values(["setting", "design", "leak_of", "leak", "_o", "arm", "epoch"]) \
+        .drop(columns="_o").reset_index(drop=True)
+
+
+def frontier_table(conditions: pd.DataFrame) -> pd.DataFrame:
+    """The condition table with `on_frontier`: per setting, design and epoch, an arm is on the capability vs
+    behaviour frontier when no other arm of that epoch (the untrained model included) has both less
+    behaviour and more capability, one of them strictly. Point estimates; the CIs are beside them."""
+    if conditions.empty or "capability" not in conditions or "behaviour" not in conditions:
+        return pd.DataFrame()
+    out = []
+    for (setting, design), g in conditions.groupby(["setting", "design"]):
+        base = g[g.arm == "base"]
+        for epoch in sorted(e for e in g.epoch.unique() if e > 0):
+            pts = pd.concat([base, g[g.epoch == epoch]]).dropna(subset=["behaviour", "capability"]).assign(panel=epoch)
+            b, c = pts.behaviour.to_numpy(float), pts.capability.to_numpy(float)
+            pts["on_frontier"] = [not any((b <= b[i]) & (c >= c[i]) & ((b < b[i]) | (c > c[i]))) for i in range(len(pts))]
+            out.append(pts)
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def plot_frontier(frontier: pd.DataFrame, path: Path) -> Path | None:
+    """Capability (y) vs behaviour (x) per epoch, 95% CIs on both axes, frontier arms ringed and joined."""
+    if frontier.empty:
+        return None
+    plt = pyplot()
+    panels = list(frontier.groupby(["setting", "design", "panel"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, ((setting, _, epoch), t) in zip(axes[0], panels):
+        for row in t.itertuples():
+            xerr = [[max(row.behaviour - row.behaviour_lo, 0)], [max(row.behaviour_hi - row.behaviour, 0)]]
+            yerr = [[max(row.capability - row.capability_lo, 0)], [max(row.capability_hi - row.capability, 0)]]
+            style = dict(marker="s", color="black") if row.arm == "base" else dict(marker="D", color="grey") \
+                if row.arm == "control" else dict(marker="o")
+            ax.errorbar(row.behaviour, row.capability, xerr=xerr, yerr=yerr, capsize=2, linestyle="none", label=row.arm,
+                        markersize=7 if row.on_frontier else 5, markeredgecolor="red" if row.on_frontier else None, **style)
+        edge = t[t.on_frontier].sort_values("behaviour")
+        ax.plot(edge.behaviour, edge.capability, color="red", linewidth=1, alpha=0.6)
+        ax.set_title(f"{setting}, epoch {epoch} (red: frontier; base = untrained)", fontsize=9)
+        ax.set_xlabel(f"behaviour: {t.behaviour_metric.dropna().iloc[0]} (lower is better)")
+        ax.set_ylabel(f"capability: {t.capability_metric.dropna().iloc[0]} (higher is better)")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _se_from_ci(lo, hi) -> float:
     return (hi - lo) / (2 * st.Z95) if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi) else np.nan
 
@@ -256,17 +347,20 @@ def correlation_table(effects: pd.DataFrame, elicitation: pd.DataFrame, n_permut
         for (epoch, subset), e in [((ep, sub), g[g.role == "inoculation"] if sub == "inoculation prompts" else g)
                                    for ep, g in ip.groupby("epoch") for sub in ("IP-style prompts", "inoculation prompts")]:
             per_setting = []
-            for (setting, design), s in e.dropna(subset=[col]).groupby(["setting", "design"]):
-                el = elicitation[elicitation.setting == setting].set_index("prompt") if not elicitation.empty else None
+            for (setting, design, var), s in e.dropna(subset=[col]).groupby(["setting", "design", "variant"]):
+                el = elicitation[(elicitation.setting == setting) & (elicitation.get("variant", "") == var)] \
+                    .drop_duplicates("prompt").set_index("prompt") if not elicitation.empty else None
                 sx = [(_se_from_ci(el.at[p, f"{est}_lo"], el.at[p, f"{est}_hi"]) if el is not None and p in el.index
                        else np.nan) for p in s.prompt]
                 c = st.correlation(s[col], s.effect, n_permutations=n_permutations)
-                row = {"setting": setting, "design": design, "epoch": epoch, "estimator": est, "prompts": subset, **c,
+                row = {"setting": setting, "design": design, "variant": var, "epoch": epoch, "estimator": est,
+                       "prompts": subset, **c,
                        **st.slopes(s[col], s.effect, sx, s.effect_se),
                        f"power_at_r{reference_r}": st.correlation_power(reference_r, c["points"]),
                        "smallest_r_80pct": st.smallest_correlation(c["points"])}
                 rows.append(row)
-                per_setting.append(row)
+                if not var:  # pooled across settings: each setting's prompts as the library places them, once
+                    per_setting.append(row)
                 if subset == "IP-style prompts":
                     i = st.influence(s[col], s.effect, list(s.prompt))
                     if not i.empty:
@@ -320,8 +414,9 @@ def elicitation_table(records: list[dict]) -> pd.DataFrame:
     rows = {}
     for r in records:
         for est, v in recorded_elicitation(r).items():
-            row = rows.setdefault((r["setting"], r["prompt"]), {"setting": r["setting"], "prompt": r["prompt"],
-                                                                "role": r["role"], "arm": arm(r)})
+            row = rows.setdefault((r["setting"], r["prompt"], variant(r)),
+                                  {"setting": r["setting"], "prompt": r["prompt"], "variant": variant(r), "role": r["role"],
+                                   "arm": arm(r)})
             row.update({est: v["estimate"], f"{est}_lo": v["lo"], f"{est}_hi": v["hi"]})
     return pd.DataFrame(list(rows.values()))
 
@@ -541,15 +636,17 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
     correlations, influence = correlation_table(effects, elicitation, n_permutations)
     power = power_table(table, effects)
     by_test_prompt = test_prompt_table(df)
+    leaks, frontier = leak_table(records, its), frontier_table(table)
     tables = {"tidy": df, "items": its, "conditions": table, "groups": groups, "effects": effects,
               "effects_per_seed": per_seed, "elicitation": elicitation, "correlations": correlations,
-              "influence": influence, "power": power}
+              "influence": influence, "power": power, "leaks": leaks, "frontier": frontier}
     for name, t in tables.items():
         t.to_csv(out / f"{name}.csv", index=False)
     its.to_parquet(out / "items.parquet", index=False)
     (out / "conditions.md").write_text(_fmt(table) + "\n")
     plot = plot_behaviour(table, out / "behaviour.png")
-    plots = {"behaviour": plot, "effect_curves": plot_effect_curves(effects, out / "effect_curves.png")}
+    plots = {"behaviour": plot, "effect_curves": plot_effect_curves(effects, out / "effect_curves.png"),
+             "frontier": plot_frontier(frontier, out / "frontier.png")}
     for est in ESTIMATORS:
         plots[f"scatter_{est}"] = plot_scatter(effects, elicitation, est, out / f"scatter_{est}.png")
     plots = {k: v for k, v in plots.items() if v}
@@ -579,6 +676,18 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
                        "effect_p", "effect_p_holm", "effect_seed_ci", "capability_cost", "capability_cost_ci"]), "",
         "Degenerate intervals (every seed and item gives the same difference): " + (", ".join(degenerate) or "none") + ".", "",
         f"![behaviour rate by condition and epoch]({plot.name})", "",
+        "## Capability vs behaviour: the frontier",
+        "Each arm per epoch as a point (capability, behaviour) with the 95% CIs of the condition table, beside the",
+        "control and the untrained model (`base`). `on_frontier`: no other point of the epoch has both less behaviour",
+        "and more capability. A single effect number hides this trade-off; read the two together.", "",
+        show(frontier[frontier.on_frontier] if not frontier.empty else frontier,
+             ["setting", "panel", "arm", "behaviour", "behaviour_ci", "capability", "capability_ci"]), "",
+        *([f"![capability vs behaviour]({plots['frontier'].name})", ""] if plots.get("frontier") else []),
+        "## Leak tests: does the behaviour come back under a related prompt?",
+        "Behaviour of each arm with a prompt resembling the IP inserted at test time: its negation (`negation`), its",
+        "keywords (`keywords`), a paraphrase held out from training (`heldout`); `eval.leak_tests=true` runs them. The",
+        "control under the same prompt is the baseline; `base` the untrained model. Same intervals as above.", "",
+        show(leaks, ["setting", "leak_of", "leak", "arm", "epoch", "seeds", "behaviour", "behaviour_ci", "items"]), "",
         "## Per eval set and group (question type, OOD label), final epoch of each arm",
         "Same intervals as above, within each group; all epochs in groups.csv.", "",
         show(groups[groups.epoch == groups.groupby(["setting", "arm"]).epoch.transform("max")] if not groups.empty else groups,
@@ -596,7 +705,7 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
         "pulls it towards 0. slope_eiv: errors-in-variables (Deming) slope using both axes' standard errors,",
         "beside the OLS slope. Pooled rows: random-effects (DerSimonian-Laird) meta-analysis of Fisher z across settings.",
         "PTST arms are not points (their training data is unmodified).", "",
-        show(correlations, ["setting", "epoch", "estimator", "prompts", "points", "pearson", "pearson_lo", "pearson_hi",
+        show(correlations, ["setting", "variant", "epoch", "estimator", "prompts", "points", "pearson", "pearson_lo", "pearson_hi",
                             "pearson_p", "spearman", "spearman_lo", "spearman_hi", "spearman_p", "slope_ols", "slope_eiv",
                             "tau2", "pooled_settings"]), "",
         "### Leave one prompt out",
@@ -615,5 +724,6 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
     (out / "report.md").write_text(report)
     return {"out_dir": out, "table": table, "effects": effects, "elicitation": elicitation, "correlations": correlations,
             "influence": influence, "power": power, "by_test_prompt": by_test_prompt, "groups": groups, "tidy": df,
-            "items": its, "effects_per_seed": per_seed, "report": out / "report.md", "plot": plot, "plots": plots,
+            "items": its, "effects_per_seed": per_seed, "leaks": leaks, "frontier": frontier,
+            "report": out / "report.md", "plot": plot, "plots": plots,
             "records": records}

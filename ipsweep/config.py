@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 PLACEMENTS = ("system", "user_prefix", "user_suffix", "replace_preamble")
 ROLES = ("inoculation", "neutral", "placebo", "safety")
+PROMPT_MODES = ("fixed", "mixed")
 
 
 @dataclass
@@ -64,6 +65,9 @@ class TrainConfig:
     # random: plain shuffle. group_by_length: batches of similar length (HF's LengthGroupedSampler), less
     # padding and faster, but it changes the training (BENCHMARKS.md #1), so it is opt-in.
     sampling: str = "random"
+    # fixed: the IP's one text in every training example; mixed: per example, a seeded draw from its
+    # paraphrases (library `texts`/`texts_file`; the last one is held out for the leak test)
+    prompt_mode: str = "fixed"
     gradient_checkpointing: bool = False  # less GPU memory, ~30% slower; does not change the numbers
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -82,6 +86,10 @@ class EvalConfig:
     # Also test each trained model with its own training prompt and the library's safety prompts inserted
     # (does the behaviour come back on request? does the model still follow instructions?).
     test_grid: bool = False
+    # Also test every trained model with prompts resembling an IP's training prompt: its negation, its keywords,
+    # a paraphrase held out from training (from the library entry). A control is tested with those of every
+    # library prompt that has them, so each leak has its baseline.
+    leak_tests: bool = False
     base: bool = True  # also evaluate the untrained model (epoch 0); cached per machine with the elicitation
 
 
@@ -122,6 +130,7 @@ class Config:
     elicit: ElicitConfig = MISSING
     logger: LoggerConfig = MISSING
     prompt: str = "none"  # a name from the setting's prompt library; 'none' = the control condition
+    prompt_placement: Optional[str] = None  # where the prompt goes (one of PLACEMENTS); None = the library's
     name: str = MISSING  # sweep name: outputs go to outputs/<name>, W&B group = name
     store_dir: str = MISSING  # where run records live (the sweep dir)
 

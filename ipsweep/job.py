@@ -7,6 +7,7 @@ import os
 import platform
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from ipsweep import elicit, models, prompts, store
@@ -71,6 +72,7 @@ def run(cfg) -> list[dict]:
         record = record or {
             "signature": signature, "setting": cfg.setting.name, "prompt": prompt.name, "prompt_text": prompt.text,
             "role": prompt.role, "condition": prompt.condition, "seed": cfg.train.seed, "model": cfg.model.name,
+            "prompt_mode": prompt.mode, "placement": prompt.placement, "placement_override": cfg.get("prompt_placement"),
             "sweep": cfg.name,
             "behaviour_metric": point.setting.behaviour_metric, "capability_metric": point.setting.capability_metric,
             "config": store.semantic_config(cfg, prompt, point.inputs), "epochs": {},
@@ -139,8 +141,14 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
         _log_once(tracker, record, int(k), record["epochs"][k], {})
 
     train = setting.train_examples()[: cfg.train.n_train]
-    train = [TrainExample(insert(setting, ex.messages, prompt.train_prompt), ex.completion) for ex in train]
+    tp = prompt.train_prompt
+    draws = prompts.draw(tp, len(train), cfg.train.seed) if tp else [0] * len(train)
+    texts = tp.training_texts if tp else ("",)
+    train = [TrainExample(insert(setting, ex.messages, tp and replace(tp, text=texts[i])), ex.completion)
+             for ex, i in zip(train, draws)]
     record["n_train"] = len(train)
+    if tp and tp.mode == "mixed":  # which text each example was trained with (reproducible from train.seed)
+        record["prompt_draws"] = {"texts": list(texts), "per_example": draws}
     epoch_start = time.time()
 
     def on_epoch_end(ep, model) -> None:

@@ -48,12 +48,20 @@ def plan(cfg) -> Point:
     """Raises ConfigError naming the problem and the fix; loads no model."""
     require_values(cfg)
     check_values(cfg)
-    prompt = prompts.resolve(cfg.setting, cfg.prompt)
+    placement = cfg.get("prompt_placement")
+    prompt = prompts.configure(prompts.resolve(cfg.setting, cfg.prompt), cfg.train.prompt_mode, placement, cfg.setting.name)
     extra = [prompts.resolve(cfg.setting, n) for n in cfg.eval.extra_test_prompts]
     if cfg.eval.test_grid:
         own = [prompt] if prompt.condition == "ip" else []
         extra += own + [p for p in prompts.library(cfg.setting).values() if p.role == "safety"]
+    if cfg.eval.leak_tests:  # an IP run: its own prompt's; the control (and PTST): every library prompt's, as baselines
+        sources = [prompt] if prompt.condition == "ip" else \
+            [prompts.configure(p, "fixed", placement, cfg.setting.name) for p in prompts.library(cfg.setting).values()]
+        extra += [leak for p in sources for leak in prompts.leak_prompts(p, placement)]
     setting = build(cfg.setting)  # reads and checks the data files
+    if placement == "replace_preamble" and not getattr(setting, "preamble", ""):
+        raise ConfigError(f"prompt_placement=replace_preamble, but setting '{cfg.setting.name}' has no instruction of its "
+                          "own to replace; fix: use user_prefix, user_suffix or system")
     check_sizes(cfg, setting)
     models.check(cfg.model)
     test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [prompt.test_prompt]), *extra]}.values())

@@ -1,18 +1,33 @@
-"""Prompt library, placement, and the condition a run's prompt implies.
+"""Prompt library, placement, paraphrases, leak tests, and the condition a run's prompt implies.
 
 One sweep axis, `prompt`, picks the condition: `none` trains on unmodified data (control); a prompt
 with role `safety` trains unmodified and is inserted at test time (PTST); any other prompt is
 inserted into every training example (IP; neutral and placebo prompts are IP-style controls).
+
+Two more axes change how an IP prompt is trained: `train.prompt_mode` (fixed: its one text in every
+example; mixed: per example, a seeded draw from its paraphrases) and `prompt_placement` (where it goes:
+user prefix or suffix, system turn, or in place of the setting's instruction). With
+`eval.leak_tests=true` every trained model is also tested with prompts that resemble the training
+prompt (its negation, its keywords, and a paraphrase held out from training): does the inoculated
+behaviour come back under them?
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from ipsweep.config import PLACEMENTS, ROLES
+import yaml
+
+from ipsweep.config import PLACEMENTS, PROMPT_MODES, ROLES
 from ipsweep.errors import ConfigError
 
 NONE = "none"
+LEAK = "~"  # test prompt names f"{prompt}~{kind}" are leak tests
+LEAK_KINDS = ("negation", "keywords", "heldout")
+KEYS = {"text", "role", "placement", "texts", "texts_file", "negation", "keywords"}
+DATA_DIR = Path(__file__).parent / "data"
 
 
 @dataclass(frozen=True)
@@ -21,6 +36,15 @@ class Prompt:
     text: str
     role: str
     placement: str
+    paraphrases: tuple[str, ...] = ()  # the last one is held out from training (the leak test's paraphrase)
+    negation: str | None = None
+    keywords: str | None = None
+    mode: str = "fixed"
+
+    @property
+    def training_texts(self) -> tuple[str, ...]:
+        """What training draws from: the text alone (fixed), or with every paraphrase but the held-out one (mixed)."""
+        return (self.text, *self.paraphrases[:-1]) if self.mode == "mixed" else (self.text,)
 
     @property
     def condition(self) -> str:
@@ -41,13 +65,30 @@ class Prompt:
 NO_PROMPT = Prompt(NONE, "", "none", "user_suffix")
 
 
+def _paraphrases(p, where: str) -> tuple[str, ...]:
+    """A prompt's paraphrases: `texts: [...]` and/or `texts_file` (a YAML list; relative to ipsweep/data)."""
+    texts = list(p.get("texts") or [])
+    if p.get("texts_file"):
+        path = Path(p["texts_file"]).expanduser()
+        path = path if path.is_absolute() else DATA_DIR / path
+        try:
+            texts += yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError, TypeError) as e:
+            raise ConfigError(f"{where}: texts_file {path} is not a readable YAML list ({e}); fix: point it at a file "
+                              "holding a YAML list of paraphrases") from None
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ConfigError(f"{where} has an empty or non-text paraphrase; fix: every entry of texts must be text")
+    return tuple(texts)
+
+
 def library(setting_cfg) -> dict[str, Prompt]:
     """The setting's prompts, validated; raises ConfigError naming the bad entry."""
     out = {}
     for name, p in setting_cfg.prompts.items():
         where = f"prompt '{name}' of setting '{setting_cfg.name}'"
-        if not hasattr(p, "keys") or set(p.keys()) - {"text", "role", "placement"} or "text" not in p or "role" not in p:
-            raise ConfigError(f"{where} must be {{text: ..., role: ..., placement: (optional)}}, got {p}; fix: use those keys")
+        if not hasattr(p, "keys") or set(p.keys()) - KEYS or "text" not in p or "role" not in p:
+            raise ConfigError(f"{where} must be {{text: ..., role: ..., placement, texts, texts_file, negation, keywords "
+                              f"(optional)}}, got {p}; fix: use those keys")
         placement = p.get("placement") or setting_cfg.placement
         if p["role"] not in ROLES:
             raise ConfigError(f"{where} has role '{p['role']}'; fix: use one of {', '.join(ROLES)}")
@@ -55,7 +96,7 @@ def library(setting_cfg) -> dict[str, Prompt]:
             raise ConfigError(f"{where} has placement '{placement}'; fix: use one of {', '.join(PLACEMENTS)}")
         if not isinstance(p["text"], str) or not p["text"].strip():
             raise ConfigError(f"{where} has empty text; fix: give it text or remove it")
-        out[name] = Prompt(name, p["text"], p["role"], placement)
+        out[name] = Prompt(name, p["text"], p["role"], placement, _paraphrases(p, where), p.get("negation"), p.get("keywords"))
     if NONE in out:
         raise ConfigError(f"setting '{setting_cfg.name}' defines a prompt named '{NONE}', which is reserved for the control condition; fix: rename it")
     return out
@@ -72,6 +113,41 @@ def resolve(setting_cfg, name: str) -> Prompt:
         choices = ", ".join([NONE, *sorted(lib)])
         raise ConfigError(f"unknown prompt '{name}' for setting '{setting_cfg.name}'; fix: choose one of: {choices}")
     return lib[name]
+
+
+def configure(prompt: Prompt, mode: str, placement: str | None, setting_name: str) -> Prompt:
+    """The point's prompt as it will be trained: `train.prompt_mode` and `prompt_placement` applied."""
+    if mode not in PROMPT_MODES:
+        raise ConfigError(f"train.prompt_mode={mode} is unknown; fix: one of {', '.join(PROMPT_MODES)}")
+    if placement is not None and placement not in PLACEMENTS:
+        raise ConfigError(f"prompt_placement={placement} is unknown; fix: one of {', '.join(PLACEMENTS)}, or null for "
+                          "the library's placement")
+    if prompt.name == NONE:
+        return prompt
+    if mode == "mixed" and len(prompt.paraphrases) < 2:
+        raise ConfigError(f"train.prompt_mode=mixed needs paraphrases of prompt '{prompt.name}' (setting "
+                          f"'{setting_name}' gives {len(prompt.paraphrases)}; one is held out for the leak test); fix: add "
+                          "texts: [...] or texts_file: to its library entry, or use train.prompt_mode=fixed")
+    return replace(prompt, mode=mode, placement=placement or prompt.placement)
+
+
+def draw(prompt: Prompt, n: int, seed: int) -> list[int]:
+    """Which of `prompt.training_texts` each of n training examples gets: always the first when fixed, a
+    seeded uniform draw per example when mixed (the same seed gives the same draws)."""
+    if len(prompt.training_texts) == 1:
+        return [0] * n
+    rng = random.Random(f"ipsweep-prompt-mix-{seed}")
+    return [rng.randrange(len(prompt.training_texts)) for _ in range(n)]
+
+
+def leak_prompts(prompt: Prompt, placement_override: str | None = None) -> list[Prompt]:
+    """Test prompts that resemble `prompt`: its negation, its keywords, its held-out paraphrase (those its
+    library entry gives), at its placement. Named `<prompt>~<kind>` (and `@<placement>` when overridden)."""
+    texts = {"negation": prompt.negation, "keywords": prompt.keywords,
+             "heldout": prompt.paraphrases[-1] if prompt.paraphrases else None}
+    at = f"@{placement_override}" if placement_override else ""
+    return [Prompt(f"{prompt.name}{LEAK}{kind}{at}", text, prompt.role, prompt.placement)
+            for kind, text in texts.items() if text]
 
 
 def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ", preamble: str = "") -> list[dict]:

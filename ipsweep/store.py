@@ -30,8 +30,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 # 5: scorers follow the authors' rules (gcd detectors and number extraction; toxic_persuasion pair selection),
 # code is scored per test on a CPU-time budget with a `timeout` outcome that is never a reward hack.
 SIGNATURE_VERSION = 5
-EXCLUDED = ("logger", "name", "store_dir", "prompt", "train.epochs", "train.gradient_checkpointing", "eval.batch_size",
-            "setting.prompts", "eval.extra_test_prompts", "eval.test_grid")
+# prompt_mode and prompt_placement enter through the training prompt (below), so a control, which has none,
+# is the same run in every mode and placement of a sweep.
+EXCLUDED = ("logger", "name", "store_dir", "prompt", "prompt_placement", "train.epochs", "train.gradient_checkpointing",
+            "train.prompt_mode", "eval.batch_size", "setting.prompts", "eval.extra_test_prompts", "eval.test_grid",
+            "eval.leak_tests")
 
 
 def without(data: dict, *keys: str) -> dict:
@@ -53,6 +56,8 @@ def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
     data = without(OmegaConf.to_container(cfg, resolve=True), *EXCLUDED)
     p = train_prompt
     data["prompt"] = {"name": p.name, "text": p.text, "role": p.role, "placement": p.placement}
+    if p.mode == "mixed":
+        data["prompt"].update(mode=p.mode, texts=list(p.training_texts))
     data["inputs"] = inputs or {}
     data["signature_version"] = SIGNATURE_VERSION
     return data

@@ -169,7 +169,8 @@ def log_analysis(result: dict, *, project: str, mode: str, entity: str | None = 
         run = wandb.init(project=project, entity=entity, group=group, job_type="analysis", name=f"{group}-analysis",
                          id=f"analysis-{digest(str(Path(result['out_dir']).resolve()))}", resume="allow",
                          mode=mode, dir=str(result["out_dir"]), reinit="create_new")
-        names = ("table", "effects", "effects_per_seed", "elicitation", "correlations", "influence", "power", "by_test_prompt")
+        names = ("table", "effects", "effects_per_seed", "elicitation", "correlations", "influence", "power", "by_test_prompt",
+                 "leaks", "frontier")
         tables = {k: result[k] for k in names if k in result}
         run.log({**{f"analysis/{k}": wandb.Table(dataframe=_typed(v)) for k, v in tables.items() if not v.empty},
                  **{f"plots/{k}": wandb.Image(str(v)) for k, v in result["plots"].items()}})

@@ -22,7 +22,7 @@ def test_results_md_agrees_with_the_committed_csvs():
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
 def test_committed_csvs_are_what_analyze_makes_of_the_committed_records(experiment, tmp_path):
     analyze(experiment, tmp_path)
-    for name in ("conditions", "effects", "correlations", "influence", "elicitation", "power"):
+    for name in ("conditions", "effects", "correlations", "influence", "elicitation", "power", "frontier", "leaks"):
         committed, fresh = (_read(d / f"{name}.csv") for d in (experiment / "analysis", tmp_path))
         pd.testing.assert_frame_equal(committed, fresh, check_exact=False, rtol=1e-9, obj=f"{experiment.name}/{name}.csv")
 
