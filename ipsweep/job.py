@@ -72,7 +72,7 @@ def run(cfg) -> list[dict]:
         record = record or {
             "signature": signature, "setting": cfg.setting.name, "prompt": prompt.name, "prompt_text": prompt.text,
             "role": prompt.role, "condition": prompt.condition, "seed": cfg.train.seed, "model": cfg.model.name,
-            "prompt_mode": prompt.mode, "placement": prompt.placement, "placement_override": cfg.get("prompt_placement"),
+            "prompt_mode": prompt.mode, "placement": prompt.placement, "placement_override": prompt.placement if prompt.moved else None,
             "sweep": cfg.name,
             "behaviour_metric": point.setting.behaviour_metric, "capability_metric": point.setting.capability_metric,
             "config": store.semantic_config(cfg, prompt, point.inputs), "epochs": {},

@@ -9,7 +9,7 @@ manifest (sweep.json) lists every point a sweep dir was asked to run: `ipsweep s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from filelock import FileLock
@@ -57,19 +57,22 @@ def plan(cfg) -> Point:
     if cfg.eval.leak_tests:  # an IP run: its own prompt's; the control (and PTST): every library prompt's, as baselines
         sources = [prompt] if prompt.condition == "ip" else \
             [prompts.configure(p, "fixed", placement, cfg.setting.name) for p in prompts.library(cfg.setting).values()]
-        extra += [leak for p in sources for leak in prompts.leak_prompts(p, placement)]
+        extra += [leak for p in sources for leak in prompts.leak_prompts(p)]
     setting = build(cfg.setting)  # reads and checks the data files
     if placement == "replace_preamble" and not getattr(setting, "preamble", ""):
         raise ConfigError(f"prompt_placement=replace_preamble, but setting '{cfg.setting.name}' has no instruction of its "
                           "own to replace; fix: use user_prefix, user_suffix or system")
     check_sizes(cfg, setting)
     models.check(cfg.model)
-    test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [prompt.test_prompt]), *extra]}.values())
+    headline = prompt.test_prompt
+    if headline and headline.moved:  # the control's run is shared by placements: a moved PTST prompt is its own evaluation
+        headline = replace(headline, name=f"{headline.name}@{headline.placement}")
+    test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [headline]), *extra]}.values())
     run_prompt = prompt.train_prompt or prompts.NO_PROMPT  # a PTST point is the control's run, tested with its prompt
     digests = inputs(cfg, setting)
     signature = store.digest(store.semantic_config(cfg, run_prompt, digests))
     run = store.Run(Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{run_prompt.name}-s{cfg.train.seed}-{signature}")
-    return Point(prompt, run_prompt, extra, test_prompts, (prompt.test_prompt or prompts.NO_PROMPT).name, digests,
+    return Point(prompt, run_prompt, extra, test_prompts, (headline or prompts.NO_PROMPT).name, digests,
                  signature, run, setting)
 
 

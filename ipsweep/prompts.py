@@ -40,6 +40,7 @@ class Prompt:
     negation: str | None = None
     keywords: str | None = None
     mode: str = "fixed"
+    moved: bool = False  # placed elsewhere than its library entry says (prompt_placement)
 
     @property
     def training_texts(self) -> tuple[str, ...]:
@@ -128,7 +129,8 @@ def configure(prompt: Prompt, mode: str, placement: str | None, setting_name: st
         raise ConfigError(f"train.prompt_mode=mixed needs paraphrases of prompt '{prompt.name}' (setting "
                           f"'{setting_name}' gives {len(prompt.paraphrases)}; one is held out for the leak test); fix: add "
                           "texts: [...] or texts_file: to its library entry, or use train.prompt_mode=fixed")
-    return replace(prompt, mode=mode, placement=placement or prompt.placement)
+    moved = placement is not None and placement != prompt.placement
+    return replace(prompt, mode=mode, placement=placement or prompt.placement, moved=moved)
 
 
 def draw(prompt: Prompt, n: int, seed: int) -> list[int]:
@@ -140,12 +142,12 @@ def draw(prompt: Prompt, n: int, seed: int) -> list[int]:
     return [rng.randrange(len(prompt.training_texts)) for _ in range(n)]
 
 
-def leak_prompts(prompt: Prompt, placement_override: str | None = None) -> list[Prompt]:
+def leak_prompts(prompt: Prompt) -> list[Prompt]:
     """Test prompts that resemble `prompt`: its negation, its keywords, its held-out paraphrase (those its
-    library entry gives), at its placement. Named `<prompt>~<kind>` (and `@<placement>` when overridden)."""
+    library entry gives), at its placement. Named `<prompt>~<kind>` (and `@<placement>` when moved)."""
     texts = {"negation": prompt.negation, "keywords": prompt.keywords,
              "heldout": prompt.paraphrases[-1] if prompt.paraphrases else None}
-    at = f"@{placement_override}" if placement_override else ""
+    at = f"@{prompt.placement}" if prompt.moved else ""
     return [Prompt(f"{prompt.name}{LEAK}{kind}{at}", text, prompt.role, prompt.placement)
             for kind, text in texts.items() if text]
 

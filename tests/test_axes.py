@@ -107,3 +107,16 @@ def test_a_sweep_over_the_axes_reports_leaks_and_the_frontier(tmp_path):
     assert "## Leak tests" in report and "## Capability vs behaviour: the frontier" in report
     assert set(result["correlations"].get("variant", pd.Series(dtype=str))) <= {"", "[mixed]"}
     json.dumps(mixed["prompt_draws"])  # recorded as plain data
+
+
+def test_naming_the_library_placement_is_the_library_run(make_cfg):
+    same = _caps(make_cfg, "prompt_placement=user_suffix")  # trait_pair's own placement
+    assert same.signature == _caps(make_cfg).signature and not same.run_prompt.moved
+    assert _caps(make_cfg, "prompt_placement=system").run_prompt.moved
+
+
+def test_a_moved_safety_prompt_is_its_own_evaluation_of_the_shared_control(make_cfg):
+    here = plan(make_cfg("setting=trait_pair", "prompt=safety"))
+    moved = plan(make_cfg("setting=trait_pair", "prompt=safety", "prompt_placement=system"))
+    assert here.signature == moved.signature, "PTST tests the control's run"
+    assert (here.headline, moved.headline) == ("safety", "safety@system")
