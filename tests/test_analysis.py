@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import wandb_offline_runs
 from ipsweep.analysis import analyze
 from ipsweep.errors import ConfigError
 from ipsweep.evaluate import rate
@@ -208,6 +209,8 @@ def test_analysing_again_updates_the_one_wandb_analysis_run_with_typed_tables(sw
         assert log_analysis(result, project="p", mode="offline")
     runs = sorted((sweep / "analysis" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, "one run id: the same W&B run"
+    logged = {k.rsplit("/", 1)[0] for run in wandb_offline_runs(sweep / "analysis" / "wandb") for row in run["history"] for k in row}
+    assert {"analysis/frontier", "plots/frontier", "analysis/effects"} <= logged, "the frontier is on the dashboard"
     typed = _typed(result["effects"])
     assert typed.effect.dtype.kind == "f" and typed.seeds.dtype.kind == "i" and typed.effect_ci.map(type).eq(str).all()
 
