@@ -272,6 +272,7 @@ def leak_table(records: list[dict], its: pd.DataFrame) -> pd.DataFrame:
         part = pd.concat(parts)
         r = st.rate_interval(_matrix(part[part.item.isin(ids)], ids))
         prompt, _, kind = test_prompt.partition(prompts.LEAK)
+        kind = kind.partition("@")[0]  # a moved prompt's leak tests: the arm's name says where
         out.append({"setting": setting, "model": g.model.iloc[0], "design": design, "arm": a, "epoch": epoch,
                     "leak_of": prompt, "leak": kind, "test_prompt": test_prompt, "seeds": g.seed.nunique() if a != "base" else 0,
                     "behaviour_metric": part.metric.iloc[0], "behaviour": r["estimate"], "behaviour_lo": r["lo"],
@@ -282,19 +283,21 @@ def leak_table(records: list[dict], its: pd.DataFrame) -> pd.DataFrame:
 
 
 def frontier_table(conditions: pd.DataFrame) -> pd.DataFrame:
-    """The condition table with `on_frontier`: per setting, design and epoch, an arm is on the capability vs
-    behaviour frontier when no other arm of that epoch (the untrained model included) has both less
-    behaviour and more capability, one of them strictly. Point estimates; the CIs are beside them."""
+    """The condition table with `on_frontier`: per setting, design and epoch, a trained arm (control, IP,
+    PTST) is on the capability vs behaviour frontier when no other trained arm of that epoch has both less
+    behaviour and more capability, one of them strictly. The untrained model (`base`) is shown beside them
+    as the reference, not a candidate: no fine-tuning recipe yields it. Point estimates; CIs beside them."""
     if conditions.empty or "capability" not in conditions or "behaviour" not in conditions:
         return pd.DataFrame()
     out = []
     for (setting, design), g in conditions.groupby(["setting", "design"]):
         base = g[g.arm == "base"]
         for epoch in sorted(e for e in g.epoch.unique() if e > 0):
-            pts = pd.concat([base, g[g.epoch == epoch]]).dropna(subset=["behaviour", "capability"]).assign(panel=epoch)
-            b, c = pts.behaviour.to_numpy(float), pts.capability.to_numpy(float)
-            pts["on_frontier"] = [not any((b <= b[i]) & (c >= c[i]) & ((b < b[i]) | (c > c[i]))) for i in range(len(pts))]
-            out.append(pts)
+            arms = g[g.epoch == epoch].dropna(subset=["behaviour", "capability"])
+            b, c = arms.behaviour.to_numpy(float), arms.capability.to_numpy(float)
+            arms = arms.assign(on_frontier=[not any((b <= b[i]) & (c >= c[i]) & ((b < b[i]) | (c > c[i])))
+                                            for i in range(len(arms))])
+            out.append(pd.concat([base.assign(on_frontier=False), arms]).assign(panel=epoch))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
@@ -315,7 +318,7 @@ def plot_frontier(frontier: pd.DataFrame, path: Path) -> Path | None:
                         markersize=7 if row.on_frontier else 5, markeredgecolor="red" if row.on_frontier else None, **style)
         edge = t[t.on_frontier].sort_values("behaviour")
         ax.plot(edge.behaviour, edge.capability, color="red", linewidth=1, alpha=0.6)
-        ax.set_title(f"{setting}, epoch {epoch} (red: frontier; base = untrained)", fontsize=9)
+        ax.set_title(f"{setting}, epoch {epoch} (red: frontier of the trained arms; base = untrained)", fontsize=9)
         ax.set_xlabel(f"behaviour: {t.behaviour_metric.dropna().iloc[0]} (lower is better)")
         ax.set_ylabel(f"capability: {t.capability_metric.dropna().iloc[0]} (higher is better)")
         ax.set_xlim(-0.02, 1.02)
@@ -678,8 +681,8 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
         f"![behaviour rate by condition and epoch]({plot.name})", "",
         "## Capability vs behaviour: the frontier",
         "Each arm per epoch as a point (capability, behaviour) with the 95% CIs of the condition table, beside the",
-        "control and the untrained model (`base`). `on_frontier`: no other point of the epoch has both less behaviour",
-        "and more capability. A single effect number hides this trade-off; read the two together.", "",
+        "control and the untrained model (`base`, the reference). `on_frontier`: no other trained arm of the epoch has",
+        "both less behaviour and more capability. A single effect number hides this trade-off; read the two together.", "",
         show(frontier[frontier.on_frontier] if not frontier.empty else frontier,
              ["setting", "panel", "arm", "behaviour", "behaviour_ci", "capability", "capability_ci"]), "",
         *([f"![capability vs behaviour]({plots['frontier'].name})", ""] if plots.get("frontier") else []),
@@ -687,7 +690,7 @@ def analyze(sweep_dirs: str | Path | list, out_dir: str | Path | None = None, n_
         "Behaviour of each arm with a prompt resembling the IP inserted at test time: its negation (`negation`), its",
         "keywords (`keywords`), a paraphrase held out from training (`heldout`); `eval.leak_tests=true` runs them. The",
         "control under the same prompt is the baseline; `base` the untrained model. Same intervals as above.", "",
-        show(leaks, ["setting", "leak_of", "leak", "arm", "epoch", "seeds", "behaviour", "behaviour_ci", "items"]), "",
+        show(leaks, ["setting", "test_prompt", "arm", "epoch", "seeds", "behaviour", "behaviour_ci", "items"]), "",
         "## Per eval set and group (question type, OOD label), final epoch of each arm",
         "Same intervals as above, within each group; all epochs in groups.csv.", "",
         show(groups[groups.epoch == groups.groupby(["setting", "arm"]).epoch.transform("max")] if not groups.empty else groups,
