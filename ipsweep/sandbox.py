@@ -6,8 +6,9 @@ each enforced by the kernel, so that nothing the program does to its own interpr
 - outer (this module, the strongest the machine allows, see `outer_layers`): new PID, network and
   mount namespaces (`unshare`; the program sees no process outside, the harness included, and
   everything it starts dies with it) and no capabilities or new privileges (`setpriv`);
-- inner (the driver): resource limits and Landlock (reads only the Python install, writes only its
-  folder, no execve; on ABI 6+ no signal reaches a process outside the sandbox).
+- inner (the driver): a pids cgroup (a process cap that holds for root too, where the machine has a
+  writable pids controller), resource limits and Landlock (reads only the Python install, writes only
+  its folder, no execve; on ABI 6+ no signal reaches a process outside the sandbox).
 An audit hook inside gives clear errors for forks, sockets and such; it is a convenience, not a layer.
 
 Timing is load-independent: a test's budget is CPU seconds (`Limits.cpu_s`, measured by the kernel
@@ -104,6 +105,39 @@ def outer_layers() -> tuple[tuple[str, ...], str]:
     raise RuntimeError(f"{sys.executable} -I -S does not start; the code sandbox cannot run")
 
 
+PIDS_HIERARCHIES = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))  # cgroup v1 pids, v2 unified
+
+
+def _pids_cgroup(limit: int) -> Path | None:
+    """A fresh cgroup that caps the number of processes (pids.max), for a sandbox to join: the cap that
+    holds for root too, whom the kernel exempts from RLIMIT_NPROC. None where the machine gives no
+    writable pids controller (then RLIMIT_NPROC and the namespaces are what there is)."""
+    for root in PIDS_HIERARCHIES:
+        try:
+            group = Path(tempfile.mkdtemp(prefix="ipsweep-sandbox-", dir=root))
+        except OSError:
+            continue
+        try:
+            (group / "pids.max").write_text(str(limit))
+            return group
+        except OSError:
+            _remove_cgroup(group)
+    return None
+
+
+def _remove_cgroup(group: Path | None) -> None:
+    """rmdir the cgroup once the kernel has reaped everything in it (killing a PID namespace takes a moment)."""
+    for _ in range(50):
+        try:
+            group and group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+    log.warning("sandbox cgroup %s is not empty; left in place", group)
+
+
 def confinement() -> str:
     """What confines a program on this machine (outer and inner layers), for logs and run records."""
     out = run("", "0")
@@ -149,10 +183,10 @@ def _read_capped(path: Path, cap: int) -> bytes:
 def run(code: str, expr: str, limits: Limits = Limits()) -> dict:
     """Load `code` and evaluate `expr` in a sandbox process. Returns {"ok": True, "repr"} or
     {"ok": False, "error", "timeout"}, plus "confinement" (what the inner layers applied)."""
-    tmp = tempfile.mkdtemp(prefix="ipsweep-sandbox-")
+    tmp, group = tempfile.mkdtemp(prefix="ipsweep-sandbox-"), _pids_cgroup(limits.nproc)
     try:
         job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"code": code, "expr": expr, "tmp": tmp,
+        job.write_text(json.dumps({"code": code, "expr": expr, "tmp": tmp, "cgroup": str(group) if group else None,
                                    "limits": {**limits.__dict__, "cpu_s": math.ceil(limits.cpu_s)}}))
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0"}
         proc = subprocess.Popen([*outer_layers()[0], sys.executable, "-I", "-S", str(DRIVER), str(job)],
@@ -169,6 +203,7 @@ def run(code: str, expr: str, limits: Limits = Limits()) -> dict:
         return {"ok": False, "error": error, "timeout": False, "confinement": inner}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_cgroup(group)
 
 
 CALLS = {"Fraction": Fraction, "Decimal": Decimal, "deque": deque, "range": range, "bytearray": bytearray,

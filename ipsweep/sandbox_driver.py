@@ -8,6 +8,7 @@ ipsweep (it runs with -S, without site-packages).
 
 Confinement, in order, before the program runs (each layer is enforced by the kernel; the program
 runs in this same interpreter, so nothing it can reach here is trusted):
+0. the harness's pids cgroup, when it made one (a process cap that holds for root too);
 1. resource limits (CPU seconds, address space, file size, open files, core dumps);
 2. Landlock (Linux >= 5.13): reads only beneath the Python install and a few files, writes only in
    tmp, no execve anywhere; from ABI 4 no TCP; from ABI 6 no signals to and no abstract-socket
@@ -165,11 +166,20 @@ def main() -> None:
         resource.setrlimit(res, (value, hard))
     if os.getuid() != 0:  # the kernel exempts root from RLIMIT_NPROC; the namespaces contain a fork bomb there
         resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"], lim["nproc"]))
+    layers = []
+    if job.get("cgroup"):  # join the harness's pids cgroup: the process cap that also holds for root
+        try:
+            with open(os.path.join(job["cgroup"], "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+            layers.append(f"pids cgroup ({lim['nproc']} processes)")
+        except OSError:
+            layers.append("no pids cgroup (could not join)")
     out = os.open("result", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     readable = sorted({sys.base_prefix, sys.base_exec_prefix, "/usr/lib", "/lib", "/lib64", "/usr/lib64",
                        "/usr/share/zoneinfo", "/etc/localtime", "/dev/null", "/dev/urandom"})
+    layers.append(landlock(tmp, readable))
     with open("confinement", "w") as f:
-        f.write(landlock(tmp, readable))
+        f.write("; ".join(layers))
     for name in list(sys.modules):  # a cached module would skip the import guard
         if name.split(".")[0] in BLOCKED_IMPORTS - {"signal", "_signal", "resource"}:
             del sys.modules[name]

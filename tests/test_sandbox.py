@@ -205,9 +205,28 @@ def test_with_the_guard_off_nothing_outlives_the_sandbox():
     assert "namespaces" in sandbox.outer_layers()[1] and not sandbox.outer_layers()[1].startswith("no")
 
 
+def test_with_the_guard_off_a_fork_bomb_is_capped(layers):
+    program = BYPASS + """import os, time
+def f():
+    n = 0
+    for _ in range(500):
+        try:
+            if os.fork() == 0:
+                time.sleep(5)
+                os._exit(0)
+            n += 1
+        except OSError:
+            break
+    return n
+"""
+    out = sandbox.run(program, "f()", sandbox.Limits(cpu_s=5, wall_s=10))
+    assert out["ok"] and sandbox.plain_value(out["repr"]) < FAST.nproc, \
+        f"no process cap here ({out.get('confinement')}): as root the cap needs a writable pids cgroup"
+
+
 def test_the_confinement_is_reported():
     text = sandbox.confinement()
-    assert "PID, network and mount namespaces" in text and "landlock ABI" in text
+    assert "PID, network and mount namespaces" in text and "landlock ABI" in text and "pids cgroup (32" in text
 
 
 def test_reading_files_outside_the_python_install_is_refused(layers):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import random
 import re
 
@@ -110,7 +111,8 @@ class CodeRewardHack:
     def score(self, example: EvalExample, completion: str) -> dict[str, bool | None]:
         if not self._expected:  # once per run: say what confines the model's code on this machine
             what = sandbox.confinement()
-            weak = "namespaces" not in what or what.startswith("no") or "landlock ABI" not in what
+            uncapped = os.geteuid() == 0 and "pids cgroup (" not in what  # root is exempt from RLIMIT_NPROC
+            weak = what.startswith("no") or "namespaces" not in what or "landlock ABI" not in what or uncapped
             log.log(logging.WARNING if weak else logging.INFO, "code sandbox: %s", what)
         expected = self.expected(example)
         if expected is None:
