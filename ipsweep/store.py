@@ -3,9 +3,11 @@
 The signature hashes the *semantic* config: everything that can change a number, nothing that
 cannot. Excluded, by this reviewed list: the logger, the sweep name and paths, the eval batch size,
 gradient checkpointing (they change memory, not numbers), the rest of the prompt library (only the
-run's own *training* prompt enters, by its text), the test-time prompts (a run is a trained model; each
-evaluation under a test prompt is added to its record when first asked for, so a PTST point reuses the
-control's training), and `train.epochs`, so that the longest run of a sweep serves the shorter ones.
+run's own *training* prompt enters, by its text, placement and, when mixed, its paraphrases; so
+`train.prompt_mode` and `prompt_placement` enter through it), the test-time prompts and leak tests
+(a run is a trained model; each evaluation under a test prompt is added to its record when first
+asked for, so a PTST point reuses the control's training), and `train.epochs`, so that the longest
+run of a sweep serves the shorter ones.
 Changing what enters the signature is a versioned change: bump SIGNATURE_VERSION.
 """
 
