@@ -234,8 +234,8 @@ def test_ctrl_c_ends_with_one_line_and_no_traceback(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "launch.py"), *[a for a in TINY if not a.startswith("train.epochs")],
            "train.epochs=200", f"hydra.run.dir={sweep}", f"hydra.sweep.dir={sweep}", f"elicit.cache_dir={tmp_path / 'ec'}"]
-    # What this pytest process does with SIGINT is inherited by the job it starts (an ignored or blocked SIGINT
-    # survives exec): seen in full runs, where the job then ran to the end. Start it as a terminal would.
+    # An ignored SIGINT survives exec: a shell starts a background job (`pytest ... &`, as CI may) with SIGINT
+    # ignored, and the job this test starts would inherit that and run to the end. Start it as a terminal would.
     inherited = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
 
     def as_from_a_terminal():
