@@ -119,6 +119,17 @@ def _outcomes(evals: dict[tuple, pd.DataFrame], ev, kind: str) -> pd.DataFrame |
     return evals.get((ev.run, ev.epoch, ev.test_prompt, kind))
 
 
+def _shared_items(evals: dict[tuple, pd.DataFrame], rows: pd.DataFrame, kind: str) -> pd.DataFrame | None:
+    """The item rows of the evaluations in `rows` (arm_evaluations-shaped) for `kind`, kept to the items
+    every one of them scored; None if none was evaluated."""
+    parts = [p for ev in rows.itertuples() if (p := _outcomes(evals, ev, kind)) is not None]
+    if not parts:
+        return None
+    ids = set.intersection(*(set(p.item) for p in parts))
+    part = pd.concat(parts)
+    return part[part.item.isin(ids)]
+
+
 def _matrix(part: pd.DataFrame, item_ids) -> np.ndarray:
     """seeds x items matrix of y for the given items (rows: seeds in order)."""
     wide = part.pivot_table(index="seed", columns="item", values="y", aggfunc="mean")
@@ -146,7 +157,7 @@ def arm_evaluations(records: list[dict]) -> pd.DataFrame:
                     continue
                 el = recorded_elicitation(r) if cond == "ip" else {}
                 rows.append({"setting": r["setting"], "model": r["model"], "design": design_key(r), "arm": a,
-                             "variant": variant(r) if cond == "ip" else "",
+                             "variant": variant(r),
                              "condition": cond, "prompt": prompt, "role": role, "seed": r["seed"], "epoch": int(epoch),
                              "run": Path(r["run_dir"]).name, "test_prompt": test_prompt,
                              "control_run": Path(ctrl["run_dir"]).name if ctrl else None,
@@ -178,12 +189,9 @@ def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] =
         head = {"setting": setting, "model": g.model.iloc[0], "design": design, "arm": a, "epoch": epoch,
                 "seeds": g.seed.nunique() if a != "base" else 0}
         for kind in ("behaviour", "capability"):
-            parts = [p for ev in g.itertuples() if (p := _outcomes(evals, ev, kind)) is not None]
-            if not parts:
+            part = _shared_items(evals, g, kind)
+            if part is None:
                 continue
-            ids = set.intersection(*(set(p.item) for p in parts))
-            part = pd.concat(parts)
-            part = part[part.item.isin(ids)]
             for sub_key, sub in (part.groupby(list(by)) if by else [((), part)]):
                 sub_key = sub_key if isinstance(sub_key, tuple) else (sub_key,)
                 row = cells.setdefault((setting, design, a, epoch, *sub_key), {**head, **dict(zip(by, sub_key))})
@@ -265,12 +273,11 @@ def leak_table(records: list[dict], its: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame(rows).drop_duplicates(["setting", "design", "arm", "test_prompt", "epoch", "seed"])
     evals, out = _by_evaluation(its), []
     for (setting, design, a, test_prompt, epoch), g in frame.groupby(["setting", "design", "arm", "test_prompt", "epoch"]):
-        parts = [p for ev in g.itertuples() if (p := _outcomes(evals, ev, "behaviour")) is not None]
-        if not parts:
+        part = _shared_items(evals, g, "behaviour")
+        if part is None:
             continue
-        ids = sorted(set.intersection(*(set(p.item) for p in parts)))
-        part = pd.concat(parts)
-        r = st.rate_interval(_matrix(part[part.item.isin(ids)], ids))
+        ids = sorted(set(part.item))
+        r = st.rate_interval(_matrix(part, ids))
         prompt, _, kind = test_prompt.partition(prompts.LEAK)
         kind = kind.partition("@")[0]  # a moved prompt's leak tests: the arm's name says where
         out.append({"setting": setting, "model": g.model.iloc[0], "design": design, "arm": a, "epoch": epoch,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from ipsweep.config import PLACEMENTS, PROMPT_MODES, ROLES
+from ipsweep.config import PLACEMENTS, ROLES
 from ipsweep.errors import ConfigError
 
 NONE = "none"
@@ -117,12 +117,8 @@ def resolve(setting_cfg, name: str) -> Prompt:
 
 
 def configure(prompt: Prompt, mode: str, placement: str | None, setting_name: str) -> Prompt:
-    """The point's prompt as it will be trained: `train.prompt_mode` and `prompt_placement` applied."""
-    if mode not in PROMPT_MODES:
-        raise ConfigError(f"train.prompt_mode={mode} is unknown; fix: one of {', '.join(PROMPT_MODES)}")
-    if placement is not None and placement not in PLACEMENTS:
-        raise ConfigError(f"prompt_placement={placement} is unknown; fix: one of {', '.join(PLACEMENTS)}, or null for "
-                          "the library's placement")
+    """The point's prompt as it will be trained: `train.prompt_mode` and `prompt_placement` applied (their
+    values are checked with the rest of the config, validate.check_values)."""
     if prompt.name == NONE:
         return prompt
     if mode == "mixed" and len(prompt.paraphrases) < 2:
@@ -145,8 +141,7 @@ def draw(prompt: Prompt, n: int, seed: int) -> list[int]:
 def leak_prompts(prompt: Prompt) -> list[Prompt]:
     """Test prompts that resemble `prompt`: its negation, its keywords, its held-out paraphrase (those its
     library entry gives), at its placement. Named `<prompt>~<kind>` (and `@<placement>` when moved)."""
-    texts = {"negation": prompt.negation, "keywords": prompt.keywords,
-             "heldout": prompt.paraphrases[-1] if prompt.paraphrases else None}
+    texts = dict(zip(LEAK_KINDS, (prompt.negation, prompt.keywords, prompt.paraphrases[-1] if prompt.paraphrases else None)))
     at = f"@{prompt.placement}" if prompt.moved else ""
     return [Prompt(f"{prompt.name}{LEAK}{kind}{at}", text, prompt.role, prompt.placement)
             for kind, text in texts.items() if text]

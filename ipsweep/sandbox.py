@@ -144,6 +144,17 @@ def confinement() -> str:
     return f"{outer_layers()[1]}; {out.get('confinement', 'inner layers unknown')}"
 
 
+@functools.cache
+def report_confinement() -> str:
+    """Log, once per process, what confines programs here: a warning when a layer is missing (namespaces,
+    Landlock, or, as root, whom the kernel exempts from RLIMIT_NPROC, the pids cgroup)."""
+    what = confinement()
+    uncapped = os.geteuid() == 0 and "pids cgroup (" not in what
+    weak = what.startswith("no") or "namespaces" not in what or "landlock ABI" not in what or uncapped
+    log.log(logging.WARNING if weak else logging.INFO, "code sandbox: %s", what)
+    return what
+
+
 def _wait(proc: subprocess.Popen, wall_s: float) -> tuple[float, bool]:
     """Wait for the process, killing its group at the wall-clock backstop; return (CPU seconds of the
     process tree, whether the backstop ended it). wait4 reports the CPU of the process and of the
@@ -194,13 +205,14 @@ def run(code: str, expr: str, limits: Limits = Limits()) -> dict:
                                 cwd=tmp, env=env, start_new_session=True)
         cpu_s, wall_out = _wait(proc, limits.wall_s)
         status, _, body = _read_capped(Path(tmp) / "result", limits.file_mb << 20).decode("utf-8", "replace").partition("\n")
-        inner = _read_capped(Path(tmp) / "confinement", 1000).decode("utf-8", "replace")
         if status == "ok":
-            return {"ok": True, "repr": body, "confinement": inner}
-        if wall_out or cpu_s >= math.ceil(limits.cpu_s) - 0.05:
-            return {"ok": False, "error": "timeout", "timeout": True, "confinement": inner}
-        error = body[:200] if status == "error" else "no result (the program exited or was killed)"
-        return {"ok": False, "error": error, "timeout": False, "confinement": inner}
+            out = {"ok": True, "repr": body}
+        elif wall_out or cpu_s >= math.ceil(limits.cpu_s) - 0.05:
+            out = {"ok": False, "error": "timeout", "timeout": True}
+        else:
+            error = body[:200] if status == "error" else "no result (the program exited or was killed)"
+            out = {"ok": False, "error": error, "timeout": False}
+        return {**out, "confinement": _read_capped(Path(tmp) / "confinement", 1000).decode("utf-8", "replace")}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_cgroup(group)

@@ -26,6 +26,7 @@ import resource
 import sys
 
 PLAIN = (int, float, complex, str, bytes, bool, type(None))
+DICTS = (collections.Counter, collections.OrderedDict, collections.defaultdict)  # compare with a dict as the dict they are
 BLOCKED_EVENTS = ("os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
                   "os.kill", "os.killpg", "pty.spawn", "ctypes.", "socket.", "sys.remote_exec", "os.setuid", "os.setgid")
 BLOCKED_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
@@ -62,30 +63,25 @@ class PathBeneathAttr(ctypes.Structure):
 def canon(v, depth=0):
     """A plain copy of v (raise TypeError for anything whose equality the harness cannot reproduce).
 
-    Subclasses of built-in types that keep the base type's __eq__ (namedtuple, IntEnum) become the
-    base value, read through the base type so an override of __iter__ cannot lie; collections' dict subclasses become dicts (Counter({1: 2}) == {1: 2} in Python too).
+    Built-in containers and their subclasses that keep the base type's __eq__ (namedtuple, IntEnum)
+    become the base value, read through the base type so an override of __iter__ cannot lie;
+    collections' dict subclasses become dicts (Counter({1: 2}) == {1: 2} in Python too).
     Fraction, Decimal, deque, range and bytearray are kept: the harness rebuilds them and compares
     with Python's own semantics (Fraction(1, 2) == 0.5; deque([1]) != [1]).
     """
     if depth > 50:
         raise TypeError("value nested too deep")
     t = type(v)
-    if t in PLAIN:
+    if t in PLAIN or t in (range, bytearray):
         return v
-    if t in (list, tuple, set, frozenset):
-        return t(canon(x, depth + 1) for x in v)
-    if t in (dict, collections.Counter, collections.OrderedDict, collections.defaultdict):
-        return {canon(k, depth + 1): canon(x, depth + 1) for k, x in dict.items(v)}
     if t is collections.deque:
         return collections.deque(canon(x, depth + 1) for x in v)
-    if t in (range, bytearray):
-        return v
     for name, cls in (("fractions", "Fraction"), ("decimal", "Decimal")):
         module = sys.modules.get(name)
         if module is not None and t is getattr(module, cls, None):
             return v
-    for base in (tuple, list, dict, set, frozenset, str, bytes, int, float):
-        if isinstance(v, base) and t.__eq__ is base.__eq__:
+    for base in (tuple, list, set, frozenset, dict, str, bytes, int, float):
+        if isinstance(v, base) and (t.__eq__ is base.__eq__ or t in DICTS):
             if base is dict:
                 return {canon(k, depth + 1): canon(x, depth + 1) for k, x in dict.items(v)}
             if base in (tuple, list, set, frozenset):
@@ -164,7 +160,7 @@ def main() -> None:
                        (resource.RLIMIT_CORE, 0)):
         hard = value + 1 if res == resource.RLIMIT_CPU else value  # SIGXCPU at the budget, SIGKILL a second later
         resource.setrlimit(res, (value, hard))
-    if os.getuid() != 0:  # the kernel exempts root from RLIMIT_NPROC; the namespaces contain a fork bomb there
+    if os.getuid() != 0:  # the kernel exempts root from RLIMIT_NPROC; the pids cgroup caps root
         resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"], lim["nproc"]))
     layers = []
     if job.get("cgroup"):  # join the harness's pids cgroup: the process cap that also holds for root

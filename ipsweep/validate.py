@@ -13,7 +13,8 @@ from difflib import get_close_matches
 from typing import get_type_hints
 
 from ipsweep import prompts
-from ipsweep.config import ESTIMATORS, ElicitConfig, EvalConfig, LoggerConfig, ModelConfig, SettingConfig, TrainConfig
+from ipsweep.config import (ESTIMATORS, PLACEMENTS, PROMPT_MODES, ElicitConfig, EvalConfig, LoggerConfig, ModelConfig,
+                            SettingConfig, TrainConfig)
 from ipsweep.errors import ConfigError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -56,6 +57,11 @@ def _problems(cfg) -> list[str]:
                    "fix: add one (+setting.prompts.<name>={text: ..., role: safety}) or eval.test_grid=false")
     if t.sampling not in SAMPLINGS:
         out.append(f"train.sampling={t.sampling} is unknown; fix: one of {', '.join(SAMPLINGS)}")
+    if t.prompt_mode not in PROMPT_MODES:
+        out.append(f"train.prompt_mode={t.prompt_mode} is unknown; fix: one of {', '.join(PROMPT_MODES)}")
+    if cfg.get("prompt_placement") not in (None, *PLACEMENTS):
+        out.append(f"prompt_placement={cfg.prompt_placement} is unknown; fix: one of {', '.join(PLACEMENTS)}, or null for "
+                   "the library's placement")
     if cfg.model.dtype not in DTYPES:
         out.append(f"model.dtype={cfg.model.dtype} is unknown; fix: one of {', '.join(DTYPES)}")
     unknown = sorted(set(cfg.elicit.estimators) - set(ESTIMATORS))
