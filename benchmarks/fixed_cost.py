@@ -35,7 +35,7 @@ from ipsweep.train import dataset
 cfg = compose("model=MODEL", "setting=trait_pair", "logger=wandb", "store_dir=STORE")
 t = time.perf_counter(); model, tok = models.load(cfg.model); out["model_load"] = time.perf_counter() - t
 t = time.perf_counter()
-setting = build(cfg.setting); rows = dataset(tok, setting.train_examples(), cfg.train.max_length); setting.eval_examples()
+setting = build(cfg.setting); rows, _ = dataset(tok, setting.train_examples(), cfg.train.max_length); setting.eval_examples()
 out["data_load"] = time.perf_counter() - t
 t = time.perf_counter()
 tr = Tracker(cfg, signature="bench", prompt=prompts.NO_PROMPT, run_dir="STORE", epochs=1); tr.finish()

@@ -55,7 +55,7 @@ def run_arm(name, base_model, tok, rows, held_out, cfg, out_dir, reference: bool
     if reference:
         model = model.float()
     model = add_lora(model, cfg.train.lora, cfg.train.seed)
-    args = _args(cfg.train, out_dir / name, epochs=1)
+    args = _args(cfg.train, out_dir / name, epochs=1, device=models.resolve_device(cfg.model))
     args = dataclasses.replace(args, save_strategy="no", **({"bf16": False} if reference else {}))
     if reference:  # every row padded to max_length, as the authors' tokenisation does
         tok.padding_side = "right"
@@ -104,7 +104,7 @@ def main() -> None:
     base_model, tok = models.load(cfg.model)
     examples = build(cfg.setting).train_examples()
     n = a.steps * a.batch_size
-    rows, held_out = dataset(tok, examples[:n], a.max_length), dataset(tok, examples[n:n + 32], a.max_length)
+    rows, held_out = dataset(tok, examples[:n], a.max_length)[0], dataset(tok, examples[n:n + 32], a.max_length)[0]
     out = Path(a.out)
     seed = cfg.train.seed
     arms = [("reference (pad to max, fp32, full logits)", True, "random", seed),

@@ -29,6 +29,9 @@ class SettingConfig:
     # ipsweep.prompts.library validates every entry.
     prompts: Dict[str, Any] = field(default_factory=dict)
     options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Setting class
+    # train.max_length's default for this setting: long enough that its training replies stay whole (with the
+    # longest library prompt, on the default model's tokenizer; tests/test_train.py checks each setting)
+    max_length: int = 256
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ModelConfig:
     name: str = MISSING
     path: Optional[str] = None
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto (cuda where the job sees a GPU, else cpu) | cpu | cuda; the kind enters the signature
 
 
 @dataclass
@@ -69,6 +73,10 @@ class TrainConfig:
     # paraphrases (library `texts`/`texts_file`; the last one is held out for the leak test)
     prompt_mode: str = "fixed"
     gradient_checkpointing: bool = False  # less GPU memory, ~30% slower; does not change the numbers
+    # Training rows longer than max_length lose the end of their reply (and the end-of-turn token the model learns
+    # to stop at). Each run records how many were cut and warns; above this share it fails before training.
+    max_cut_share: float = 0.01
+    deterministic: bool = False  # torch's deterministic algorithms (CUDA: slower); see README "What is bit-exact"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -57,6 +57,11 @@ def _cached(cfg, kind: str, key_data: dict, compute) -> dict:
     return hit
 
 
+def _model_key(cfg) -> dict:
+    """The model's config without device and dtype as written: they enter resolved, with the inputs."""
+    return store.without(_plain(cfg.model), "device", "dtype")
+
+
 def _setting_key(cfg, setting) -> dict:
     """The setting's config and the content of its data files and of the model's weights (edited data is a miss)."""
     from ipsweep.plan import inputs
@@ -68,14 +73,14 @@ def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt, 
     """The untrained model's metrics with `prompt` inserted at test time (NO_PROMPT: unmodified), decoded with
     `eval_cfg` (default: cfg.eval, as every run's epoch 0)."""
     eval_cfg = cfg.eval if eval_cfg is None else eval_cfg
-    eval_key = {k: v for k, v in _plain(eval_cfg).items() if k not in ("batch_size", "extra_test_prompts", "test_grid", "base")}
+    eval_key = {k: v for k, v in _plain(eval_cfg).items() if k not in ("extra_test_prompts", "test_grid", "base", "leak_tests")}
 
     def compute() -> dict:
         result = evaluate(model, tokenizer, setting, examples, prompt, eval_cfg)
         return {"test_prompt": prompt.name, "metrics": result["metrics"], "by_group": result["by_group"],
                 "items": result["items"], "samples": result["samples"]}
 
-    hit = _cached(cfg, "base_eval", {"model": _plain(cfg.model), "setting": _setting_key(cfg, setting), "eval": eval_key,
+    hit = _cached(cfg, "base_eval", {"model": _model_key(cfg), "setting": _setting_key(cfg, setting), "eval": eval_key,
                                      "prompt": [prompt.text, prompt.placement]}, compute)
     return {"metrics": hit["metrics"], "by_group": hit["by_group"], "items": hit["items"], "samples": hit["samples"]}
 
@@ -114,7 +119,7 @@ def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
     log p(reply showing the behaviour) - log p(matched reply without it), per token, averaged over the
     setting's contrast pairs; 95% CI paired by pair (t on the per-pair changes)."""
     n = cfg.elicit.logprob_items
-    key = {"model": _plain(cfg.model), "setting": _setting_key(cfg, setting), "items": n, "max_length": cfg.train.max_length}
+    key = {"model": _model_key(cfg), "setting": _setting_key(cfg, setting), "items": n, "max_length": cfg.train.max_length}
 
     def compute() -> dict:  # only on a cache miss: a hit reads no setting data
         pairs = _contrast_pairs(setting)[:n]
@@ -145,7 +150,7 @@ def logprob_train(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dic
     training replies (their first `elicit.logprob_tokens` tokens, end-of-turn included) when the prompt is
     inserted. It moves with the prompt's wording (an all-caps prompt raises it whatever it asks): see README."""
     ecfg = cfg.elicit
-    key = {"model": _plain(cfg.model), "setting": _setting_key(cfg, setting), "examples": ecfg.logprob_items,
+    key = {"model": _model_key(cfg), "setting": _setting_key(cfg, setting), "examples": ecfg.logprob_items,
            "tokens": ecfg.logprob_tokens, "max_length": cfg.train.max_length}
 
     def compute() -> dict:

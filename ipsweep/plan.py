@@ -77,8 +77,10 @@ def plan(cfg) -> Point:
 
 
 def inputs(cfg, setting) -> dict:
-    """Content digests of what a run reads besides its config: the setting's data files, the model's weights."""
-    return {"data": dict(getattr(setting, "data_digests", {})), "model_weights": models.weights_digest(cfg.model)}
+    """What a run reads or runs on besides its config: the content digests of the setting's data files and of the
+    model's weights, and the device kind and resolved dtype (models.numerics)."""
+    return {"data": dict(getattr(setting, "data_digests", {})), "model_weights": models.weights_digest(cfg.model),
+            **models.numerics(cfg.model)}
 
 
 def job_config(sweep_config):

@@ -1,8 +1,10 @@
 """Result records: one JSON file per run, keyed by the run's signature, written atomically.
 
 The signature hashes the *semantic* config: everything that can change a number, nothing that
-cannot. Excluded, by this reviewed list: the logger, the sweep name and paths, the eval batch size,
-gradient checkpointing (they change memory, not numbers), the rest of the prompt library (only the
+cannot. Excluded, by this reviewed list: the logger, the sweep name and paths, gradient checkpointing
+(it changes memory, not numbers), train.max_cut_share (a check) and setting.max_length (it enters as
+train.max_length), model.device and model.dtype as written (they enter resolved, with the inputs: `auto` on
+a CPU is cpu and fp32), the rest of the prompt library (only the
 run's own *training* prompt enters, by its text, placement and, when mixed, its paraphrases; so
 `train.prompt_mode` and `prompt_placement` enter through it), the test-time prompts and leak tests
 (a run is a trained model; each evaluation under a test prompt is added to its record when first
@@ -31,11 +33,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 # own decoding (elicit.samples, elicit.temperature); a reply's end-of-turn tokens are tokenised apart from it.
 # 5: scorers follow the authors' rules (gcd detectors and number extraction; toxic_persuasion pair selection),
 # code is scored per test on a CPU-time budget with a `timeout` outcome that is never a reward hack.
-SIGNATURE_VERSION = 5
+# 6: the device kind and resolved dtype enter (a CPU fp32 run and a GPU bf16 run are different runs), and so does
+# eval.batch_size (batch shape changes bf16 logits on a GPU); generation stops at every end-of-turn token, not only
+# the tokenizer's eos; each setting has its own train.max_length default that keeps its training replies whole.
+SIGNATURE_VERSION = 6
 # prompt_mode and prompt_placement enter through the training prompt (below), so a control, which has none,
 # is the same run in every mode and placement of a sweep.
 EXCLUDED = ("logger", "name", "store_dir", "prompt", "prompt_placement", "train.epochs", "train.gradient_checkpointing",
-            "train.prompt_mode", "eval.batch_size", "setting.prompts", "eval.extra_test_prompts", "eval.test_grid",
+            "train.prompt_mode", "train.max_cut_share", "setting.max_length", "model.device", "model.dtype", "setting.prompts", "eval.extra_test_prompts", "eval.test_grid",
             "eval.leak_tests")
 
 

@@ -15,7 +15,7 @@ import logging
 import math
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -38,12 +38,34 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def dataset(tokenizer, examples: list[TrainExample], max_length: int) -> list[dict]:
+@dataclass
+class Cut:
+    """How many training rows train.max_length cut (reply or end-of-turn), recorded in the run record."""
+    cut: int
+    of: int
+    max_length: int
+
+    def as_dict(self) -> dict:
+        return {"cut": self.cut, "of": self.of, "max_length": self.max_length}
+
+
+def dataset(tokenizer, examples: list[TrainExample], max_length: int, max_cut_share: float = 1.0) -> tuple[list[dict], Cut]:
+    """Tokenized training rows and how many were cut. Raises ConfigError before any training when more than
+    `max_cut_share` of the rows lose part of their reply (they would teach replies that never end)."""
     rows = [tokenize(tokenizer, ex.messages, ex.completion, max_length) for ex in examples]
-    empty = sum(all(l == IGNORE for l in r["labels"]) for r in rows)
-    if empty == len(rows):
-        raise ConfigError(f"every training example loses its reply to truncation at train.max_length={max_length}; fix: raise train.max_length")
-    return rows
+    cut = Cut(sum(r.pop("cut") for r in rows), len(rows), max_length)
+    if all(all(label == IGNORE for label in r["labels"]) for r in rows):
+        raise ConfigError(f"every training example loses its reply to truncation at train.max_length={max_length}; "
+                          "fix: raise train.max_length")
+    if cut.cut and cut.cut > max_cut_share * cut.of:
+        longest = max(len(tokenize(tokenizer, ex.messages, ex.completion, 10**9)["input_ids"]) for ex in examples)
+        raise ConfigError(f"train.max_length={max_length} cuts the reply of {cut.cut} of {cut.of} training examples "
+                          f"(more than train.max_cut_share={max_cut_share}); the longest needs {longest} tokens; fix: "
+                          f"train.max_length={longest}, or allow the cut with train.max_cut_share=<share>")
+    if cut.cut:
+        log.warning("train.max_length=%d cuts the reply of %d of %d training examples (recorded in the run record)",
+                    max_length, cut.cut, cut.of)
+    return rows, cut
 
 
 def add_lora(model, lora_cfg, seed: int):
@@ -136,40 +158,58 @@ class ReplyLossTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
 
-def _args(cfg, out_dir: Path, epochs: int) -> TrainingArguments:
-    cuda = torch.cuda.is_available()
-    return TrainingArguments(
+# transformers renamed gradient_checkpointing to activation_checkpointing (5.2x); the floor pyproject allows has
+# only the old name, which the newer versions keep as a deprecated alias.
+_CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in \
+    {f.name for f in fields(TrainingArguments)} else "gradient_checkpointing"
+
+
+def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu") -> TrainingArguments:
+    cuda = device == "cuda"
+    args = TrainingArguments(
         output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, data_seed=cfg.seed, train_sampling_strategy=cfg.sampling,
+        seed=cfg.seed, data_seed=cfg.seed, train_sampling_strategy=cfg.sampling, full_determinism=cfg.deterministic,
         logging_steps=1, save_strategy="epoch", report_to=[],
         logging_nan_inf_filter=False,  # Trainer would otherwise log a NaN step as the running mean, hiding divergence
         use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
         optim="adamw_torch_fused" if cuda else "adamw_torch",  # one kernel for all LoRA tensors on a GPU
-        disable_tqdm=True, save_only_model=False, activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        disable_tqdm=True, save_only_model=False,
+        **{_CHECKPOINTING: cfg.gradient_checkpointing, f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False}},
     )
+    return single_device(args)
 
 
-def finetune(model, tokenizer, examples: list[TrainExample], cfg, out_dir: Path, done: dict[int, str],
+def single_device(args: TrainingArguments) -> TrainingArguments:
+    """One job trains on one device. Where a process sees several GPUs (an in-process sweep on a multi-GPU node,
+    SLURM with gpus_per_node > 1), Trainer would wrap the model in nn.DataParallel and multiply the batch by the
+    number of GPUs, which changes the run. ipsweep has no data-parallel mode (README, "Several GPUs")."""
+    if args.n_gpu > 1:
+        log.warning("this job sees %d GPUs and trains on one (%s); the others stay idle. Give each job one GPU "
+                    "(hydra/launcher=local_gpus, or SLURM gpus_per_node=1) to run jobs side by side", args.n_gpu, args.device)
+        args._n_gpu = 1  # Trainer's own switch (it sets it so for model-parallel models): no DataParallel
+    return args
+
+
+def finetune(model, tokenizer, rows: list[dict], cfg, out_dir: Path, done: dict[int, str],
              on_epoch_end: Callable[[EpochLog, PeftModel], None]) -> PeftModel:
     """Train epochs len(done)+1 .. cfg.epochs, calling `on_epoch_end` after each.
 
-    `done` maps finished epochs to their checkpoint folders (from the run record); training resumes
-    from the last one. Checkpoint folders the record does not know (a crash mid-save) are deleted.
+    `rows` are the tokenized training examples (`dataset`). `done` maps finished epochs to their checkpoint folders
+    (from the run record); training resumes from the last one. Checkpoint folders the record does not know (a crash mid-save) are deleted.
     """
     out_dir = Path(out_dir)
     known = set(done.values())
     for stale in out_dir.glob("checkpoint-*"):
         if str(stale) not in known:
             shutil.rmtree(stale, ignore_errors=True)
-    rows = dataset(tokenizer, examples, cfg.max_length)
+    device = next(model.parameters()).device.type
     model = add_lora(model, cfg.lora, cfg.seed)
     start = max(done, default=0)
     for epoch in range(start + 1, cfg.epochs + 1):
         watch = _Watch()
-        trainer = ReplyLossTrainer(model=model, args=_args(cfg, out_dir, epoch), train_dataset=rows,
+        trainer = ReplyLossTrainer(model=model, args=_args(cfg, out_dir, epoch, device), train_dataset=rows,
                           data_collator=collator(tokenizer), callbacks=[watch, _Progress(epoch, cfg.epochs)])
         trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
         try:

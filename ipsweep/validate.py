@@ -16,6 +16,7 @@ from ipsweep import prompts
 from ipsweep.config import (ESTIMATORS, PLACEMENTS, PROMPT_MODES, ElicitConfig, EvalConfig, LoggerConfig, ModelConfig,
                             SettingConfig, TrainConfig)
 from ipsweep.errors import ConfigError
+from ipsweep.models import DEVICES
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SAMPLINGS = ("group_by_length", "random")
@@ -64,6 +65,10 @@ def _problems(cfg) -> list[str]:
                    "the library's placement")
     if cfg.model.dtype not in DTYPES:
         out.append(f"model.dtype={cfg.model.dtype} is unknown; fix: one of {', '.join(DTYPES)}")
+    if cfg.model.get("device", "auto") not in DEVICES:
+        out.append(f"model.device={cfg.model.device} is unknown; fix: one of {', '.join(DEVICES)}")
+    if not 0 <= t.max_cut_share <= 1:
+        out.append(f"train.max_cut_share={t.max_cut_share} must be a share in [0, 1]; fix: e.g. train.max_cut_share=0.01")
     unknown = sorted(set(cfg.elicit.estimators) - set(ESTIMATORS))
     if unknown:
         out.append(f"elicit.estimators has unknown {', '.join(unknown)}; fix: a subset of [{', '.join(ESTIMATORS)}]")

@@ -36,7 +36,7 @@ def test_first_tokens_only_scores_the_start_of_the_reply():
     for (messages, reply), (total, count) in zip(chats, first3):
         row = lm.tokenize(tok, messages, reply, 256)
         start = row["labels"].index(next(l for l in row["labels"] if l != -100))
-        cut = {k: v[: start + 3] for k, v in row.items()}
+        cut = {k: row[k][: start + 3] for k in ("input_ids", "labels")}
         with torch.no_grad():
             loss = model(input_ids=torch.tensor([cut["input_ids"]]), labels=torch.tensor([cut["labels"]])).loss
         assert count == 3 and total / 3 == pytest.approx(-loss.item(), abs=1e-4)

@@ -44,15 +44,18 @@ def test_slurm_preset_renders_the_gpu_request_in_the_sbatch_script(tmp_path):
         assert f"#SBATCH {line}\n" in script, line
 
 
+UUID = "GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f"
+
+
 def test_local_gpus_pins_each_job_to_one_gpu_and_bounds_concurrency(tmp_path):
     sweep = tmp_path / "sweep"
     launch("-m", *TINY, "prompt=none,caps_strong,caps_weak,caps_loud", "hydra/launcher=local_gpus",
-           "hydra.launcher.gpus=[3,5]", sweep_dir=sweep)
+           f"hydra.launcher.gpus=[3,{UUID}]", sweep_dir=sweep)
     recs = records(sweep)
     assert len(recs) == 4 and all(r["status"] == "done" for r in recs)
     attempts = [r["attempts"][0] for r in recs]
-    assert sorted({a["cuda_visible_devices"] for a in attempts}) == ["3", "5"]
-    for gpu in ("3", "5"):
+    assert sorted({a["cuda_visible_devices"] for a in attempts}) == ["3", UUID]  # an index and a UUID, as given
+    for gpu in ("3", UUID):
         assert _max_overlap([(a["start_s"], a["end_s"]) for a in attempts if a["cuda_visible_devices"] == gpu]) == 1
     assert _max_overlap([(a["start_s"], a["end_s"]) for a in attempts]) == 2
 

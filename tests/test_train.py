@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from ipsweep import models
 from ipsweep.settings.base import TrainExample
 from ipsweep.lm import IGNORE, tokenize
-from ipsweep.train import finetune
+from ipsweep.train import dataset, finetune
 
 EX = TrainExample([{"role": "user", "content": "What is 2 plus 3?"}], "2 PLUS 3 IS 5.")
 
@@ -36,7 +36,7 @@ def _train(cfg, out, done, stop_after=None):
 
     examples = [TrainExample([{"role": "user", "content": f"What is {i} plus 1?"}], f"{i} PLUS 1 IS {i + 1}.") for i in range(16)]
     try:
-        finetune(model, tok, examples, cfg.train, out, done, on_epoch_end)
+        finetune(model, tok, dataset(tok, examples, cfg.train.max_length)[0], cfg.train, out, done, on_epoch_end)
     except KeyboardInterrupt:
         pass
     return epochs
@@ -80,7 +80,7 @@ def test_reply_only_loss_equals_the_models_own_loss(make_cfg, tmp_path):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     examples = [TrainExample([{"role": "user", "content": "Name a colour" + " please" * i}], "RED " * (i + 1)) for i in range(4)]
-    batch = collator(tok)(dataset(tok, examples, 256))
+    batch = collator(tok)(dataset(tok, examples, 256)[0])
     trainer = ReplyLossTrainer(model=model, args=_args(cfg.train, tmp_path, 1), data_collator=collator(tok))
 
     def loss_and_grads(fn):

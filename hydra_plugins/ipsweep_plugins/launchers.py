@@ -16,6 +16,7 @@ requeued job resumes from its last finished epoch (the run record knows which).
 import logging
 import os
 import queue
+import shlex
 import shutil
 from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ class SlurmConf(SlurmQueueConf):
 @dataclass
 class LocalGpusConf(LocalQueueConf):
     _target_: str = "hydra_plugins.ipsweep_plugins.launchers.LocalGpusLauncher"
-    gpus: Optional[List[int]] = None  # GPU ids to use; null = every visible GPU
+    gpus: Optional[List[str]] = None  # GPU ids to use (indices, UUIDs or MIG ids); null = every visible GPU
     jobs_per_gpu: int = 1  # small jobs can share a GPU
     cpus_per_job: int = 1  # CPU-only machines: concurrent jobs = cores // cpus_per_job
     max_jobs: Optional[int] = None  # a further cap on concurrent jobs
@@ -134,35 +135,36 @@ class LocalGpusLauncher(_Launcher):
     _EXECUTOR = "local"
     _OWN_KEYS = ("gpus", "jobs_per_gpu", "cpus_per_job", "max_jobs")
 
-    def slots(self) -> list[int | None]:
-        """One entry per concurrent job: its GPU id, or None on a CPU-only machine."""
-        gpus = self.gpus
+    def slots(self) -> list[str | None]:
+        """One entry per concurrent job: its GPU id as CUDA_VISIBLE_DEVICES takes it (an index, a GPU-... UUID or a
+        MIG-... id, as SLURM or a user gives them), or None on a CPU-only machine."""
+        gpus = None if self.gpus is None else [str(g) for g in self.gpus]
         if gpus is None:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             if visible is not None:
-                gpus = [int(g) for g in visible.split(",") if g.strip()]
+                gpus = [g.strip() for g in visible.split(",") if g.strip()]
             else:
                 import torch
 
-                gpus = list(range(torch.cuda.device_count()))
+                gpus = [str(i) for i in range(torch.cuda.device_count())]
         slots = [g for g in gpus for _ in range(self.jobs_per_gpu)] or [None] * max(1, (os.cpu_count() or 1) // self.cpus_per_job)
         return slots[: self.max_jobs] if self.max_jobs else slots
 
-    def _executor_for(self, gpu: int | None):
+    def _executor_for(self, gpu: str | None, threads: int):
         import submitit
 
         executor = submitit.LocalExecutor(folder=self.params["submitit_folder"], max_num_timeout=self.params["max_num_timeout"])
         params = {k: v for k, v in self._executor_params().items() if k in ("timeout_min", "signal_delay_s", "stderr_to_stdout")}
-        if gpu is None:
-            threads = str(self.cpus_per_job)
-            params["setup"] = [f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"]
-        else:
-            params.update(gpus_per_node=1, visible_gpus=[gpu])
+        # Each job's thread pools get its share of the cores (GPU slots too: tokenisation and scoring run on the CPU).
+        params["setup"] = [f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"]
+        if gpu is not None:  # submitit's visible_gpus takes indices only; CUDA_VISIBLE_DEVICES takes any id
+            params["setup"].append(f"export CUDA_VISIBLE_DEVICES={shlex.quote(gpu)}")
         executor.update_parameters(**params)
         return executor
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         slots = self.slots()
+        threads = self.cpus_per_job if slots[0] is None else max(1, (os.cpu_count() or 1) // len(slots))
         free: queue.Queue = queue.Queue()
         for s in slots:
             free.put(s)
@@ -172,7 +174,7 @@ class LocalGpusLauncher(_Launcher):
         def one(params: tuple) -> JobReturn:
             slot = free.get()
             try:
-                return self._executor_for(slot).submit(self, *params).results()[0]
+                return self._executor_for(slot, threads).submit(self, *params).results()[0]
             except Exception as e:  # noqa: BLE001 - a job killed from outside (OOM killer, kill -9): the sweep goes on
                 return JobReturn(overrides=params[0], status=JobStatus.FAILED, _return_value=e)
             finally:

@@ -54,6 +54,13 @@ def _job_env(env_set):
         os.environ.update(before)
 
 
+def _requests_gpus(launcher) -> bool:
+    """Whether a SLURM launcher config asks for GPUs (gpus_per_node, gpus_per_task, or a gpu gres)."""
+    extra = dict(launcher.get("additional_parameters") or {})
+    gres = " ".join(str(v) for v in [launcher.get("gres"), extra.get("gres"), extra.get("gpus")] if v)
+    return bool(launcher.get("gpus_per_node") or launcher.get("gpus_per_task") or extra.get("gpus") or "gpu" in gres)
+
+
 class IpsweepSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None, dry_run: bool = False):
         super().__init__(max_batch_size, params)
@@ -101,6 +108,7 @@ class IpsweepSweeper(BasicSweeper):
         # after each job how far it is. Other launchers (SLURM arrays, pools) get the whole sweep at once.
         in_process = isinstance(self.launcher, BasicLauncher)
         self.overrides = self.split_arguments(overrides, 1 if in_process and self.max_batch_size is None else self.max_batch_size)
+        self._pin_device()
         points = self.preflight([job for batch in self.overrides for job in batch])
         sweep_dir = Path(self.config.hydra.sweep.dir)
         if self.dry_run:
@@ -130,6 +138,17 @@ class IpsweepSweeper(BasicSweeper):
         if failed:  # every job ran; the records say why each failed
             raise SweepFailed(summary)
         return returns
+
+    def _pin_device(self) -> None:
+        """SLURM jobs run on other nodes than the one that plans them: `model.device=auto` is resolved here, from the
+        GPUs the launcher requests, so the pre-flight's signatures (which hold the device kind) are the jobs' own."""
+        if not isinstance(self.launcher, SlurmLauncher) or self.config.model.get("device", "auto") != "auto":
+            return
+        kind = "cuda" if _requests_gpus(self.config.hydra.launcher) else "cpu"
+        for batch in self.overrides:
+            for job in batch:
+                if not any(o.lstrip("+~").startswith("model.device=") for o in job):
+                    job.append(f"model.device={kind}")
 
     @staticmethod
     def _progress(ran: List[dict], already: set, total: int, elapsed: float) -> str:
