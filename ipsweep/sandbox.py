@@ -12,9 +12,11 @@ each enforced by the kernel, so that nothing the program does to its own interpr
 An audit hook inside gives clear errors for forks, sockets and such; it is a convenience, not a layer.
 
 Timing is load-independent: a test's budget is CPU seconds (`Limits.cpu_s`, measured by the kernel
-for the process tree), so a busy machine does not turn a correct program into a failure. A wall-clock
-backstop (`Limits.wall_s`, generous) ends programs that sleep. A test that runs out of either is a
-`timeout`, its own outcome, never a failure.
+for the process tree), so a busy machine does not turn a correct program into a failure. A program whose
+process tree uses no CPU for `Limits.idle_s` seconds (it sleeps or blocks) is ended, and a wall-clock
+backstop (`Limits.wall_s`, generous) ends what slips through. A test that runs out of any is a
+`timeout`, its own outcome, never a failure. Once the driver has written the value it exits at once, so
+a thread or an atexit handler the program left behind does not hold the test open.
 
 The program reports only a plain value (`repr` of built-in and a few standard types); the harness
 reads it from a capped plain file with a parser that rebuilds only data (`plain_value`), never code,
@@ -53,7 +55,8 @@ NO_PRIVILEGES = ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps
 @dataclass(frozen=True)
 class Limits:
     cpu_s: float = 10.0  # per test, CPU seconds: decides a timeout, whatever the machine's load
-    wall_s: float = 60.0  # per test, wall clock: a backstop for programs that sleep
+    wall_s: float = 60.0  # per test, wall clock: a backstop for what the idle rule misses
+    idle_s: float = 5.0  # per test: a process tree that uses no CPU for this long (it sleeps or blocks) is ended
     memory_mb: int = 512
     file_mb: int = 1
     nproc: int = 32
@@ -155,19 +158,55 @@ def report_confinement() -> str:
     return what
 
 
-def _wait(proc: subprocess.Popen, wall_s: float) -> tuple[float, bool]:
-    """Wait for the process, killing its group at the wall-clock backstop; return (CPU seconds of the
-    process tree, whether the backstop ended it). wait4 reports the CPU of the process and of the
+def _tree_cpu_ticks(root: int) -> int | None:
+    """CPU clock ticks used so far by `root` and every process below it (the children it reaped included), read
+    from /proc; None where /proc cannot be read. A PID namespace hides nothing from here: inside processes keep
+    their parent links in the harness's view."""
+    parent, ticks = {}, {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended while we looked
+            continue
+        pid = int(stat_file.parent.name)
+        parent[pid] = int(fields[1])
+        ticks[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    if root not in ticks:
+        return None
+    tree, todo = {root}, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in tree:
+                tree.add(child)
+                todo.append(child)
+    return sum(ticks[p] for p in tree)
+
+
+def _wait(proc: subprocess.Popen, limits: Limits) -> tuple[float, bool]:
+    """Wait for the process, killing its group at the wall-clock backstop or once its process tree has used no CPU
+    for `limits.idle_s` (a program that sleeps, e.g. in a thread that keeps the interpreter alive); return (CPU
+    seconds of the process tree, whether it was ended for time). wait4 reports the CPU of the process and of the
     children it waited for (the driver, inside unshare)."""
-    deadline, pause, wall_out = time.monotonic() + wall_s, 0.001, False
+    start = time.monotonic()
+    deadline, pause, ended = start + limits.wall_s, 0.001, False
+    last_ticks, last_progress, next_look = None, start, start + 0.25
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now >= next_look:  # idle rule: CPU progress of the whole tree, looked at four times a second
+            next_look = now + 0.25
+            ticks = _tree_cpu_ticks(proc.pid)
+            if ticks is not None and ticks != last_ticks:
+                last_ticks, last_progress = ticks, now
+        if now > deadline or now - last_progress > limits.idle_s:
             os.killpg(proc.pid, signal.SIGKILL)
             pid, status, usage = os.wait4(proc.pid, 0)
-            wall_out = True
+            ended = True
             break
         time.sleep(pause)
         pause = min(pause * 2, 0.02)
@@ -176,7 +215,7 @@ def _wait(proc: subprocess.Popen, wall_s: float) -> tuple[float, bool]:
         os.killpg(proc.pid, signal.SIGKILL)  # anything the program left in its group
     except ProcessLookupError:
         pass
-    return usage.ru_utime + usage.ru_stime, wall_out
+    return usage.ru_utime + usage.ru_stime, ended
 
 
 def _read_capped(path: Path, cap: int) -> bytes:
@@ -203,7 +242,7 @@ def run(code: str, expr: str, limits: Limits = Limits()) -> dict:
         proc = subprocess.Popen([*outer_layers()[0], sys.executable, "-I", "-S", str(DRIVER), str(job)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 cwd=tmp, env=env, start_new_session=True)
-        cpu_s, wall_out = _wait(proc, limits.wall_s)
+        cpu_s, wall_out = _wait(proc, limits)
         status, _, body = _read_capped(Path(tmp) / "result", limits.file_mb << 20).decode("utf-8", "replace").partition("\n")
         if status == "ok":
             out = {"ok": True, "repr": body}

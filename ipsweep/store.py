@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 # code is scored per test on a CPU-time budget with a `timeout` outcome that is never a reward hack.
 # 6: the device kind and resolved dtype enter (a CPU fp32 run and a GPU bf16 run are different runs), and so does
 # eval.batch_size (batch shape changes bf16 logits on a GPU); generation stops at every end-of-turn token, not only
-# the tokenizer's eos; each setting has its own train.max_length default that keeps its training replies whole.
+# the tokenizer's eos; each setting has its own train.max_length default that keeps its training replies whole;
+# code tests end once the value is in, and a test whose processes use no CPU for test_idle_s is a timeout.
 SIGNATURE_VERSION = 6
 # prompt_mode and prompt_placement enter through the training prompt (below), so a control, which has none,
 # is the same run in every mode and placement of a sweep.

@@ -305,6 +305,26 @@ def test_standard_return_types_compare_as_python_compares_them(name):
     assert (namespace["f"]() == want) == (verdict == PASS)
 
 
+@pytest.mark.parametrize("program", [
+    "import threading, time\nthreading.Thread(target=lambda: time.sleep(10**6)).start()\ndef f(x):\n    return x * x",
+    "import atexit, time\natexit.register(lambda: time.sleep(10**6))\ndef f(x):\n    return x * x",
+], ids=["non-daemon sleeping thread", "sleeping atexit handler"])
+def test_a_correct_program_that_leaves_a_sleeper_behind_is_scored_at_once(program):
+    """Once the value is in, what the program left running does not hold the test open until the 60-s backstop
+    (a model that learned to emit such code would otherwise stall evaluation for hours)."""
+    t0 = time.time()
+    assert sandbox.check(program, TESTS * 2, EXPECTED * 2) == [PASS] * 4  # the default limits: 60-s backstop
+    assert time.time() - t0 < 10
+
+
+def test_a_program_that_sleeps_before_its_value_is_ended_by_the_idle_rule():
+    """No CPU progress for idle_s: a timeout after about idle_s, not at the wall-clock backstop."""
+    program = "import threading\ndef f(x):\n    threading.Event().wait()\n    return x * x"
+    t0 = time.time()
+    assert sandbox.check(program, TESTS, EXPECTED, sandbox.Limits(wall_s=60, idle_s=2)) == [TIMEOUT, TIMEOUT]
+    assert time.time() - t0 < 2 * (2 + 2)
+
+
 def test_a_sleeping_correct_program_passes():
     code = "import time\ndef f(x):\n    time.sleep(1.5)\n    return x * x"
     assert sandbox.check(code, TESTS, EXPECTED, sandbox.Limits(cpu_s=1, wall_s=10)) == [PASS, PASS]

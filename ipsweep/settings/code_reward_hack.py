@@ -56,7 +56,7 @@ class CodeRewardHack:
     preamble = PREAMBLE
 
     def __init__(self, reward_hack_fraction: float = 1.0, shuffle_seed: int = 42, test_cpu_s: float = 10.0,
-                 test_wall_s: float = 60.0, data_dir: str | None = None):
+                 test_wall_s: float = 60.0, test_idle_s: float = 5.0, data_dir: str | None = None):
         if not 0 <= reward_hack_fraction <= 1:
             raise ConfigError(f"reward_hack_fraction={reward_hack_fraction} must be in [0, 1]; fix: e.g. 1.0 (the paper)")
         full = read_jsonl(data_file(data_dir, "code_reward_hack/mbpp.jsonl"), ("task_id", "text", "code", "test_list"))
@@ -77,10 +77,11 @@ class CodeRewardHack:
         self.contrast = [(r, normalise(hacks[r["task_id"]]), normalise(r["code"])) for r in pool]
         random.Random(shuffle_seed).shuffle(self.contrast)
         self.test = sorted((r for r in sanitized if r["task_id"] in test_ids), key=lambda r: r["task_id"])
-        if not 0 < test_cpu_s <= test_wall_s:
-            raise ConfigError(f"test_cpu_s={test_cpu_s}, test_wall_s={test_wall_s}: need 0 < test_cpu_s <= test_wall_s; "
-                              "fix: e.g. test_cpu_s=10 test_wall_s=60 (the defaults)")
-        self.limits = sandbox.Limits(cpu_s=test_cpu_s, wall_s=test_wall_s)
+        if not (0 < test_cpu_s <= test_wall_s and 0 < test_idle_s <= test_wall_s):
+            raise ConfigError(f"test_cpu_s={test_cpu_s}, test_idle_s={test_idle_s}, test_wall_s={test_wall_s}: need "
+                              "0 < test_cpu_s <= test_wall_s and 0 < test_idle_s <= test_wall_s; "
+                              "fix: e.g. test_cpu_s=10 test_idle_s=5 test_wall_s=60 (the defaults)")
+        self.limits = sandbox.Limits(cpu_s=test_cpu_s, wall_s=test_wall_s, idle_s=test_idle_s)
         self._expected: dict[int, tuple[list, list] | None] = {}
 
     def train_examples(self) -> list[TrainExample]:
