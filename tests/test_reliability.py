@@ -95,7 +95,7 @@ def test_nan_loss_fails_that_run_with_the_reason_and_the_sweep_goes_on(tmp_path)
     ("training", "transformers.Trainer.training_step",
      ["train.batch_size=8", "fix: lower train.batch_size and raise train.grad_accum", "train.gradient_checkpointing=true"]),
     ("generating", "transformers.GenerationMixin.generate",
-     ["eval.batch_size=32", "fix: lower eval.batch_size (results do not change) or eval.max_new_tokens"]),
+     ["eval.batch_size=32", "fix: lower eval.batch_size (a new run identity: on a GPU the batch shape can change results) or eval.max_new_tokens"]),
 ])
 def test_out_of_memory_names_the_knobs_and_is_recorded(make_cfg, monkeypatch, where, target, knobs):
     import torch
