@@ -1,8 +1,8 @@
 """Entry point: one Hydra job = one sweep point. All logic lives in ipsweep/.
 
-    python launch.py --cfg job
-    python launch.py -m experiment=demo
-    python launch.py -m experiment=demo --dry-run      # check and list every point; launch nothing (-m optional)
+python launch.py --cfg job
+python launch.py -m experiment=demo
+python launch.py -m experiment=demo --dry-run      # check and list every point; launch nothing (-m optional)
 """
 
 import sys
@@ -21,14 +21,18 @@ def main(cfg) -> list[dict]:
 
     try:
         return run(cfg)
-    except KeyboardInterrupt:  # Ctrl-C: the job has logged that its run is recorded as interrupted; no traceback
+    # Ctrl-C: the job has logged that its run is recorded as interrupted; no traceback
+    except KeyboardInterrupt:
         sys.exit(130)
 
 
 if __name__ == "__main__":
     if "--dry-run" in sys.argv:  # shorthand for the sweeper's own option; a dry run never trains, -m or not
         if any(a.startswith("hydra/sweeper=") and a != "hydra/sweeper=ipsweep" for a in sys.argv):
-            sys.exit("Error: --dry-run is a feature of ipsweep's sweeper (the default); fix: drop the hydra/sweeper= override")
+            sys.exit(
+                "Error: --dry-run is a feature of ipsweep's sweeper (the default); fix: drop the "
+                "hydra/sweeper= override"
+            )
         sys.argv = [a if a != "--dry-run" else "hydra.sweeper.dry_run=true" for a in sys.argv]
         if not {"-m", "--multirun"} & set(sys.argv):
             sys.argv.insert(1, "-m")

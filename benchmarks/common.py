@@ -18,7 +18,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, str(ROOT / "launch.py")]  # as a user runs a sweep
-RESULTS = Path(os.environ.get("IPSWEEP_BENCH_RESULTS", ROOT / "benchmarks" / "results"))  # tests write elsewhere
+# tests write elsewhere
+RESULTS = Path(os.environ.get("IPSWEEP_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 
 # Dense bf16 peak (FLOP/s) for MFU; unknown GPUs report no MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -92,11 +93,24 @@ def save(name: str, rows: list[dict], **extra) -> Path:
             print(f"{k}: {v}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{device_tag()}.json"
-    path.write_text(json.dumps({
-        "benchmark": name, "command": "python " + " ".join(sys.argv), "device": device(),
-        "date": time.strftime("%Y-%m-%d"), "host": platform.node(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "rows": rows, **extra,
-    }, indent=1, default=str) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "benchmark": name,
+                "command": "python " + " ".join(sys.argv),
+                "device": device(),
+                "date": time.strftime("%Y-%m-%d"),
+                "host": platform.node(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "rows": rows,
+                **extra,
+            },
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
     print(f"written: {path}")
     return path
 

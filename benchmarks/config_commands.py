@@ -1,6 +1,8 @@
-"""Benchmark 8: how fast the config-only commands answer (`--help`, `--cfg job`, shell completion, `--dry-run`).
+"""Benchmark 8: how fast the config-only commands answer (`--help`, `--cfg job`, shell completion,
+`--dry-run`).
 
-launch.py imports torch/transformers/peft only when a job runs. Each command is timed both ways in the same run:
+launch.py imports torch/transformers/peft only when a job runs. Each command is timed both ways in the same
+run:
 `lazy` is launch.py as shipped; `eager` runs the same launch.py after importing ipsweep.job first (what every
 command paid before). Median of --repeats runs each.
 
@@ -18,8 +20,10 @@ import time
 
 from common import ROOT, save
 
-EAGER = ("import runpy, sys, ipsweep.job; sys.argv = ['launch.py', *sys.argv[1:]]; "
-         "runpy.run_path('launch.py', run_name='__main__')")
+EAGER = (
+    "import runpy, sys, ipsweep.job; sys.argv = ['launch.py', *sys.argv[1:]]; "
+    "runpy.run_path('launch.py', run_name='__main__')"
+)
 COMMANDS = {
     "--help": ["--help"],
     "--cfg job": ["--cfg", "job"],
@@ -46,7 +50,14 @@ def main() -> None:
     for name, argv in COMMANDS.items():
         lazy = statistics.median(run(argv, eager=False) for _ in range(args.repeats))
         eager = statistics.median(run(argv, eager=True) for _ in range(args.repeats))
-        rows.append({"command": name, "lazy_s": round(lazy, 2), "eager_s": round(eager, 2), "speedup": round(eager / lazy, 1)})
+        rows.append(
+            {
+                "command": name,
+                "lazy_s": round(lazy, 2),
+                "eager_s": round(eager, 2),
+                "speedup": round(eager / lazy, 1),
+            }
+        )
     save("config_commands", rows, repeats=args.repeats)
 
 

@@ -3,7 +3,8 @@
 For every prompt of a setting's library, on the base model, with an empty cache: `sampled` generates
 the eval set with the prompt inserted and scores it (the no-prompt baseline is generated once and
 shared; its time is reported apart), `logprob` scores the setting's contrast pairs (a reply showing
-the behaviour and a matched one) with and without the prompt, no generation. Agreement: Spearman rank correlation of the two estimates across prompts.
+the behaviour and a matched one) with and without the prompt, no generation. Agreement: Spearman rank
+correlation of the two estimates across prompts.
 
   python benchmarks/elicitation.py                                   # CPU: gcd_sycophancy, 60-token replies
   python benchmarks/elicitation.py --max-new-tokens 150              # GPU, the preset's reply length
@@ -14,9 +15,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+from common import Timer, compose, device, save
 from scipy import stats
 
-from common import Timer, compose, device, save
 from ipsweep import elicit, models, prompts
 from ipsweep.settings.base import build
 
@@ -30,8 +31,13 @@ def main() -> None:
     a = ap.parse_args()
 
     cache = tempfile.mkdtemp(prefix="ipsweep-bench-elicit-")  # cold: nothing computed before
-    cfg = compose(f"model={a.model}", f"setting={a.setting}", f"eval.max_new_tokens={a.max_new_tokens}",
-                  f"eval.n_eval={a.n_eval}", f"elicit.cache_dir={cache}")
+    cfg = compose(
+        f"model={a.model}",
+        f"setting={a.setting}",
+        f"eval.max_new_tokens={a.max_new_tokens}",
+        f"eval.n_eval={a.n_eval}",
+        f"elicit.cache_dir={cache}",
+    )
     setting, model_tok = build(cfg.setting), models.load(cfg.model)
     model, tok = model_tok
     examples = setting.eval_examples(cfg.eval.n_eval)
@@ -42,19 +48,40 @@ def main() -> None:
         if p.role == "safety":  # a PTST prompt, not ranked as an inoculation candidate
             continue
         with Timer() as ts:
-            s = elicit.sampled(plain, elicit.base_eval(cfg, setting, model, tok, examples, p), setting.behaviour_metric)
+            s = elicit.sampled(
+                plain, elicit.base_eval(cfg, setting, model, tok, examples, p), setting.behaviour_metric
+            )
         with Timer() as tl:
             lp = elicit.logprob(cfg, setting, model, tok, p)
-        rows.append({"prompt": p.name, "sampled": s["estimate"], "logprob": lp["estimate"],
-                     "sampled_s": ts.s, "logprob_s": tl.s})
+        rows.append(
+            {
+                "prompt": p.name,
+                "sampled": s["estimate"],
+                "logprob": lp["estimate"],
+                "sampled_s": ts.s,
+                "logprob_s": tl.s,
+            }
+        )
     sampled_s = sum(r["sampled_s"] for r in rows) / len(rows)
     logprob_s = sum(r["logprob_s"] for r in rows) / len(rows)
     rho = stats.spearmanr([r["sampled"] for r in rows], [r["logprob"] for r in rows])
-    save("elicitation", rows, sampled_s_per_prompt=sampled_s, logprob_s_per_prompt=logprob_s,
-         logprob_speedup=sampled_s / logprob_s, no_prompt_baseline_s=baseline.s,
-         spearman=float(rho.statistic), spearman_p=float(rho.pvalue), prompts=len(rows),
-         eval_rows=len(examples), logprob_items=cfg.elicit.logprob_items, model=a.model, setting=a.setting,
-         max_new_tokens=a.max_new_tokens, on=device())
+    save(
+        "elicitation",
+        rows,
+        sampled_s_per_prompt=sampled_s,
+        logprob_s_per_prompt=logprob_s,
+        logprob_speedup=sampled_s / logprob_s,
+        no_prompt_baseline_s=baseline.s,
+        spearman=float(rho.statistic),
+        spearman_p=float(rho.pvalue),
+        prompts=len(rows),
+        eval_rows=len(examples),
+        logprob_items=cfg.elicit.logprob_items,
+        model=a.model,
+        setting=a.setting,
+        max_new_tokens=a.max_new_tokens,
+        on=device(),
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ signature: each evaluates after every epoch and extends the previous job's check
 trains 3 epochs in total; the rest is the fixed cost of the two extra jobs. Both arms run launch.py
 as a user would (W&B offline, the default logger), each in a fresh sweep dir and elicitation cache.
 
-  python benchmarks/epochs_axis.py                     # CPU: SmolLM2, trait_pair, 64 examples, 16 eval prompts
+  python benchmarks/epochs_axis.py                     # CPU: SmolLM2, trait_pair, 64 examples, 16 eval
+  prompts
   python benchmarks/epochs_axis.py --n-train 512 --n-eval 60    # GPU
 """
 
@@ -21,9 +22,21 @@ from common import LAUNCH, device, save, timed
 
 def sweep(epochs: str, args, workdir: Path) -> tuple[float, list[dict]]:
     out = workdir / f"epochs-{epochs.replace(',', '_')}"
-    wall, _ = timed([*LAUNCH, "-m", f"model={args.model}", "setting=trait_pair", "prompt=caps_strong",
-                     f"train.epochs={epochs}", f"train.n_train={args.n_train}", f"eval.n_eval={args.n_eval}",
-                     f"store_dir={out}", f"hydra.sweep.dir={out}", f"elicit.cache_dir={out / 'elicit'}"])
+    wall, _ = timed(
+        [
+            *LAUNCH,
+            "-m",
+            f"model={args.model}",
+            "setting=trait_pair",
+            "prompt=caps_strong",
+            f"train.epochs={epochs}",
+            f"train.n_train={args.n_train}",
+            f"eval.n_eval={args.n_eval}",
+            f"store_dir={out}",
+            f"hydra.sweep.dir={out}",
+            f"elicit.cache_dir={out / 'elicit'}",
+        ]
+    )
     records = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/record.json"))]
     return wall, records
 
@@ -40,15 +53,37 @@ def main() -> None:
     axis_s, axis = sweep("1,2,3", a, work)
     assert len(single) == len(axis) == 1, "one run each: the sweep's three jobs share one record"
     same = all(single[0]["epochs"][e]["loss"] == axis[0]["epochs"][e]["loss"] for e in ("1", "2", "3"))
-    epoch_s = sum(single[0]["epochs"][e]["train_s"] + single[0]["epochs"][e]["eval_s"] for e in ("1", "2", "3")) / 3
-    rows = [{"arm": "single run, train.epochs=3", "jobs": 1, "epochs_trained": 3, "seconds": single_s},
-            {"arm": "sweep, train.epochs=1,2,3", "jobs": 3, "epochs_trained": len(axis[0]["epochs"]) - 1,
-             "seconds": axis_s},
-            {"arm": "naive sweep (estimate: 6 epochs of the single run)", "jobs": 3, "epochs_trained": 6,
-             "seconds": single_s * 2}]
-    save("epochs_axis", rows, ratio=axis_s / single_s, target="<= 1.15", same_losses_as_single_run=same,
-         seconds_per_epoch_train_and_eval=epoch_s, attempts_in_sweep=len(axis[0]["attempts"]),
-         model=a.model, n_train=a.n_train, n_eval=a.n_eval, on=device())
+    epoch_s = (
+        sum(single[0]["epochs"][e]["train_s"] + single[0]["epochs"][e]["eval_s"] for e in ("1", "2", "3")) / 3
+    )
+    rows = [
+        {"arm": "single run, train.epochs=3", "jobs": 1, "epochs_trained": 3, "seconds": single_s},
+        {
+            "arm": "sweep, train.epochs=1,2,3",
+            "jobs": 3,
+            "epochs_trained": len(axis[0]["epochs"]) - 1,
+            "seconds": axis_s,
+        },
+        {
+            "arm": "naive sweep (estimate: 6 epochs of the single run)",
+            "jobs": 3,
+            "epochs_trained": 6,
+            "seconds": single_s * 2,
+        },
+    ]
+    save(
+        "epochs_axis",
+        rows,
+        ratio=axis_s / single_s,
+        target="<= 1.15",
+        same_losses_as_single_run=same,
+        seconds_per_epoch_train_and_eval=epoch_s,
+        attempts_in_sweep=len(axis[0]["attempts"]),
+        model=a.model,
+        n_train=a.n_train,
+        n_eval=a.n_eval,
+        on=device(),
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import Timer, compose, device, save
+
 from ipsweep import models
 from ipsweep.lm import generate
 from ipsweep.settings.base import build
@@ -28,9 +28,17 @@ def one_at_a_time(model, tok, chats, max_new_tokens: int) -> list[str]:
     for chat in chats:
         text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=False).to(dev)
-        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, top_k=None, top_p=None,
-                             temperature=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        gen = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return out
 
 
@@ -43,8 +51,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="eval.batch_size of the batched arm")
     a = ap.parse_args()
 
-    cfg = compose(f"model={a.model}", f"setting={a.setting}", f"eval.max_new_tokens={a.max_new_tokens}",
-                  f"eval.batch_size={a.batch_size}")
+    cfg = compose(
+        f"model={a.model}",
+        f"setting={a.setting}",
+        f"eval.max_new_tokens={a.max_new_tokens}",
+        f"eval.batch_size={a.batch_size}",
+    )
     model, tok = models.load(cfg.model)
     model.eval()
     chats = [ex.messages for ex in build(cfg.setting).eval_examples()][: a.n]
@@ -54,11 +66,26 @@ def main() -> None:
     with Timer() as batched:
         batch = [c[0] for c in generate(model, tok, chats, cfg.eval)]
     same = sum(x == y for x, y in zip(singles, batch))
-    rows = [{"arm": "one prompt at a time", "seconds": single.s, "prompts_per_s": len(chats) / single.s},
-            {"arm": f"ipsweep batched (batch {a.batch_size})", "seconds": batched.s, "prompts_per_s": len(chats) / batched.s}]
-    save("eval_generation", rows, speedup=single.s / batched.s, identical_outputs=f"{same}/{len(chats)}",
-         model=a.model, setting=a.setting, n=len(chats), max_new_tokens=a.max_new_tokens, on=device(),
-         differing=[{"single": x, "batched": y} for x, y in zip(singles, batch) if x != y])
+    rows = [
+        {"arm": "one prompt at a time", "seconds": single.s, "prompts_per_s": len(chats) / single.s},
+        {
+            "arm": f"ipsweep batched (batch {a.batch_size})",
+            "seconds": batched.s,
+            "prompts_per_s": len(chats) / batched.s,
+        },
+    ]
+    save(
+        "eval_generation",
+        rows,
+        speedup=single.s / batched.s,
+        identical_outputs=f"{same}/{len(chats)}",
+        model=a.model,
+        setting=a.setting,
+        n=len(chats),
+        max_new_tokens=a.max_new_tokens,
+        on=device(),
+        differing=[{"single": x, "batched": y} for x, y in zip(singles, batch) if x != y],
+    )
 
 
 if __name__ == "__main__":

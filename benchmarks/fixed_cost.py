@@ -35,7 +35,9 @@ from ipsweep.train import dataset
 cfg = compose("model=MODEL", "setting=trait_pair", "logger=wandb", "store_dir=STORE")
 t = time.perf_counter(); model, tok = models.load(cfg.model); out["model_load"] = time.perf_counter() - t
 t = time.perf_counter()
-setting = build(cfg.setting); rows, _ = dataset(tok, setting.train_examples(), cfg.train.max_length); setting.eval_examples()
+setting = build(cfg.setting)
+rows, _ = dataset(tok, setting.train_examples(), cfg.train.max_length)
+setting.eval_examples()
 out["data_load"] = time.perf_counter() - t
 t = time.perf_counter()
 tr = Tracker(cfg, signature="bench", prompt=prompts.NO_PROMPT, run_dir="STORE", epochs=1); tr.finish()
@@ -56,20 +58,43 @@ def main() -> None:
     parts["interpreter_total"] = total
 
     out = work / "job"
-    job_s, _ = timed([*LAUNCH, f"model={a.model}", "setting=trait_pair", "prompt=caps_strong", "train.n_train=8",
-                      "train.batch_size=8", "train.epochs=1", "eval.n_eval=1", "eval.max_new_tokens=1", "eval.base=false",
-                      "elicit.estimators=[]", f"store_dir={out}", f"hydra.run.dir={out}"])
+    job_s, _ = timed(
+        [
+            *LAUNCH,
+            f"model={a.model}",
+            "setting=trait_pair",
+            "prompt=caps_strong",
+            "train.n_train=8",
+            "train.batch_size=8",
+            "train.epochs=1",
+            "eval.n_eval=1",
+            "eval.max_new_tokens=1",
+            "eval.base=false",
+            "elicit.estimators=[]",
+            f"store_dir={out}",
+            f"hydra.run.dir={out}",
+        ]
+    )
     record = json.loads(next(out.glob("runs/*/record.json")).read_text())
     epoch = record["epochs"]["1"]
     fixed = job_s - epoch["train_s"] - epoch["eval_s"]
     rows = [{"part": k, "seconds": v} for k, v in parts.items()]
-    rows += [{"part": "minimal job, wall", "seconds": job_s},
-             {"part": "  of which training (1 step + checkpoint)", "seconds": epoch["train_s"]},
-             {"part": "  of which evaluation (1 prompt)", "seconds": epoch["eval_s"]},
-             {"part": "fixed cost per job (wall - training - evaluation)", "seconds": fixed}]
-    save("fixed_cost", rows, fixed_cost_s=fixed, model_load_s=parts["model_load"],
-         model_load_in_job_s=record["timings"]["model_load_s"], target="fixed <= 10 s, model load <= 1 s",
-         model=a.model, on=device())
+    rows += [
+        {"part": "minimal job, wall", "seconds": job_s},
+        {"part": "  of which training (1 step + checkpoint)", "seconds": epoch["train_s"]},
+        {"part": "  of which evaluation (1 prompt)", "seconds": epoch["eval_s"]},
+        {"part": "fixed cost per job (wall - training - evaluation)", "seconds": fixed},
+    ]
+    save(
+        "fixed_cost",
+        rows,
+        fixed_cost_s=fixed,
+        model_load_s=parts["model_load"],
+        model_load_in_job_s=record["timings"]["model_load_s"],
+        target="fixed <= 10 s, model load <= 1 s",
+        model=a.model,
+        on=device(),
+    )
 
 
 if __name__ == "__main__":

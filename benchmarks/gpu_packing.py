@@ -18,17 +18,31 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import LAUNCH, device, save, timed
 
 
 def sweep(name: str, launcher: list[str], a, work: Path) -> float:
     out = work / name
     seeds = ",".join(str(s) for s in range(a.jobs))
-    wall, _ = timed([*LAUNCH, "-m", "hydra/launcher=local_gpus", *launcher, f"model={a.model}", "setting=trait_pair",
-                     "prompt=caps_strong", f"train.seed={seeds}", "train.epochs=1", f"train.n_train={a.n_train}",
-                     f"eval.n_eval={a.n_eval}", "logger=none", f"store_dir={out}", f"hydra.sweep.dir={out}",
-                     f"elicit.cache_dir={out / 'elicit'}"])
+    wall, _ = timed(
+        [
+            *LAUNCH,
+            "-m",
+            "hydra/launcher=local_gpus",
+            *launcher,
+            f"model={a.model}",
+            "setting=trait_pair",
+            "prompt=caps_strong",
+            f"train.seed={seeds}",
+            "train.epochs=1",
+            f"train.n_train={a.n_train}",
+            f"eval.n_eval={a.n_eval}",
+            "logger=none",
+            f"store_dir={out}",
+            f"hydra.sweep.dir={out}",
+            f"elicit.cache_dir={out / 'elicit'}",
+        ]
+    )
     done = len(list(out.glob("runs/*/record.json")))
     assert done == a.jobs, f"{name}: {done} of {a.jobs} records"
     return wall
@@ -47,14 +61,32 @@ def main() -> None:
     a.n_eval = a.n_eval or (60 if gpu else 8)
     cores = os.cpu_count() or 1
     if gpu:
-        arms = [("one after another", ["hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=1"]),
-                (f"packed, {a.jobs} per GPU", ["hydra.launcher.gpus=[0]", f"hydra.launcher.jobs_per_gpu={a.jobs}"])]
+        arms = [
+            ("one after another", ["hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=1"]),
+            (
+                f"packed, {a.jobs} per GPU",
+                ["hydra.launcher.gpus=[0]", f"hydra.launcher.jobs_per_gpu={a.jobs}"],
+            ),
+        ]
     else:
-        arms = [(f"one after another, {cores} threads", [f"hydra.launcher.cpus_per_job={cores}"]),
-                (f"{cores} at once, 1 thread each (CPU)", ["hydra.launcher.cpus_per_job=1"])]
-    rows = [{"arm": name, "jobs": a.jobs, "seconds": sweep(f"arm{i}", launcher, a, work)} for i, (name, launcher) in enumerate(arms)]
-    save("gpu_packing", rows, ratio=rows[1]["seconds"] / rows[0]["seconds"], target="<= 0.35 on a GPU",
-         model=a.model, n_train=a.n_train, n_eval=a.n_eval, on=device())
+        arms = [
+            (f"one after another, {cores} threads", [f"hydra.launcher.cpus_per_job={cores}"]),
+            (f"{cores} at once, 1 thread each (CPU)", ["hydra.launcher.cpus_per_job=1"]),
+        ]
+    rows = [
+        {"arm": name, "jobs": a.jobs, "seconds": sweep(f"arm{i}", launcher, a, work)}
+        for i, (name, launcher) in enumerate(arms)
+    ]
+    save(
+        "gpu_packing",
+        rows,
+        ratio=rows[1]["seconds"] / rows[0]["seconds"],
+        target="<= 0.35 on a GPU",
+        model=a.model,
+        n_train=a.n_train,
+        n_eval=a.n_eval,
+        on=device(),
+    )
 
 
 if __name__ == "__main__":

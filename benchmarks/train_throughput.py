@@ -11,9 +11,11 @@ Arms, each on a fresh copy of the model with the same LoRA init and the same exa
 Throughput counts real (non-padding) tokens. Loss agreement: per-step losses of the default arm vs the
 reference, and a held-out loss after training for every arm.
 
-  python benchmarks/train_throughput.py --steps 16                           # CPU: gcd_sycophancy, 128 examples
+  python benchmarks/train_throughput.py --steps 16                           # CPU: gcd_sycophancy, 128
+  examples
   python benchmarks/train_throughput.py --steps 16 --setting trait_pair      # CPU: short examples
-  python benchmarks/train_throughput.py --steps 30                           # GPU, the authors' ~30 effective steps
+  python benchmarks/train_throughput.py --steps 30                           # GPU, the authors' ~30 effective
+  steps
 Length grouping needs a few batches to group: transformers' sampler sorts within mega-batches of
 min(50, n // (4 x batch)) batches, so below 64 examples it groups nothing.
 """
@@ -26,14 +28,14 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from common import PEAK_BF16, Timer, compose, device, peak_flops, save
 from transformers import DataCollatorForSeq2Seq, Trainer
 from transformers.trainer_callback import PrinterCallback
 
-from common import PEAK_BF16, Timer, compose, device, peak_flops, save
 from ipsweep import models
-from ipsweep.settings.base import build
 from ipsweep.lm import IGNORE, collator
-from ipsweep.train import ReplyLossTrainer, _Watch, _args, add_lora, dataset
+from ipsweep.settings.base import build
+from ipsweep.train import ReplyLossTrainer, _args, _Watch, add_lora, dataset
 
 
 def held_out_loss(model, tok, rows) -> float:
@@ -43,7 +45,7 @@ def held_out_loss(model, tok, rows) -> float:
     device_ = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(rows), 8):
-            batch = pad(rows[i:i + 8]).to(device_)
+            batch = pad(rows[i : i + 8]).to(device_)
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
             total += model(**batch).loss.float().item() * n
             count += n
@@ -59,8 +61,9 @@ def run_arm(name, base_model, tok, rows, held_out, cfg, out_dir, reference: bool
     args = dataclasses.replace(args, save_strategy="no", **({"bf16": False} if reference else {}))
     if reference:  # every row padded to max_length, as the authors' tokenisation does
         tok.padding_side = "right"
-        data_collator = DataCollatorForSeq2Seq(tok, padding="max_length", max_length=cfg.train.max_length,
-                                               label_pad_token_id=IGNORE)
+        data_collator = DataCollatorForSeq2Seq(
+            tok, padding="max_length", max_length=cfg.train.max_length, label_pad_token_id=IGNORE
+        )
         trainer_cls = Trainer
     else:
         data_collator, trainer_cls = collator(tok), ReplyLossTrainer
@@ -71,19 +74,28 @@ def run_arm(name, base_model, tok, rows, held_out, cfg, out_dir, reference: bool
         processed.append(batch["input_ids"].numel())
         return batch
 
-    trainer = trainer_cls(model=model, args=args, train_dataset=rows, data_collator=counting_collator, callbacks=[watch])
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=rows, data_collator=counting_collator, callbacks=[watch]
+    )
     trainer.remove_callback(PrinterCallback)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with Timer() as t:
         trainer.train()
     tokens = sum(len(r["input_ids"]) for r in rows)
-    row = {"arm": name, "steps": len(watch.losses), "seconds": t.s, "tokens_per_s": tokens / t.s,
-           "padding_share": 1 - tokens / sum(processed),
-           "mean_loss": sum(watch.losses) / len(watch.losses), "held_out_loss": held_out_loss(model, tok, held_out)}
+    row = {
+        "arm": name,
+        "steps": len(watch.losses),
+        "seconds": t.s,
+        "tokens_per_s": tokens / t.s,
+        "padding_share": 1 - tokens / sum(processed),
+        "mean_loss": sum(watch.losses) / len(watch.losses),
+        "held_out_loss": held_out_loss(model, tok, held_out),
+    }
     if torch.cuda.is_available():
         row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        if peak_flops():  # 4N per real token: forward 2N, backward to the activations 2N (frozen weights get no gradient)
+        # 4N per real token: forward 2N, backward to the activations 2N (frozen weights get no gradient)
+        if peak_flops():
             n_params = sum(p.numel() for p in model.parameters())
             row["mfu"] = 4 * n_params * tokens / t.s / peak_flops()
     return row, watch.losses
@@ -91,7 +103,9 @@ def run_arm(name, base_model, tok, rows, held_out, cfg, out_dir, reference: bool
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2_135m", help="ipsweep model config (tiny_random for a quick check)")
+    ap.add_argument(
+        "--model", default="smollm2_135m", help="ipsweep model config (tiny_random for a quick check)"
+    )
     ap.add_argument("--setting", default="gcd_sycophancy")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -99,21 +113,31 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/ipsweep-bench-train")
     a = ap.parse_args()
 
-    cfg = compose(f"model={a.model}", f"setting={a.setting}", f"train.batch_size={a.batch_size}",
-                  f"train.max_length={a.max_length}", "train.warmup_steps=2")
+    cfg = compose(
+        f"model={a.model}",
+        f"setting={a.setting}",
+        f"train.batch_size={a.batch_size}",
+        f"train.max_length={a.max_length}",
+        "train.warmup_steps=2",
+    )
     base_model, tok = models.load(cfg.model)
     examples = build(cfg.setting).train_examples()
     n = a.steps * a.batch_size
-    rows, held_out = dataset(tok, examples[:n], a.max_length)[0], dataset(tok, examples[n:n + 32], a.max_length)[0]
+    rows, held_out = (
+        dataset(tok, examples[:n], a.max_length)[0],
+        dataset(tok, examples[n : n + 32], a.max_length)[0],
+    )
     out = Path(a.out)
     seed = cfg.train.seed
-    arms = [("reference (pad to max, fp32, full logits)", True, "random", seed),
-            ("ipsweep default", False, "random", seed),
-            ("ipsweep, train.sampling=group_by_length", False, "group_by_length", seed),
-            # How much the losses move with the seed alone (LoRA init, batch order): the noise to compare with.
-            ("ipsweep default, next seed (noise yardstick)", False, "random", seed + 1)]
+    arms = [
+        ("reference (pad to max, fp32, full logits)", True, "random", seed),
+        ("ipsweep default", False, "random", seed),
+        ("ipsweep, train.sampling=group_by_length", False, "group_by_length", seed),
+        # How much the losses move with the seed alone (LoRA init, batch order): the noise to compare with.
+        ("ipsweep default, next seed (noise yardstick)", False, "random", seed + 1),
+    ]
     cfg.train.sampling = "random"  # untimed warm-up step, so no arm pays the process's first-step costs
-    run_arm("warm-up", base_model, tok, rows[:a.batch_size], held_out[:1], cfg, out, reference=False)
+    run_arm("warm-up", base_model, tok, rows[: a.batch_size], held_out[:1], cfg, out, reference=False)
     results, losses = [], {}
     for name, reference, sampling, arm_seed in arms:
         cfg.train.sampling, cfg.train.seed = sampling, arm_seed
@@ -123,10 +147,19 @@ def main() -> None:
     for row in results:
         row["speedup"] = row["tokens_per_s"] / ref["tokens_per_s"]
     same_batches = max(abs(x - y) for x, y in zip(losses[arms[0][0]], losses[arms[1][0]]))
-    save(f"train_throughput_{a.setting}", results, model=a.model, setting=a.setting, steps=a.steps, batch_size=a.batch_size,
-         max_length=a.max_length,
-         max_abs_step_loss_diff_same_batches=same_batches, step_losses=losses,
-         mfu_peak_flops=PEAK_BF16 if torch.cuda.is_available() else None, on=device())
+    save(
+        f"train_throughput_{a.setting}",
+        results,
+        model=a.model,
+        setting=a.setting,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        max_length=a.max_length,
+        max_abs_step_loss_diff_same_batches=same_batches,
+        step_losses=losses,
+        mfu_peak_flops=PEAK_BF16 if torch.cuda.is_available() else None,
+        on=device(),
+    )
 
 
 if __name__ == "__main__":

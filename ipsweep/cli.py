@@ -22,35 +22,98 @@ def _analyze(args) -> None:
     from ipsweep.analysis import analyze
     from ipsweep.tracking import log_analysis
 
-    result = analyze(args.sweep_dir, args.out, skip_damaged=args.skip_damaged, elicitation_from=args.elicitation)
+    result = analyze(
+        args.sweep_dir, args.out, skip_damaged=args.skip_damaged, elicitation_from=args.elicitation
+    )
 
     def show(table, cols, title=""):
         cols = [c for c in cols if c in table]
         if not table.empty and cols:
             print(f"{title}{table[cols].to_markdown(index=False, floatfmt='.2f')}")
 
-    show(result["table"], ["setting", "arm", "epoch", "seeds", "behaviour_metric", "behaviour", "behaviour_ci",
-                           "behaviour_k/n", "capability_metric", "capability", "capability_ci", "capability_k/n"])
-    show(result["effects"], ["setting", "arm", "epoch", "seeds", "items", "elicit_sampled", "elicit_logprob", "effect",
-                             "effect_ci", "effect_p_holm", "capability_cost", "capability_cost_ci"], "\n")
+    show(
+        result["table"],
+        [
+            "setting",
+            "arm",
+            "epoch",
+            "seeds",
+            "behaviour_metric",
+            "behaviour",
+            "behaviour_ci",
+            "behaviour_k/n",
+            "capability_metric",
+            "capability",
+            "capability_ci",
+            "capability_k/n",
+        ],
+    )
+    show(
+        result["effects"],
+        [
+            "setting",
+            "arm",
+            "epoch",
+            "seeds",
+            "items",
+            "elicit_sampled",
+            "elicit_logprob",
+            "effect",
+            "effect_ci",
+            "effect_p_holm",
+            "capability_cost",
+            "capability_cost_ci",
+        ],
+        "\n",
+    )
     corr = result["correlations"]
     if not corr.empty and (corr.points >= 3).any():
-        show(corr, ["setting", "epoch", "estimator", "prompts", "points", "pearson", "pearson_lo", "pearson_hi",
-                    "pearson_p", "spearman", "spearman_p", "slope_ols", "slope_eiv"], "\nelicitation vs inoculation effect:\n")
+        show(
+            corr,
+            [
+                "setting",
+                "epoch",
+                "estimator",
+                "prompts",
+                "points",
+                "pearson",
+                "pearson_lo",
+                "pearson_hi",
+                "pearson_p",
+                "spearman",
+                "spearman_p",
+                "slope_ols",
+                "slope_eiv",
+            ],
+            "\nelicitation vs inoculation effect:\n",
+        )
     not_done = [r for r in result["records"] if r["status"] != "done"]
     if not_done:
         print(f"\n{len(not_done)} run(s) not done, left out of every table:")
         for r in not_done:
             err = r.get("error") or {}
-            print(f"  {r['status']}: {r['run_dir']}/record.json" + (f" ({err.get('type')}: {err.get('message')})" if err else ""))
+            print(
+                f"  {r['status']}: {r['run_dir']}/record.json"
+                + (f" ({err.get('type')}: {err.get('message')})" if err else "")
+            )
     from ipsweep.tracking import sweep_project
 
-    log_analysis(result, project=args.project or sweep_project(args.sweep_dir) or "ipsweep", mode=args.wandb_mode,
-                 entity=args.entity)
+    log_analysis(
+        result,
+        project=args.project or sweep_project(args.sweep_dir) or "ipsweep",
+        mode=args.wandb_mode,
+        entity=args.entity,
+    )
     wandb_runs = [r for d in args.sweep_dir for r in sorted(Path(d).glob("runs/*/wandb/offline-run-*"))]
-    print(f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: {result['out_dir']}/conditions.csv, "
-          "effects.csv, correlations.csv, influence.csv, power.csv, items.csv, tidy.csv")
-    print(f"W&B offline runs: {len(wandb_runs)} under {' '.join(d + '/runs/*/wandb/' for d in args.sweep_dir)} (upload: ipsweep sync <sweep dir>)")
+    print(
+        f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: "
+        f"{result['out_dir']}/conditions.csv, "
+        "effects.csv, correlations.csv, influence.csv, power.csv, items.csv, tidy.csv"
+    )
+    print(
+        f"W&B offline runs: {len(wandb_runs)} under "
+        f"{' '.join(d + '/runs/*/wandb/' for d in args.sweep_dir)} (upload: ipsweep sync <sweep dir>)"
+    )
 
 
 def _sweep_dir(path: str) -> Path:
@@ -58,8 +121,10 @@ def _sweep_dir(path: str) -> Path:
 
     sweep = Path(path)
     if not (store.is_sweep_dir(sweep) or (sweep / plan.MANIFEST).is_file()):
-        raise ConfigError(f"'{path}' is not a sweep dir (no runs/ and no {plan.MANIFEST}); "
-                          "fix: pass the folder a sweep wrote, e.g. outputs/<name>")
+        raise ConfigError(
+            f"'{path}' is not a sweep dir (no runs/ and no {plan.MANIFEST}); "
+            "fix: pass the folder a sweep wrote, e.g. outputs/<name>"
+        )
     return sweep
 
 
@@ -83,23 +148,39 @@ def _sync(args) -> None:
     if not runs:
         print(f"no offline W&B runs under {args.sweep_dir}")
         return
-    cmd = [str(Path(sys.executable).with_name("wandb")), "sync", "--skip-synced",
-           *(["--dry-run"] if args.dry_run else []), *(["-p", args.project] if args.project else []),
-           *(["-e", args.entity] if args.entity else []), *runs]
-    print(f"{'would sync' if args.dry_run else 'syncing'} {len(runs)} offline W&B runs (already synced ones are skipped)", flush=True)
+    cmd = [
+        str(Path(sys.executable).with_name("wandb")),
+        "sync",
+        "--skip-synced",
+        *(["--dry-run"] if args.dry_run else []),
+        *(["-p", args.project] if args.project else []),
+        *(["-e", args.entity] if args.entity else []),
+        *runs,
+    ]
+    print(
+        f"{'would sync' if args.dry_run else 'syncing'} {len(runs)} offline W&B runs (already synced ones "
+        "are skipped)",
+        flush=True,
+    )
     from ipsweep.tracking import reachable, wandb_server
 
     if not args.dry_run and not reachable(wandb_server()):
-        raise ConfigError(f"the W&B server {wandb_server()} cannot be reached from this machine (3 s); fix: run "
-                          "`ipsweep sync` where there is network (copy the sweep dir there); the local runs are untouched")
+        raise ConfigError(
+            f"the W&B server {wandb_server()} cannot be reached from this machine (3 s); fix: run "
+            "`ipsweep sync` where there is network (copy the sweep dir there); the local runs are untouched"
+        )
     try:
         code = subprocess.run(cmd, timeout=args.timeout).returncode
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"wandb sync did not finish in {args.timeout} s; fix: check the network, or raise --timeout; "
-                          "runs already uploaded are skipped when you rerun") from None
+        raise ConfigError(
+            f"wandb sync did not finish in {args.timeout} s; fix: check the network, or raise --timeout; "
+            "runs already uploaded are skipped when you rerun"
+        ) from None
     if code != 0:
-        raise ConfigError("wandb sync failed (see its message above); fix: `wandb login` on a machine with network, "
-                          "then rerun `ipsweep sync`; the local runs are untouched")
+        raise ConfigError(
+            "wandb sync failed (see its message above); fix: `wandb login` on a machine with network, "
+            "then rerun `ipsweep sync`; the local runs are untouched"
+        )
 
 
 def compose(overrides: list[str]):
@@ -124,39 +205,71 @@ def _screen(args) -> None:
     out = Path(args.out or f"outputs/screen/{cfg.setting.name}-{cfg.model.name}")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "elicitation.csv", index=False)
-    png = screen.plot(table, f"{cfg.setting.name} on {cfg.model.name}: elicitation strength", out / "elicitation.png")
-    cols = [c for c in ["prompt", "role", "sampled", "sampled_lo", "sampled_hi", "behaviour_with_prompt",
-                        "logprob", "logprob_lo", "logprob_hi", "logprob_surface_shift", "logprob_surface_flag",
-                        "logprob_train", "logprob_train_surface_shift", "logprob_train_surface_flag"] if c in table]
+    png = screen.plot(
+        table, f"{cfg.setting.name} on {cfg.model.name}: elicitation strength", out / "elicitation.png"
+    )
+    cols = [
+        c
+        for c in [
+            "prompt",
+            "role",
+            "sampled",
+            "sampled_lo",
+            "sampled_hi",
+            "behaviour_with_prompt",
+            "logprob",
+            "logprob_lo",
+            "logprob_hi",
+            "logprob_surface_shift",
+            "logprob_surface_flag",
+            "logprob_train",
+            "logprob_train_surface_shift",
+            "logprob_train_surface_flag",
+        ]
+        if c in table
+    ]
     print(table[cols].to_markdown(index=False, floatfmt=".3f"))
     ests = [e for e in ESTIMATORS if e in table]
     for i, a in enumerate(ests):
-        for b in ests[i + 1:]:
+        for b in ests[i + 1 :]:
             agree = screen.agreement(table, a, b)
             if agree and "undefined" in agree:
                 print(f"\nagreement {a} vs {b}: undefined ({agree['undefined']})")
             elif agree:
-                print(f"\nagreement {a} vs {b}: Spearman {agree['spearman']:+.2f} [{agree['lo']:+.2f}, {agree['hi']:+.2f}] "
-                      f"(permutation p={agree['p']:.3f}, {agree['prompts']} prompts)")
+                print(
+                    f"\nagreement {a} vs {b}: Spearman {agree['spearman']:+.2f} [{agree['lo']:+.2f}, "
+                    f"{agree['hi']:+.2f}] "
+                    f"(permutation p={agree['p']:.3f}, {agree['prompts']} prompts)"
+                )
     for est in (e for e in ("logprob", "logprob_train") if f"{e}_surface_flag" in table):
         flagged = table.prompt[table[f"{est}_surface_flag"]].tolist()
-        print(f"{est}: {len(flagged)} prompt(s) move by more than {screen.FLAG_SHARE:.0%} of the inoculation prompts' "
-              f"spread when only their letter case or punctuation changes{': ' + ', '.join(flagged) if flagged else ''}")
+        print(
+            f"{est}: {len(flagged)} prompt(s) move by more than {screen.FLAG_SHARE:.0%} of the inoculation "
+            "prompts' "
+            "spread when only their letter case or punctuation "
+            f"changes{': ' + ', '.join(flagged) if flagged else ''}"
+        )
     print(f"table: {out / 'elicitation.csv'}\nplot:  {png}")
 
 
 def _power(args) -> None:
     from ipsweep import stats
 
-    lines = ["planning a sweep at 80% power, alpha 0.05 (Fisher z for correlations; two proportions for effects):",
-             f"- with {args.prompts} IP prompts: smallest detectable correlation r = {stats.smallest_correlation(args.prompts):.2f}; "
-             f"power for r = {args.r}: {stats.correlation_power(args.r, args.prompts):.2f}; "
-             f"prompts needed for r = {args.r}: {stats.points_needed(args.r)}",
-             f"- with {args.items} eval items and a control behaviour rate of {args.control_rate}: smallest detectable effect "
-             f"{stats.smallest_effect(args.control_rate, args.items):.2f}; items needed for an effect of {args.effect}: "
-             f"{stats.items_needed(args.control_rate, args.effect)}",
-             "  (one seed; seed-to-seed variation in the effect adds to this: run 3 or more seeds and read the seed part",
-             "  of the interval in a pilot's effects.csv)"]
+    lines = [
+        "planning a sweep at 80% power, alpha 0.05 (Fisher z for correlations; two proportions for effects):",
+        f"- with {args.prompts} IP prompts: smallest detectable correlation r = "
+        f"{stats.smallest_correlation(args.prompts):.2f}; "
+        f"power for r = {args.r}: {stats.correlation_power(args.r, args.prompts):.2f}; "
+        f"prompts needed for r = {args.r}: {stats.points_needed(args.r)}",
+        f"- with {args.items} eval items and a control behaviour rate of {args.control_rate}: smallest "
+        "detectable effect "
+        f"{stats.smallest_effect(args.control_rate, args.items):.2f}; items needed for an effect of "
+        f"{args.effect}: "
+        f"{stats.items_needed(args.control_rate, args.effect)}",
+        "  (one seed; seed-to-seed variation in the effect adds to this: run 3 or more seeds and read the "
+        "seed part",
+        "  of the interval in a pilot's effects.csv)",
+    ]
     print("\n".join(lines))
 
 
@@ -166,14 +279,18 @@ def _results(args) -> None:
     if args.export:
         sweep, name = args.export
         n = results.export(sweep, results.RESULTS_DIR / name)
-        print(f"exported {n} run records to {results.RESULTS_DIR / name}/runs; now: ipsweep analyze "
-              f"{results.RESULTS_DIR / name} --out {results.RESULTS_DIR / name}/analysis --wandb-mode disabled")
+        print(
+            f"exported {n} run records to {results.RESULTS_DIR / name}/runs; now: ipsweep analyze "
+            f"{results.RESULTS_DIR / name} --out {results.RESULTS_DIR / name}/analysis --wandb-mode disabled"
+        )
         return
     if args.check:
         stale = results.stale_blocks()
         if stale:
-            raise ConfigError(f"RESULTS.md disagrees with the committed CSVs in {len(stale)} table(s): {'; '.join(stale)}; "
-                              "fix: run `ipsweep results` and commit")
+            raise ConfigError(
+                f"RESULTS.md disagrees with the committed CSVs in {len(stale)} table(s): {'; '.join(stale)}; "
+                "fix: run `ipsweep results` and commit"
+            )
         print("RESULTS.md agrees with the committed CSVs")
         return
     print(f"RESULTS.md: {results.update()} tables regenerated from {results.RESULTS_DIR}")
@@ -184,48 +301,97 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")
     parser = argparse.ArgumentParser(prog="ipsweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="convert the embedded GGUF model to a cached safetensors folder (once)")
+    p = sub.add_parser(
+        "prepare", help="convert the embedded GGUF model to a cached safetensors folder (once)"
+    )
     p.add_argument("--tiny", action="store_true", help="also build the tiny random test model")
     p.set_defaults(func=_prepare)
-    p = sub.add_parser("analyze", help="tables, plots and report.md from the run records of one or more sweep dirs")
-    p.add_argument("sweep_dir", nargs="+", help="one sweep dir, or several (e.g. one per setting; needs --out) to pool")
+    p = sub.add_parser(
+        "analyze", help="tables, plots and report.md from the run records of one or more sweep dirs"
+    )
+    p.add_argument(
+        "sweep_dir", nargs="+", help="one sweep dir, or several (e.g. one per setting; needs --out) to pool"
+    )
     p.add_argument("--out", default=None, help="output folder (default: SWEEP_DIR/analysis)")
-    p.add_argument("--elicitation", nargs="+", default=None, metavar="CSV",
-                   help="take elicitation estimates from `ipsweep screen` tables (elicitation.csv) instead of the runs")
-    p.add_argument("--skip-damaged", action="store_true",
-                   help="analyse without run records that are damaged (listed in the report) instead of refusing")
-    p.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"],
-                   help="log the tables and plots to W&B in the sweep's group (default: offline)")
-    p.add_argument("--project", "--wandb-project", dest="project", default=None,
-                   help="W&B project (default: the sweep's logger.project, else ipsweep)")
+    p.add_argument(
+        "--elicitation",
+        nargs="+",
+        default=None,
+        metavar="CSV",
+        help="take elicitation estimates from `ipsweep screen` tables (elicitation.csv) instead of the runs",
+    )
+    p.add_argument(
+        "--skip-damaged",
+        action="store_true",
+        help="analyse without run records that are damaged (listed in the report) instead of refusing",
+    )
+    p.add_argument(
+        "--wandb-mode",
+        default="offline",
+        choices=["offline", "online", "disabled"],
+        help="log the tables and plots to W&B in the sweep's group (default: offline)",
+    )
+    p.add_argument(
+        "--project",
+        "--wandb-project",
+        dest="project",
+        default=None,
+        help="W&B project (default: the sweep's logger.project, else ipsweep)",
+    )
     p.add_argument("--entity", "--wandb-entity", dest="entity", default=None, help="W&B entity")
     p.set_defaults(func=_analyze)
-    p = sub.add_parser("power", help="plan a sweep: the smallest effect and correlation it can detect, and what a target needs")
+    p = sub.add_parser(
+        "power",
+        help="plan a sweep: the smallest effect and correlation it can detect, and what a target needs",
+    )
     p.add_argument("--prompts", type=int, default=11, help="IP-style prompts (points of the correlation)")
     p.add_argument("--items", type=int, default=60, help="eval items per arm")
-    p.add_argument("--control-rate", type=float, default=0.85, help="the control's behaviour rate (from a pilot)")
+    p.add_argument(
+        "--control-rate", type=float, default=0.85, help="the control's behaviour rate (from a pilot)"
+    )
     p.add_argument("--r", type=float, default=0.57, help="target correlation (default: the paper's 0.57)")
     p.add_argument("--effect", type=float, default=0.22, help="target effect b(control) - b(IP)")
     p.set_defaults(func=_power)
-    p = sub.add_parser("results", help="regenerate RESULTS.md's tables from the analysis CSVs committed in docs/results")
+    p = sub.add_parser(
+        "results", help="regenerate RESULTS.md's tables from the analysis CSVs committed in docs/results"
+    )
     p.add_argument("--check", action="store_true", help="only check that RESULTS.md agrees with the CSVs")
-    p.add_argument("--export", nargs=2, metavar=("SWEEP_DIR", "NAME"),
-                   help="copy a sweep's run records (metrics only) to docs/results/NAME/runs, to commit")
+    p.add_argument(
+        "--export",
+        nargs=2,
+        metavar=("SWEEP_DIR", "NAME"),
+        help="copy a sweep's run records (metrics only) to docs/results/NAME/runs, to commit",
+    )
     p.set_defaults(func=_results)
-    p = sub.add_parser("screen", help="rank a setting's prompts by elicitation strength on the base model (no training)")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. setting=gcd_sycophancy model=hf model.path=...")
+    p = sub.add_parser(
+        "screen", help="rank a setting's prompts by elicitation strength on the base model (no training)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. setting=gcd_sycophancy model=hf model.path=..."
+    )
     p.add_argument("--out", default=None, help="output folder (default: outputs/screen/<setting>-<model>)")
-    p.add_argument("--no-surface-check", action="store_true",
-                   help="skip re-estimating each prompt upper-cased, lower-cased and without punctuation")
+    p.add_argument(
+        "--no-surface-check",
+        action="store_true",
+        help="skip re-estimating each prompt upper-cased, lower-cased and without punctuation",
+    )
     p.set_defaults(func=_screen)
-    p = sub.add_parser("status", help="every point of a sweep: done / running / requeued / interrupted / failed / pending")
+    p = sub.add_parser(
+        "status", help="every point of a sweep: done / running / requeued / interrupted / failed / pending"
+    )
     p.add_argument("sweep_dir")
-    p.add_argument("--state", nargs="*", choices=["done", "running", "requeued", "interrupted", "failed", "corrupt", "pending"],
-                   help="show only these states")
+    p.add_argument(
+        "--state",
+        nargs="*",
+        choices=["done", "running", "requeued", "interrupted", "failed", "corrupt", "pending"],
+        help="show only these states",
+    )
     p.set_defaults(func=_status)
     p = sub.add_parser("sync", help="upload a sweep's offline W&B runs (from a machine with network)")
     p.add_argument("sweep_dir")
-    p.add_argument("--project", "--wandb-project", dest="project", default=None, help="override the W&B project")
+    p.add_argument(
+        "--project", "--wandb-project", dest="project", default=None, help="override the W&B project"
+    )
     p.add_argument("--entity", "--wandb-entity", dest="entity", default=None, help="override the W&B entity")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
     p.add_argument("--timeout", type=int, default=600, help="seconds to allow `wandb sync` (default 600)")

@@ -8,7 +8,7 @@ Each group's YAML may only set the keys declared here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -27,8 +27,8 @@ class SettingConfig:
     # name -> {text, role (one of ROLES), placement (one of PLACEMENTS; default: the setting's)}.
     # Untyped so that `+setting.prompts.x={text: ..., role: ...}` works on the command line;
     # ipsweep.prompts.library validates every entry.
-    prompts: Dict[str, Any] = field(default_factory=dict)
-    options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Setting class
+    prompts: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Setting class
     # train.max_length's default for this setting: long enough that its training replies stay whole (with the
     # longest library prompt, on the default model's tokenizer; tests/test_train.py checks each setting)
     max_length: int = 256
@@ -38,9 +38,10 @@ class SettingConfig:
 class ModelConfig:
     _target_: str = MISSING  # loader function in ipsweep.models
     name: str = MISSING
-    path: Optional[str] = None
+    path: str | None = None
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
-    device: str = "auto"  # auto (cuda where the job sees a GPU, else cpu) | cpu | cuda; the kind enters the signature
+    # auto (cuda where the job sees a GPU, else cpu) | cpu | cuda; the kind enters the signature
+    device: str = "auto"
 
 
 @dataclass
@@ -48,7 +49,7 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     use_rslora: bool = False
 
 
@@ -65,7 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 256
-    n_train: Optional[int] = None  # first n examples after the seeded shuffle; None = all
+    n_train: int | None = None  # first n examples after the seeded shuffle; None = all
     # random: plain shuffle. group_by_length: batches of similar length (HF's LengthGroupedSampler), less
     # padding and faster, but it changes the training (BENCHMARKS.md #1), so it is opt-in.
     sampling: str = "random"
@@ -73,16 +74,18 @@ class TrainConfig:
     # paraphrases (library `texts`/`texts_file`; the last one is held out for the leak test)
     prompt_mode: str = "fixed"
     gradient_checkpointing: bool = False  # less GPU memory, ~30% slower; does not change the numbers
-    # Training rows longer than max_length lose the end of their reply (and the end-of-turn token the model learns
+    # Training rows longer than max_length lose the end of their reply (and the end-of-turn token the model
+    # learns
     # to stop at). Each run records how many were cut and warns; above this share it fails before training.
     max_cut_share: float = 0.01
-    deterministic: bool = False  # torch's deterministic algorithms (CUDA: slower); see README "What is bit-exact"
+    # torch's deterministic algorithms (CUDA: slower); see README "What is bit-exact"
+    deterministic: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class EvalConfig:
-    n_eval: Optional[int] = None  # per eval set; None = all
+    n_eval: int | None = None  # per eval set; None = all
     max_new_tokens: int = 30
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -90,11 +93,12 @@ class EvalConfig:
     seed: int = 0  # sampling seed, fixed across runs so conditions see the same draws
     batch_size: int = 32
     # Extra prompts inserted at test time on every trained model (names from the library).
-    extra_test_prompts: List[str] = field(default_factory=list)
+    extra_test_prompts: list[str] = field(default_factory=list)
     # Also test each trained model with its own training prompt and the library's safety prompts inserted
     # (does the behaviour come back on request? does the model still follow instructions?).
     test_grid: bool = False
-    # Also test every trained model with prompts resembling an IP's training prompt: its negation, its keywords,
+    # Also test every trained model with prompts resembling an IP's training prompt: its negation, its
+    # keywords,
     # a paraphrase held out from training (from the library entry). A control is tested with those of every
     # library prompt that has them, so each leak has its baseline.
     leak_tests: bool = False
@@ -108,12 +112,12 @@ ESTIMATORS = ("sampled", "logprob", "logprob_train")
 
 @dataclass
 class ElicitConfig:
-    estimators: List[str] = field(default_factory=lambda: ["sampled", "logprob"])
+    estimators: list[str] = field(default_factory=lambda: ["sampled", "logprob"])
     logprob_items: int = 64  # contrast pairs scored by logprob (training replies for logprob_train)
-    logprob_tokens: Optional[int] = 16  # logprob_train only: first reply tokens scored; None = whole reply
+    logprob_tokens: int | None = 16  # logprob_train only: first reply tokens scored; None = whole reply
     samples: int = 1  # sampled: completions per eval item
     temperature: float = 0.0  # sampled: 0 = greedy (then samples must be 1)
-    cache_dir: Optional[str] = None  # None = <user cache>/ipsweep/elicitation, shared by all sweeps
+    cache_dir: str | None = None  # None = <user cache>/ipsweep/elicitation, shared by all sweeps
 
 
 @dataclass
@@ -121,8 +125,8 @@ class LoggerConfig:
     backend: str = "wandb"  # wandb | none
     mode: str = "offline"  # offline | online | disabled
     project: str = "ipsweep"
-    entity: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
     samples_per_epoch: int = 30  # rows of the eval-sample table logged per epoch
     # mode=online but the W&B server cannot be reached (checked in 3 s, before the sweep and in each job):
     # offline = log offline with one warning (upload later with `ipsweep sync`); fail = stop before any job.
@@ -138,7 +142,7 @@ class Config:
     elicit: ElicitConfig = MISSING
     logger: LoggerConfig = MISSING
     prompt: str = "none"  # a name from the setting's prompt library; 'none' = the control condition
-    prompt_placement: Optional[str] = None  # where the prompt goes (one of PLACEMENTS); None = the library's
+    prompt_placement: str | None = None  # where the prompt goes (one of PLACEMENTS); None = the library's
     name: str = MISSING  # sweep name: outputs go to outputs/<name>, W&B group = name
     store_dir: str = MISSING  # where run records live (the sweep dir)
 
@@ -146,6 +150,12 @@ class Config:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for group, node in [("setting", SettingConfig), ("model", ModelConfig), ("train", TrainConfig),
-                        ("eval", EvalConfig), ("elicit", ElicitConfig), ("logger", LoggerConfig)]:
+    for group, node in [
+        ("setting", SettingConfig),
+        ("model", ModelConfig),
+        ("train", TrainConfig),
+        ("eval", EvalConfig),
+        ("elicit", ElicitConfig),
+        ("logger", LoggerConfig),
+    ]:
         cs.store(group=group, name=f"{group}_schema", node=node)

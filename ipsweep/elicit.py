@@ -63,44 +63,80 @@ def _model_key(cfg) -> dict:
 
 
 def _setting_key(cfg, setting) -> dict:
-    """The setting's config and the content of its data files and of the model's weights (edited data is a miss)."""
+    """The setting's config and the content of its data files and of the model's weights (edited data is a
+    miss)."""
     from ipsweep.plan import inputs
 
-    return {**{k: v for k, v in _plain(cfg.setting).items() if k != "prompts"}, "inputs": inputs(cfg, setting)}
+    return {
+        **{k: v for k, v in _plain(cfg.setting).items() if k != "prompts"},
+        "inputs": inputs(cfg, setting),
+    }
 
 
 def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt, eval_cfg=None) -> dict:
     """The untrained model's metrics with `prompt` inserted at test time (NO_PROMPT: unmodified), decoded with
     `eval_cfg` (default: cfg.eval, as every run's epoch 0)."""
     eval_cfg = cfg.eval if eval_cfg is None else eval_cfg
-    eval_key = {k: v for k, v in _plain(eval_cfg).items() if k not in ("extra_test_prompts", "test_grid", "base", "leak_tests")}
+    eval_key = {
+        k: v
+        for k, v in _plain(eval_cfg).items()
+        if k not in ("extra_test_prompts", "test_grid", "base", "leak_tests")
+    }
 
     def compute() -> dict:
         result = evaluate(model, tokenizer, setting, examples, prompt, eval_cfg)
-        return {"test_prompt": prompt.name, "metrics": result["metrics"], "by_group": result["by_group"],
-                "items": result["items"], "samples": result["samples"]}
+        return {
+            "test_prompt": prompt.name,
+            "metrics": result["metrics"],
+            "by_group": result["by_group"],
+            "items": result["items"],
+            "samples": result["samples"],
+        }
 
-    hit = _cached(cfg, "base_eval", {"model": _model_key(cfg), "setting": _setting_key(cfg, setting), "eval": eval_key,
-                                     "prompt": [prompt.text, prompt.placement]}, compute)
-    return {"metrics": hit["metrics"], "by_group": hit["by_group"], "items": hit["items"], "samples": hit["samples"]}
+    hit = _cached(
+        cfg,
+        "base_eval",
+        {
+            "model": _model_key(cfg),
+            "setting": _setting_key(cfg, setting),
+            "eval": eval_key,
+            "prompt": [prompt.text, prompt.placement],
+        },
+        compute,
+    )
+    return {
+        "metrics": hit["metrics"],
+        "by_group": hit["by_group"],
+        "items": hit["items"],
+        "samples": hit["samples"],
+    }
 
 
 def item_rates(evaluation: dict, metric: str) -> dict[str, float]:
-    """Per eval item: the share of its samples that show `metric` (items the metric does not apply to are left out)."""
+    """Per eval item: the share of its samples that show `metric` (items the metric does not apply to are left
+    out)."""
     return {i["id"]: i[metric][0] / i[metric][1] for i in evaluation["items"] if metric in i and i[metric][1]}
 
 
 def sampled(plain: dict, prompted: dict, metric: str) -> dict:
-    """E = b(prompted) - b(plain) over the same items, with a 95% CI paired by item (stats.paired_difference)."""
+    """E = b(prompted) - b(plain) over the same items, with a 95% CI paired by item
+    (stats.paired_difference)."""
     x, y = item_rates(prompted, metric), item_rates(plain, metric)
     common = sorted(set(x) & set(y))
     r = ipstats.paired_difference([x[i] for i in common], [y[i] for i in common])
     return {**r, "with_prompt": prompted["metrics"][metric], "without": plain["metrics"][metric]}
 
 
-def _mean_logprobs(model, tokenizer, chats: list[tuple[list[dict], str]], max_length: int, first_tokens: int | None,
-                   end_of_turn: bool) -> np.ndarray:
-    """Mean log-prob per scored reply token, one per (messages, reply); NaN where truncation left no reply token."""
+def _mean_logprobs(
+    model,
+    tokenizer,
+    chats: list[tuple[list[dict], str]],
+    max_length: int,
+    first_tokens: int | None,
+    end_of_turn: bool,
+) -> np.ndarray:
+    """Mean log-prob per scored reply token, one per (messages, reply); NaN where truncation left no reply
+    token."""
     scored = lm.reply_logprobs(model, tokenizer, chats, max_length, first_tokens, end_of_turn)
     return np.where(scored[:, 1] > 0, scored[:, 0] / np.maximum(scored[:, 1], 1), np.nan)
 
@@ -109,8 +145,11 @@ def _contrasts(model, tokenizer, pairs: list[ContrastPair], max_length: int) -> 
     """Per pair: mean log-prob per token of the reply that shows the behaviour minus that of the matched reply
     (reply text only, no end-of-turn tokens). Each side is averaged over its own tokens, so a prompt that
     shifts every token's log-prob by the same amount moves both sides equally and cancels."""
-    score = lambda side: _mean_logprobs(model, tokenizer, [(p.messages, getattr(p, side)) for p in pairs],  # noqa: E731
-                                        max_length, None, end_of_turn=False)
+
+    def score(side: str) -> np.ndarray:
+        chats = [(p.messages, getattr(p, side)) for p in pairs]
+        return _mean_logprobs(model, tokenizer, chats, max_length, None, end_of_turn=False)
+
     return score("shows") - score("lacks")
 
 
@@ -119,20 +158,36 @@ def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
     log p(reply showing the behaviour) - log p(matched reply without it), per token, averaged over the
     setting's contrast pairs; 95% CI paired by pair (t on the per-pair changes)."""
     n = cfg.elicit.logprob_items
-    key = {"model": _model_key(cfg), "setting": _setting_key(cfg, setting), "items": n, "max_length": cfg.train.max_length}
+    key = {
+        "model": _model_key(cfg),
+        "setting": _setting_key(cfg, setting),
+        "items": n,
+        "max_length": cfg.train.max_length,
+    }
 
     def compute() -> dict:  # only on a cache miss: a hit reads no setting data
         pairs = _contrast_pairs(setting)[:n]
         # The no-prompt side is the same for every prompt: computed once, cached beside.
-        without = np.asarray(_cached(cfg, "contrast_base", key, lambda: {"contrasts": _contrasts(
-            model, tokenizer, pairs, cfg.train.max_length).tolist()})["contrasts"])
+        without = np.asarray(
+            _cached(
+                cfg,
+                "contrast_base",
+                key,
+                lambda: {"contrasts": _contrasts(model, tokenizer, pairs, cfg.train.max_length).tolist()},
+            )["contrasts"]
+        )
         prompted = [ContrastPair(insert(setting, p.messages, prompt), p.shows, p.lacks) for p in pairs]
         with_prompt = _contrasts(model, tokenizer, prompted, cfg.train.max_length)
         kept = np.isfinite(with_prompt) & np.isfinite(without)  # pairs whose replies survive train.max_length
         with_prompt, without = with_prompt[kept], without[kept]
         r = ipstats.paired_difference(with_prompt, without)
-        return {**r, "positive": int((with_prompt > without).sum()), "truncated_away": int((~kept).sum()),
-                "contrast_without": float(without.mean()), "contrast_with": float(with_prompt.mean())}
+        return {
+            **r,
+            "positive": int((with_prompt > without).sum()),
+            "truncated_away": int((~kept).sum()),
+            "contrast_without": float(without.mean()),
+            "contrast_with": float(with_prompt.mean()),
+        }
 
     return _cached(cfg, "logprob", {**key, "prompt": [prompt.text, prompt.placement]}, compute)
 
@@ -140,24 +195,42 @@ def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
 def _contrast_pairs(setting) -> list[ContrastPair]:
     pairs = setting.contrast_pairs()
     if not pairs:
-        raise ConfigError(f"setting {type(setting).__name__} supplies no contrast pairs, so the logprob estimator is undefined; "
-                          "fix: remove logprob from elicit.estimators, or give the setting data with matched replies")
+        raise ConfigError(
+            f"setting {type(setting).__name__} supplies no contrast pairs, so the logprob estimator is "
+            "undefined; "
+            "fix: remove logprob from elicit.estimators, or give the setting data with matched replies"
+        )
     return pairs
 
 
 def logprob_train(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
     """The earlier, non-contrastive estimator, kept for comparison only: mean per-token log-prob gain of the
     training replies (their first `elicit.logprob_tokens` tokens, end-of-turn included) when the prompt is
-    inserted. It moves with the prompt's wording (an all-caps prompt raises it whatever it asks): see README."""
+    inserted. It moves with the prompt's wording (an all-caps prompt raises it whatever it asks): see
+    README."""
     ecfg = cfg.elicit
-    key = {"model": _model_key(cfg), "setting": _setting_key(cfg, setting), "examples": ecfg.logprob_items,
-           "tokens": ecfg.logprob_tokens, "max_length": cfg.train.max_length}
+    key = {
+        "model": _model_key(cfg),
+        "setting": _setting_key(cfg, setting),
+        "examples": ecfg.logprob_items,
+        "tokens": ecfg.logprob_tokens,
+        "max_length": cfg.train.max_length,
+    }
 
     def compute() -> dict:
         examples = setting.train_examples()[: ecfg.logprob_items]
-        score = lambda chats: _mean_logprobs(model, tokenizer, chats, cfg.train.max_length, ecfg.logprob_tokens, True)  # noqa: E731
-        base = np.asarray(_cached(cfg, "logprob_train_base", key, lambda: {"logprobs": score(
-            [(ex.messages, ex.completion) for ex in examples]).tolist()})["logprobs"])
+
+        def score(chats):
+            return _mean_logprobs(model, tokenizer, chats, cfg.train.max_length, ecfg.logprob_tokens, True)
+
+        base = np.asarray(
+            _cached(
+                cfg,
+                "logprob_train_base",
+                key,
+                lambda: {"logprobs": score([(ex.messages, ex.completion) for ex in examples]).tolist()},
+            )["logprobs"]
+        )
         gain = score([(insert(setting, ex.messages, prompt), ex.completion) for ex in examples])
         kept = np.isfinite(gain) & np.isfinite(base)
         return {**ipstats.paired_difference(gain[kept], base[kept]), "positive": int((gain > base).sum())}
@@ -170,7 +243,9 @@ LOGPROB_ESTIMATORS = {"logprob": logprob, "logprob_train": logprob_train}
 
 def sampling_eval_cfg(cfg):
     """The decoding the sampled estimator uses: the eval config with elicit.temperature and elicit.samples."""
-    return OmegaConf.merge(cfg.eval, {"temperature": cfg.elicit.temperature, "samples_per_prompt": cfg.elicit.samples})
+    return OmegaConf.merge(
+        cfg.eval, {"temperature": cfg.elicit.temperature, "samples_per_prompt": cfg.elicit.samples}
+    )
 
 
 def elicitation(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) -> dict:

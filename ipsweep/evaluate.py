@@ -21,18 +21,24 @@ def rate(k: int, n: int) -> dict:
 
 def choose(model, tokenizer, chats: list[list[dict]], choices: list[str]) -> list[list[str]]:
     """For settings with a fixed set of replies: the reply whose first token is most likely, no generation."""
-    scored = lm.reply_logprobs(model, tokenizer, [(chat, c) for chat in chats for c in choices], max_length=4096, first_tokens=1)
+    scored = lm.reply_logprobs(
+        model, tokenizer, [(chat, c) for chat in chats for c in choices], max_length=4096, first_tokens=1
+    )
     lp = scored[:, 0].reshape(len(chats), len(choices))
     return [[choices[i]] for i in lp.argmax(axis=1)]
 
 
-def evaluate(model, tokenizer, setting, examples: list[EvalExample], test_prompt: prompts.Prompt | None,
-             cfg) -> dict:
+def evaluate(
+    model, tokenizer, setting, examples: list[EvalExample], test_prompt: prompts.Prompt | None, cfg
+) -> dict:
     """Generate (or choose, for a setting with `choices`) for `examples` with `test_prompt` inserted;
-    return rates overall and per group, per-item outcomes (`items`: id, group, metric -> [k, n]), and samples."""
+    return rates overall and per group, per-item outcomes (`items`: id, group, metric -> [k, n]), and
+    samples."""
     chats = [insert(setting, ex.messages, test_prompt) for ex in examples]
     choices = getattr(setting, "choices", None)
-    completions = choose(model, tokenizer, chats, choices) if choices else lm.generate(model, tokenizer, chats, cfg)
+    completions = (
+        choose(model, tokenizer, chats, choices) if choices else lm.generate(model, tokenizer, chats, cfg)
+    )
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     samples, items = [], {}
     for ex, chat, outs in zip(examples, chats, completions):
@@ -42,18 +48,36 @@ def evaluate(model, tokenizer, setting, examples: list[EvalExample], test_prompt
             for metric, value in scores.items():
                 if value is None:
                     continue
-                for key in [(metric, None, None), (metric, ex.eval_set, None), (metric, ex.eval_set, ex.group)]:
+                for key in [
+                    (metric, None, None),
+                    (metric, ex.eval_set, None),
+                    (metric, ex.eval_set, ex.group),
+                ]:
                     counts[key][0] += bool(value)
                     counts[key][1] += 1
                 kn = item.setdefault(metric, [0, 0])  # per item: k of n samples show it
                 kn[0] += bool(value)
                 kn[1] += 1
-            samples.append({"item": ex.item_id, "eval_set": ex.eval_set, "group": ex.group,
-                            "prompt": chat[-1]["content"], "completion": text, **scores})
+            samples.append(
+                {
+                    "item": ex.item_id,
+                    "eval_set": ex.eval_set,
+                    "group": ex.group,
+                    "prompt": chat[-1]["content"],
+                    "completion": text,
+                    **scores,
+                }
+            )
     metrics = {m: rate(*counts[(m, None, None)]) for (m, s, g) in counts if s is None}
     by_group = [
         {"metric": m, "eval_set": s, "group": g or "all", **rate(*counts[(m, s, g)])}
-        for (m, s, g) in sorted(counts, key=str) if s is not None
+        for (m, s, g) in sorted(counts, key=str)
+        if s is not None
     ]
-    return {"test_prompt": test_prompt.name if test_prompt else prompts.NONE, "metrics": metrics,
-            "by_group": by_group, "items": list(items.values()), "samples": samples}
+    return {
+        "test_prompt": test_prompt.name if test_prompt else prompts.NONE,
+        "metrics": metrics,
+        "by_group": by_group,
+        "items": list(items.values()),
+        "samples": samples,
+    }

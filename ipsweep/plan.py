@@ -40,8 +40,10 @@ def require_values(cfg) -> None:
     """Mandatory values (??? in the YAML) must be set; say which, before anything resolves them."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"no value for {', '.join(missing)} (??? in the config); fix: set it on the command line, "
-                          f"e.g. {missing[0]}=<value>")
+        raise ConfigError(
+            f"no value for {', '.join(missing)} (??? in the config); fix: set it on the command line, "
+            f"e.g. {missing[0]}=<value>"
+        )
 
 
 def plan(cfg) -> Point:
@@ -49,38 +51,66 @@ def plan(cfg) -> Point:
     require_values(cfg)
     check_values(cfg)
     placement = cfg.get("prompt_placement")
-    prompt = prompts.configure(prompts.resolve(cfg.setting, cfg.prompt), cfg.train.prompt_mode, placement, cfg.setting.name)
+    prompt = prompts.configure(
+        prompts.resolve(cfg.setting, cfg.prompt), cfg.train.prompt_mode, placement, cfg.setting.name
+    )
     extra = [prompts.resolve(cfg.setting, n) for n in cfg.eval.extra_test_prompts]
     if cfg.eval.test_grid:
         own = [prompt] if prompt.condition == "ip" else []
         extra += own + [p for p in prompts.library(cfg.setting).values() if p.role == "safety"]
-    if cfg.eval.leak_tests:  # an IP run: its own prompt's; the control (and PTST): every library prompt's, as baselines
-        sources = [prompt] if prompt.condition == "ip" else \
-            [prompts.configure(p, "fixed", placement, cfg.setting.name) for p in prompts.library(cfg.setting).values()]
+    # an IP run: its own prompt's; the control (and PTST): every library prompt's, as baselines
+    if cfg.eval.leak_tests:
+        sources = (
+            [prompt]
+            if prompt.condition == "ip"
+            else [
+                prompts.configure(p, "fixed", placement, cfg.setting.name)
+                for p in prompts.library(cfg.setting).values()
+            ]
+        )
         extra += [leak for p in sources for leak in prompts.leak_prompts(p)]
     setting = build(cfg.setting)  # reads and checks the data files
     if placement == "replace_preamble" and not getattr(setting, "preamble", ""):
-        raise ConfigError(f"prompt_placement=replace_preamble, but setting '{cfg.setting.name}' has no instruction of its "
-                          "own to replace; fix: use user_prefix, user_suffix or system")
+        raise ConfigError(
+            f"prompt_placement=replace_preamble, but setting '{cfg.setting.name}' has no instruction of its "
+            "own to replace; fix: use user_prefix, user_suffix or system"
+        )
     check_sizes(cfg, setting)
     models.check(cfg.model)
     headline = prompt.test_prompt
-    if headline and headline.moved:  # the control's run is shared by placements: a moved PTST prompt is its own evaluation
+    # the control's run is shared by placements: a moved PTST prompt is its own evaluation
+    if headline and headline.moved:
         headline = replace(headline, name=f"{headline.name}@{headline.placement}")
     test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [headline]), *extra]}.values())
-    run_prompt = prompt.train_prompt or prompts.NO_PROMPT  # a PTST point is the control's run, tested with its prompt
+    # a PTST point is the control's run, tested with its prompt
+    run_prompt = prompt.train_prompt or prompts.NO_PROMPT
     digests = inputs(cfg, setting)
     signature = store.digest(store.semantic_config(cfg, run_prompt, digests))
-    run = store.Run(Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{run_prompt.name}-s{cfg.train.seed}-{signature}")
-    return Point(prompt, run_prompt, extra, test_prompts, (headline or prompts.NO_PROMPT).name, digests,
-                 signature, run, setting)
+    run = store.Run(
+        Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{run_prompt.name}-s{cfg.train.seed}-{signature}"
+    )
+    return Point(
+        prompt,
+        run_prompt,
+        extra,
+        test_prompts,
+        (headline or prompts.NO_PROMPT).name,
+        digests,
+        signature,
+        run,
+        setting,
+    )
 
 
 def inputs(cfg, setting) -> dict:
-    """What a run reads or runs on besides its config: the content digests of the setting's data files and of the
+    """What a run reads or runs on besides its config: the content digests of the setting's data files and of
+    the
     model's weights, and the device kind and resolved dtype (models.numerics)."""
-    return {"data": dict(getattr(setting, "data_digests", {})), "model_weights": models.weights_digest(cfg.model),
-            **models.numerics(cfg.model)}
+    return {
+        "data": dict(getattr(setting, "data_digests", {})),
+        "model_weights": models.weights_digest(cfg.model),
+        **models.numerics(cfg.model),
+    }
 
 
 def job_config(sweep_config):
@@ -99,10 +129,19 @@ def job_config(sweep_config):
 
 
 def entry(num: int, overrides: list[str], cfg, point: Point) -> dict:
-    return {"num": num, "overrides": list(overrides), "run_dir": str(point.run.dir), "signature": point.signature,
-            "setting": cfg.setting.name, "prompt": point.prompt.name, "seed": cfg.train.seed,
-            "epochs": cfg.train.epochs, "test_prompts": [t.name for t in point.test_prompts], "base": bool(cfg.eval.base),
-            "inputs": point.inputs}
+    return {
+        "num": num,
+        "overrides": list(overrides),
+        "run_dir": str(point.run.dir),
+        "signature": point.signature,
+        "setting": cfg.setting.name,
+        "prompt": point.prompt.name,
+        "seed": cfg.train.seed,
+        "epochs": cfg.train.epochs,
+        "test_prompts": [t.name for t in point.test_prompts],
+        "base": bool(cfg.eval.base),
+        "inputs": point.inputs,
+    }
 
 
 def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
@@ -111,7 +150,10 @@ def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         old = store.read_json(path) or {"points": []}
-        key = lambda p: (p["run_dir"], p["epochs"], p["prompt"])  # noqa: E731 - control and PTST share a run
+
+        def key(p: dict) -> tuple:
+            return p["run_dir"], p["epochs"], p["prompt"]  # control and PTST share a run
+
         keyed = {key(p): p for p in old["points"]}
         taken = {p["num"] for p in old["points"]}
         launched = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -123,12 +165,15 @@ def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
                 p["num"] = max(taken) + 1
             taken.add(p["num"])
             keyed[key(p)] = {**keyed.get(key(p), {}), **p}
-        store.atomic_write_json(path, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "points": list(keyed.values())})
+        store.atomic_write_json(
+            path, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "points": list(keyed.values())}
+        )
     return path
 
 
 def read_manifest(sweep_dir: str | Path) -> list[dict]:
-    """The manifest's points, with each run folder found from the sweep dir, so that `ipsweep status` works from
+    """The manifest's points, with each run folder found from the sweep dir, so that `ipsweep status` works
+    from
     any working directory (the manifest stores paths as the sweep was launched)."""
     data = store.read_json(Path(sweep_dir) / MANIFEST)
     points = data["points"] if data else []

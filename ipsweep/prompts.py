@@ -44,7 +44,8 @@ class Prompt:
 
     @property
     def training_texts(self) -> tuple[str, ...]:
-        """What training draws from: the text alone (fixed), or with every paraphrase but the held-out one (mixed)."""
+        """What training draws from: the text alone (fixed), or with every paraphrase but the held-out one
+        (mixed)."""
         return (self.text, *self.paraphrases[:-1]) if self.mode == "mixed" else (self.text,)
 
     @property
@@ -54,11 +55,11 @@ class Prompt:
         return "ptst" if self.role == "safety" else "ip"
 
     @property
-    def train_prompt(self) -> "Prompt | None":
+    def train_prompt(self) -> Prompt | None:
         return self if self.condition == "ip" else None
 
     @property
-    def test_prompt(self) -> "Prompt | None":
+    def test_prompt(self) -> Prompt | None:
         """The prompt the headline evaluation inserts: only PTST adds one."""
         return self if self.condition == "ptst" else None
 
@@ -75,10 +76,14 @@ def _paraphrases(p, where: str) -> tuple[str, ...]:
         try:
             texts += yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError, TypeError) as e:
-            raise ConfigError(f"{where}: texts_file {path} is not a readable YAML list ({e}); fix: point it at a file "
-                              "holding a YAML list of paraphrases") from None
+            raise ConfigError(
+                f"{where}: texts_file {path} is not a readable YAML list ({e}); fix: point it at a file "
+                "holding a YAML list of paraphrases"
+            ) from None
     if not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ConfigError(f"{where} has an empty or non-text paraphrase; fix: every entry of texts must be text")
+        raise ConfigError(
+            f"{where} has an empty or non-text paraphrase; fix: every entry of texts must be text"
+        )
     return tuple(texts)
 
 
@@ -88,8 +93,10 @@ def library(setting_cfg) -> dict[str, Prompt]:
     for name, p in setting_cfg.prompts.items():
         where = f"prompt '{name}' of setting '{setting_cfg.name}'"
         if not hasattr(p, "keys") or set(p.keys()) - KEYS or "text" not in p or "role" not in p:
-            raise ConfigError(f"{where} must be {{text: ..., role: ..., placement, texts, texts_file, negation, keywords "
-                              f"(optional)}}, got {p}; fix: use those keys")
+            raise ConfigError(
+                f"{where} must be {{text: ..., role: ..., placement, texts, texts_file, negation, keywords "
+                f"(optional)}}, got {p}; fix: use those keys"
+            )
         placement = p.get("placement") or setting_cfg.placement
         if p["role"] not in ROLES:
             raise ConfigError(f"{where} has role '{p['role']}'; fix: use one of {', '.join(ROLES)}")
@@ -97,9 +104,20 @@ def library(setting_cfg) -> dict[str, Prompt]:
             raise ConfigError(f"{where} has placement '{placement}'; fix: use one of {', '.join(PLACEMENTS)}")
         if not isinstance(p["text"], str) or not p["text"].strip():
             raise ConfigError(f"{where} has empty text; fix: give it text or remove it")
-        out[name] = Prompt(name, p["text"], p["role"], placement, _paraphrases(p, where), p.get("negation"), p.get("keywords"))
+        out[name] = Prompt(
+            name,
+            p["text"],
+            p["role"],
+            placement,
+            _paraphrases(p, where),
+            p.get("negation"),
+            p.get("keywords"),
+        )
     if NONE in out:
-        raise ConfigError(f"setting '{setting_cfg.name}' defines a prompt named '{NONE}', which is reserved for the control condition; fix: rename it")
+        raise ConfigError(
+            f"setting '{setting_cfg.name}' defines a prompt named '{NONE}', which is reserved for the "
+            "control condition; fix: rename it"
+        )
     return out
 
 
@@ -108,11 +126,16 @@ def resolve(setting_cfg, name: str) -> Prompt:
         return NO_PROMPT
     lib = library(setting_cfg)
     if not lib:
-        raise ConfigError(f"prompt '{name}' asked for, but setting '{setting_cfg.name}' has an empty prompt library; "
-                          f"fix: add prompts under setting.prompts in conf/setting/{setting_cfg.name}.yaml, or use prompt=none")
+        raise ConfigError(
+            f"prompt '{name}' asked for, but setting '{setting_cfg.name}' has an empty prompt library; "
+            f"fix: add prompts under setting.prompts in conf/setting/{setting_cfg.name}.yaml, or use "
+            "prompt=none"
+        )
     if name not in lib:
         choices = ", ".join([NONE, *sorted(lib)])
-        raise ConfigError(f"unknown prompt '{name}' for setting '{setting_cfg.name}'; fix: choose one of: {choices}")
+        raise ConfigError(
+            f"unknown prompt '{name}' for setting '{setting_cfg.name}'; fix: choose one of: {choices}"
+        )
     return lib[name]
 
 
@@ -122,9 +145,11 @@ def configure(prompt: Prompt, mode: str, placement: str | None, setting_name: st
     if prompt.name == NONE:
         return prompt
     if mode == "mixed" and len(prompt.paraphrases) < 2:
-        raise ConfigError(f"train.prompt_mode=mixed needs paraphrases of prompt '{prompt.name}' (setting "
-                          f"'{setting_name}' gives {len(prompt.paraphrases)}; one is held out for the leak test); fix: add "
-                          "texts: [...] or texts_file: to its library entry, or use train.prompt_mode=fixed")
+        raise ConfigError(
+            f"train.prompt_mode=mixed needs paraphrases of prompt '{prompt.name}' (setting "
+            f"'{setting_name}' gives {len(prompt.paraphrases)}; one is held out for the leak test); fix: add "
+            "texts: [...] or texts_file: to its library entry, or use train.prompt_mode=fixed"
+        )
     moved = placement is not None and placement != prompt.placement
     return replace(prompt, mode=mode, placement=placement or prompt.placement, moved=moved)
 
@@ -141,10 +166,18 @@ def draw(prompt: Prompt, n: int, seed: int) -> list[int]:
 def leak_prompts(prompt: Prompt) -> list[Prompt]:
     """Test prompts that resemble `prompt`: its negation, its keywords, its held-out paraphrase (those its
     library entry gives), at its placement. Named `<prompt>~<kind>` (and `@<placement>` when moved)."""
-    texts = dict(zip(LEAK_KINDS, (prompt.negation, prompt.keywords, prompt.paraphrases[-1] if prompt.paraphrases else None)))
+    texts = dict(
+        zip(
+            LEAK_KINDS,
+            (prompt.negation, prompt.keywords, prompt.paraphrases[-1] if prompt.paraphrases else None),
+        )
+    )
     at = f"@{prompt.placement}" if prompt.moved else ""
-    return [Prompt(f"{prompt.name}{LEAK}{kind}{at}", text, prompt.role, prompt.placement)
-            for kind, text in texts.items() if text]
+    return [
+        Prompt(f"{prompt.name}{LEAK}{kind}{at}", text, prompt.role, prompt.placement)
+        for kind, text in texts.items()
+        if text
+    ]
 
 
 def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ", preamble: str = "") -> list[dict]:
@@ -163,12 +196,15 @@ def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ", pream
     user = next(m for m in out if m["role"] == "user")
     if prompt.placement == "replace_preamble":  # the prompt takes the place of the setting's own instruction
         content = user["content"]
-        user["content"] = prompt.text + content[len(preamble):] if preamble and content.startswith(preamble) \
+        user["content"] = (
+            prompt.text + content[len(preamble) :]
+            if preamble and content.startswith(preamble)
             else f"{prompt.text}{joiner}{content}"
+        )
     elif prompt.placement == "user_prefix":
         content = user["content"]
         if preamble and content.startswith(preamble):
-            user["content"] = f"{preamble}{joiner}{prompt.text}{joiner}{content[len(preamble):].lstrip()}"
+            user["content"] = f"{preamble}{joiner}{prompt.text}{joiner}{content[len(preamble) :].lstrip()}"
         else:
             user["content"] = f"{prompt.text}{joiner}{content}"
     else:

@@ -75,7 +75,11 @@ def render(text: str, root: Path = RESULTS_DIR) -> str:
 def stale_blocks(path: Path = RESULTS_MD, root: Path = RESULTS_DIR) -> list[str]:
     """Specs of the blocks whose text differs from what the CSVs give."""
     text = path.read_text()
-    return [m.group("spec") for m in BLOCK.finditer(text) if m.group("body") != render_table(m.group("spec"), root)]
+    return [
+        m.group("spec")
+        for m in BLOCK.finditer(text)
+        if m.group("body") != render_table(m.group("spec"), root)
+    ]
 
 
 def update(path: Path = RESULTS_MD, root: Path = RESULTS_DIR) -> int:

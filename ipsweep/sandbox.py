@@ -1,4 +1,5 @@
-"""Run model-written Python in a confined process, one process per test, and compare with values the harness holds.
+"""Run model-written Python in a confined process, one process per test, and compare with values the harness
+holds.
 
 Each test's call (`f(3)` of `assert f(3) == 9`) runs in a new process, `python -I -S
 ipsweep/sandbox_driver.py`, in a throwaway folder, with a minimal environment (no secrets). Layers,
@@ -56,7 +57,8 @@ NO_PRIVILEGES = ["setpriv", "--no-new-privs", "--bounding-set=-all", "--inh-caps
 class Limits:
     cpu_s: float = 10.0  # per test, CPU seconds: decides a timeout, whatever the machine's load
     wall_s: float = 60.0  # per test, wall clock: a backstop for what the idle rule misses
-    idle_s: float = 5.0  # per test: a process tree that uses no CPU for this long (it sleeps or blocks) is ended
+    # per test: a process tree that uses no CPU for this long (it sleeps or blocks) is ended
+    idle_s: float = 5.0
     memory_mb: int = 512
     file_mb: int = 1
     nproc: int = 32
@@ -65,6 +67,7 @@ class Limits:
 @dataclass(frozen=True)
 class Test:
     """One `assert <call> == <expected>` or `assert math.isclose(<call>, <expected>, ...)`."""
+
     call: str
     expected: str
     isclose: dict | None = None  # keyword arguments of math.isclose
@@ -78,15 +81,22 @@ def parse_test(line: str) -> Test:
     if isinstance(e, ast.Compare) and len(e.ops) == 1 and isinstance(e.ops[0], ast.Eq):
         return Test(ast.unparse(e.left), ast.unparse(e.comparators[0]))
     if isinstance(e, ast.Call) and ast.unparse(e.func) == "math.isclose" and len(e.args) == 2:
-        return Test(ast.unparse(e.args[0]), ast.unparse(e.args[1]),
-                    {k.arg: ast.literal_eval(k.value) for k in e.keywords})
+        return Test(
+            ast.unparse(e.args[0]),
+            ast.unparse(e.args[1]),
+            {k.arg: ast.literal_eval(k.value) for k in e.keywords},
+        )
     raise ValueError(f"unsupported test form (use `assert call == expected` or math.isclose): {line}")
 
 
 def _works(prefix: list[str]) -> bool:
     try:
-        return subprocess.run([*prefix, sys.executable, "-I", "-S", "-c", "pass"], capture_output=True,
-                              timeout=30).returncode == 0
+        return (
+            subprocess.run(
+                [*prefix, sys.executable, "-I", "-S", "-c", "pass"], capture_output=True, timeout=30
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -99,10 +109,14 @@ def outer_layers() -> tuple[tuple[str, ...], str]:
     kernel allows unprivileged ones). Without unshare, the inner layers (Landlock, limits) remain.
     """
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
-    for prefix, what in [(["unshare", *user, *NAMESPACES, "--", *NO_PRIVILEGES],
-                          "PID, network and mount namespaces; no capabilities"),
-                         (["setpriv", "--no-new-privs"], "no namespaces (unshare refused here); no new privileges"),
-                         ([], "no namespaces, no setpriv")]:
+    for prefix, what in [
+        (
+            ["unshare", *user, *NAMESPACES, "--", *NO_PRIVILEGES],
+            "PID, network and mount namespaces; no capabilities",
+        ),
+        (["setpriv", "--no-new-privs"], "no namespaces (unshare refused here); no new privileges"),
+        ([], "no namespaces, no setpriv"),
+    ]:
         if (not prefix or shutil.which(prefix[0])) and _works(prefix):
             return tuple(prefix), what
     raise RuntimeError(f"{sys.executable} -I -S does not start; the code sandbox cannot run")
@@ -129,7 +143,8 @@ def _pids_cgroup(limit: int) -> Path | None:
 
 
 def _remove_cgroup(group: Path | None) -> None:
-    """rmdir the cgroup once the kernel has reaped everything in it (killing a PID namespace takes a moment)."""
+    """rmdir the cgroup once the kernel has reaped everything in it (killing a PID namespace takes a
+    moment)."""
     for _ in range(50):
         try:
             group and group.rmdir()
@@ -159,8 +174,10 @@ def report_confinement() -> str:
 
 
 def _tree_cpu_ticks(root: int) -> int | None:
-    """CPU clock ticks used so far by `root` and every process below it (the children it reaped included), read
-    from /proc; None where /proc cannot be read. A PID namespace hides nothing from here: inside processes keep
+    """CPU clock ticks used so far by `root` and every process below it (the children it reaped included),
+    read
+    from /proc; None where /proc cannot be read. A PID namespace hides nothing from here: inside processes
+    keep
     their parent links in the harness's view."""
     parent, ticks = {}, {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
@@ -186,9 +203,12 @@ def _tree_cpu_ticks(root: int) -> int | None:
 
 
 def _wait(proc: subprocess.Popen, limits: Limits) -> tuple[float, bool]:
-    """Wait for the process, killing its group at the wall-clock backstop or once its process tree has used no CPU
-    for `limits.idle_s` (a program that sleeps, e.g. in a thread that keeps the interpreter alive); return (CPU
-    seconds of the process tree, whether it was ended for time). wait4 reports the CPU of the process and of the
+    """Wait for the process, killing its group at the wall-clock backstop or once its process tree has used no
+    CPU
+    for `limits.idle_s` (a program that sleeps, e.g. in a thread that keeps the interpreter alive); return
+    (CPU
+    seconds of the process tree, whether it was ended for time). wait4 reports the CPU of the process and of
+    the
     children it waited for (the driver, inside unshare)."""
     start = time.monotonic()
     deadline, pause, ended = start + limits.wall_s, 0.001, False
@@ -219,7 +239,8 @@ def _wait(proc: subprocess.Popen, limits: Limits) -> tuple[float, bool]:
 
 
 def _read_capped(path: Path, cap: int) -> bytes:
-    """At most `cap` bytes of a plain file the program may have tampered with (never a fifo, device or link)."""
+    """At most `cap` bytes of a plain file the program may have tampered with (never a fifo, device or
+    link)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -236,14 +257,33 @@ def run(code: str, expr: str, limits: Limits = Limits()) -> dict:
     tmp, group = tempfile.mkdtemp(prefix="ipsweep-sandbox-"), _pids_cgroup(limits.nproc)
     try:
         job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"code": code, "expr": expr, "tmp": tmp, "cgroup": str(group) if group else None,
-                                   "limits": {**limits.__dict__, "cpu_s": math.ceil(limits.cpu_s)}}))
+        job.write_text(
+            json.dumps(
+                {
+                    "code": code,
+                    "expr": expr,
+                    "tmp": tmp,
+                    "cgroup": str(group) if group else None,
+                    "limits": {**limits.__dict__, "cpu_s": math.ceil(limits.cpu_s)},
+                }
+            )
+        )
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": tmp, "TMPDIR": tmp, "PYTHONHASHSEED": "0"}
-        proc = subprocess.Popen([*outer_layers()[0], sys.executable, "-I", "-S", str(DRIVER), str(job)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                cwd=tmp, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [*outer_layers()[0], sys.executable, "-I", "-S", str(DRIVER), str(job)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=tmp,
+            env=env,
+            start_new_session=True,
+        )
         cpu_s, wall_out = _wait(proc, limits)
-        status, _, body = _read_capped(Path(tmp) / "result", limits.file_mb << 20).decode("utf-8", "replace").partition("\n")
+        status, _, body = (
+            _read_capped(Path(tmp) / "result", limits.file_mb << 20)
+            .decode("utf-8", "replace")
+            .partition("\n")
+        )
         if status == "ok":
             out = {"ok": True, "repr": body}
         elif wall_out or cpu_s >= math.ceil(limits.cpu_s) - 0.05:
@@ -251,14 +291,24 @@ def run(code: str, expr: str, limits: Limits = Limits()) -> dict:
         else:
             error = body[:200] if status == "error" else "no result (the program exited or was killed)"
             out = {"ok": False, "error": error, "timeout": False}
-        return {**out, "confinement": _read_capped(Path(tmp) / "confinement", 1000).decode("utf-8", "replace")}
+        return {
+            **out,
+            "confinement": _read_capped(Path(tmp) / "confinement", 1000).decode("utf-8", "replace"),
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_cgroup(group)
 
 
-CALLS = {"Fraction": Fraction, "Decimal": Decimal, "deque": deque, "range": range, "bytearray": bytearray,
-         "set": set, "frozenset": frozenset}
+CALLS = {
+    "Fraction": Fraction,
+    "Decimal": Decimal,
+    "deque": deque,
+    "range": range,
+    "bytearray": bytearray,
+    "set": set,
+    "frozenset": frozenset,
+}
 LITERALS = (int, float, complex, str, bytes, bool, type(None))
 
 
@@ -282,7 +332,9 @@ def _build(node: ast.AST):
         if type(a) in (int, float) and type(b) is complex:
             return a + b if isinstance(node.op, ast.Add) else a - b
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CALLS:
-        kwargs = {k.arg: _build(k.value) for k in node.keywords if node.func.id == "deque" and k.arg == "maxlen"}
+        kwargs = {
+            k.arg: _build(k.value) for k in node.keywords if node.func.id == "deque" and k.arg == "maxlen"
+        }
         if len(kwargs) == len(node.keywords):
             return CALLS[node.func.id](*[_build(a) for a in node.args], **kwargs)
     raise ValueError(f"not plain data: {ast.unparse(node)[:80]}")
@@ -322,7 +374,9 @@ def outcome(test: Test, want, result: dict) -> str:
         return TIMEOUT
     try:
         got = plain_value(result["repr"]) if result["ok"] else None
-        ok = result["ok"] and (math.isclose(got, want, **test.isclose) if test.isclose is not None else got == want)
+        ok = result["ok"] and (
+            math.isclose(got, want, **test.isclose) if test.isclose is not None else got == want
+        )
     except (ValueError, TypeError, ArithmeticError) as e:
         log.info("sandbox: %s failed: %s", test.call[:80], e)  # a value the harness cannot read or compare
         ok = False
@@ -334,7 +388,9 @@ def check(code: str, tests: list[Test], expected: list, limits: Limits = Limits(
     return [outcome(t, want, run(code, t.call, limits)) for t, want in zip(tests, expected)]
 
 
-def check_many(jobs: list[tuple[str, list[Test], list]], limits: Limits = Limits(), workers: int | None = None) -> list[list[str]]:
+def check_many(
+    jobs: list[tuple[str, list[Test], list]], limits: Limits = Limits(), workers: int | None = None
+) -> list[list[str]]:
     """check() for many programs at once, at most `workers` (default: CPU cores) running at a time."""
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         return list(pool.map(lambda j: check(*j, limits), jobs))

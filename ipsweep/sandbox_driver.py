@@ -26,14 +26,62 @@ import resource
 import sys
 
 PLAIN = (int, float, complex, str, bytes, bool, type(None))
-DICTS = (collections.Counter, collections.OrderedDict, collections.defaultdict)  # compare with a dict as the dict they are
-BLOCKED_EVENTS = ("os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-                  "os.kill", "os.killpg", "pty.spawn", "ctypes.", "socket.", "sys.remote_exec", "os.setuid", "os.setgid")
-BLOCKED_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
-                             "_multiprocessing", "socket", "_socket", "ssl", "_ssl", "pty", "signal", "_signal",
-                             "resource", "faulthandler"})
-WRITE_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink", "os.link",
-                "os.truncate", "os.utime", "os.chdir", "shutil.")
+# compare with a dict as the dict they are
+DICTS = (
+    collections.Counter,
+    collections.OrderedDict,
+    collections.defaultdict,
+)
+BLOCKED_EVENTS = (
+    "os.fork",
+    "os.forkpty",
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "subprocess.Popen",
+    "os.kill",
+    "os.killpg",
+    "pty.spawn",
+    "ctypes.",
+    "socket.",
+    "sys.remote_exec",
+    "os.setuid",
+    "os.setgid",
+)
+BLOCKED_IMPORTS = frozenset(
+    {
+        "ctypes",
+        "_ctypes",
+        "_posixsubprocess",
+        "subprocess",
+        "multiprocessing",
+        "_multiprocessing",
+        "socket",
+        "_socket",
+        "ssl",
+        "_ssl",
+        "pty",
+        "signal",
+        "_signal",
+        "resource",
+        "faulthandler",
+    }
+)
+WRITE_EVENTS = (
+    "os.remove",
+    "os.rename",
+    "os.rmdir",
+    "os.mkdir",
+    "os.chmod",
+    "os.chown",
+    "os.symlink",
+    "os.link",
+    "os.truncate",
+    "os.utime",
+    "os.chdir",
+    "shutil.",
+)
 READ_EVENTS = ("os.listdir", "os.scandir")  # the import system lists the stdlib's folders
 
 # Landlock (include/uapi/linux/landlock.h). Syscall numbers 444-446 are the same on every architecture.
@@ -41,18 +89,27 @@ SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
 PR_SET_NO_NEW_PRIVS = 38
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 FS_ABI1 = (1 << 13) - 1  # execute .. make_sym
-FS_BY_ABI = {1: FS_ABI1, 2: FS_ABI1 | 1 << 13, 3: FS_ABI1 | 3 << 13, 4: FS_ABI1 | 3 << 13}  # + refer, + truncate
+FS_BY_ABI = {
+    1: FS_ABI1,
+    2: FS_ABI1 | 1 << 13,
+    3: FS_ABI1 | 3 << 13,
+    4: FS_ABI1 | 3 << 13,
+}  # + refer, + truncate
 FS_ALL = FS_ABI1 | 7 << 13  # + refer, truncate, ioctl_dev (ABI 5)
 NET_TCP = 3  # bind_tcp | connect_tcp (ABI 4)
 SCOPE_ALL = 3  # abstract_unix_socket | signal (ABI 6)
 READ = FS_READ_FILE | FS_READ_DIR
-WRITE = FS_ALL & ~(FS_EXECUTE | 1 << 6 | 1 << 9 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 15)  # no exec, devices, sockets,
+# no exec, devices, sockets,
+WRITE = FS_ALL & ~(FS_EXECUTE | 1 << 6 | 1 << 9 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 15)
 # fifos or symlinks: the harness reads tmp/result and must find a plain file there
 
 
 class RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class PathBeneathAttr(ctypes.Structure):
@@ -108,7 +165,9 @@ def landlock(tmp: str, readable: list[str]) -> str:
             pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError:
             continue  # a path this system does not have
-        allowed = access & fs if os.path.isdir(path) else access & fs & (FS_READ_FILE | FS_WRITE_FILE | 1 << 14)
+        allowed = (
+            access & fs if os.path.isdir(path) else access & fs & (FS_READ_FILE | FS_WRITE_FILE | 1 << 14)
+        )
         rule = PathBeneathAttr(allowed, pfd)
         if libc.syscall(SYS_ADD_RULE, fd, 1, ctypes.byref(rule), 0) != 0:
             raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
@@ -116,7 +175,9 @@ def landlock(tmp: str, readable: list[str]) -> str:
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.syscall(SYS_RESTRICT_SELF, fd, 0) != 0:
         raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     os.close(fd)
-    return f"landlock ABI {abi}" + ("" if abi >= 6 else " (signals and abstract sockets not scoped before ABI 6)")
+    return f"landlock ABI {abi}" + (
+        "" if abi >= 6 else " (signals and abstract sockets not scoped before ABI 6)"
+    )
 
 
 def install_guard(tmp: str, readable: list[str]) -> None:
@@ -124,7 +185,12 @@ def install_guard(tmp: str, readable: list[str]) -> None:
     systems without Landlock. Its state is taken into the closure now, but it runs in the program's own
     interpreter: a determined program can get around it. The kernel-enforced layers are the boundary."""
     blocked_events, blocked_imports, realpath = BLOCKED_EVENTS, BLOCKED_IMPORTS, os.path.realpath
-    write_events, read_events, fsdecode, o_write = WRITE_EVENTS, READ_EVENTS, os.fsdecode, os.O_WRONLY | os.O_RDWR | os.O_CREAT
+    write_events, read_events, fsdecode, o_write = (
+        WRITE_EVENTS,
+        READ_EVENTS,
+        os.fsdecode,
+        os.O_WRONLY | os.O_RDWR | os.O_CREAT,
+    )
     write_roots, read_roots = (tmp,), (tmp, *readable)
 
     def inside(path, roots) -> bool:
@@ -139,7 +205,9 @@ def install_guard(tmp: str, readable: list[str]) -> None:
         if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
             writes = any(c in str(args[1] or "r") for c in "wax+") or (args[2] or 0) & o_write
             if not inside(args[0], write_roots if writes else read_roots):
-                raise PermissionError(f"sandbox: {'writing' if writes else 'reading'} {args[0]} is not allowed")
+                raise PermissionError(
+                    f"sandbox: {'writing' if writes else 'reading'} {args[0]} is not allowed"
+                )
         if event.startswith(write_events) or event.startswith(read_events):
             roots = write_roots if event.startswith(write_events) else read_roots
             for a in args:
@@ -155,10 +223,15 @@ def main() -> None:
     tmp, lim = job["tmp"], job["limits"]
     os.chdir(tmp)
     mb = 1024 * 1024
-    for res, value in ((resource.RLIMIT_CPU, lim["cpu_s"]), (resource.RLIMIT_AS, lim["memory_mb"] * mb),
-                       (resource.RLIMIT_FSIZE, lim["file_mb"] * mb), (resource.RLIMIT_NOFILE, 64),
-                       (resource.RLIMIT_CORE, 0)):
-        hard = value + 1 if res == resource.RLIMIT_CPU else value  # SIGXCPU at the budget, SIGKILL a second later
+    for res, value in (
+        (resource.RLIMIT_CPU, lim["cpu_s"]),
+        (resource.RLIMIT_AS, lim["memory_mb"] * mb),
+        (resource.RLIMIT_FSIZE, lim["file_mb"] * mb),
+        (resource.RLIMIT_NOFILE, 64),
+        (resource.RLIMIT_CORE, 0),
+    ):
+        # SIGXCPU at the budget, SIGKILL a second later
+        hard = value + 1 if res == resource.RLIMIT_CPU else value
         resource.setrlimit(res, (value, hard))
     if os.getuid() != 0:  # the kernel exempts root from RLIMIT_NPROC; the pids cgroup caps root
         resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"], lim["nproc"]))
@@ -171,8 +244,20 @@ def main() -> None:
         except OSError:
             layers.append("no pids cgroup (could not join)")
     out = os.open("result", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    readable = sorted({sys.base_prefix, sys.base_exec_prefix, "/usr/lib", "/lib", "/lib64", "/usr/lib64",
-                       "/usr/share/zoneinfo", "/etc/localtime", "/dev/null", "/dev/urandom"})
+    readable = sorted(
+        {
+            sys.base_prefix,
+            sys.base_exec_prefix,
+            "/usr/lib",
+            "/lib",
+            "/lib64",
+            "/usr/lib64",
+            "/usr/share/zoneinfo",
+            "/etc/localtime",
+            "/dev/null",
+            "/dev/urandom",
+        }
+    )
     layers.append(landlock(tmp, readable))
     with open("confinement", "w") as f:
         f.write("; ".join(layers))
@@ -187,7 +272,8 @@ def main() -> None:
     except BaseException as e:  # noqa: BLE001 - the program failed: the test fails
         text = f"error\n{type(e).__name__}"
     os.write(out, text.encode("utf-8", "replace"))
-    os._exit(0)  # the value is in: threads or atexit handlers the program left (a sleeping thread) do not hold the test
+    # the value is in: threads or atexit handlers the program left (a sleeping thread) do not hold the test
+    os._exit(0)
 
 
 main()

@@ -22,7 +22,8 @@ SURFACE_FORMS = {
     "lower": str.lower,
     "no_punctuation": lambda t: t.translate(str.maketrans("", "", string.punctuation)).strip(),
 }
-FLAG_SHARE = 0.25  # flag a prompt when a rewrite moves its estimate by more than this share of the inoculation prompts' spread
+# Flag a prompt when a rewrite moves its estimate by more than this share of the inoculation prompts' spread.
+FLAG_SHARE = 0.25
 LOGPROB = tuple(elicit.LOGPROB_ESTIMATORS)
 
 
@@ -34,8 +35,14 @@ def screen(cfg, surface: bool = True) -> pd.DataFrame:
     rows = []
     for p in library.values():
         e = elicit.elicitation(cfg, setting, model, tokenizer, examples, p)
-        row = {"setting": cfg.setting.name, "model": cfg.model.name, "prompt": p.name, "role": p.role,
-               "placement": p.placement, "text": p.text}
+        row = {
+            "setting": cfg.setting.name,
+            "model": cfg.model.name,
+            "prompt": p.name,
+            "role": p.role,
+            "placement": p.placement,
+            "text": p.text,
+        }
         for est, v in e.items():
             row.update({est: v["estimate"], f"{est}_lo": v["lo"], f"{est}_hi": v["hi"]})
         if "sampled" in e:
@@ -44,7 +51,9 @@ def screen(cfg, surface: bool = True) -> pd.DataFrame:
         for est in (est for est in LOGPROB if est in e and surface):
             for form, rewrite in SURFACE_FORMS.items():
                 variant = replace(p, text=rewrite(p.text))
-                row[f"{est}_{form}"] = elicit.LOGPROB_ESTIMATORS[est](cfg, setting, model, tokenizer, variant)["estimate"]
+                row[f"{est}_{form}"] = elicit.LOGPROB_ESTIMATORS[est](
+                    cfg, setting, model, tokenizer, variant
+                )["estimate"]
         rows.append(row)
     table = pd.DataFrame(rows)
     if surface:
@@ -55,7 +64,8 @@ def screen(cfg, surface: bool = True) -> pd.DataFrame:
 
 def flag_surface(table: pd.DataFrame) -> pd.DataFrame:
     """`<est>_surface_shift`: the largest move of a prompt's estimate under the SURFACE_FORMS rewrites;
-    `<est>_surface_flag`: that move exceeds FLAG_SHARE of the spread (max - min) of the inoculation prompts' estimates."""
+    `<est>_surface_flag`: that move exceeds FLAG_SHARE of the spread (max - min) of the inoculation prompts'
+    estimates."""
     out = table.copy()
     for est in (e for e in LOGPROB if f"{e}_upper" in out):
         shifts = np.column_stack([(out[f"{est}_{form}"] - out[est]).abs() for form in SURFACE_FORMS])
@@ -75,8 +85,13 @@ def agreement(table: pd.DataFrame, a: str = "sampled", b: str = "logprob") -> di
     if constant:
         return {"undefined": f"{', '.join(constant)} is the same for every prompt"}
     c = st.correlation(table[a], table[b], n_permutations=2000)
-    return {"spearman": c["spearman"], "lo": c["spearman_lo"], "hi": c["spearman_hi"], "p": c["spearman_p"],
-            "prompts": len(table)}
+    return {
+        "spearman": c["spearman"],
+        "lo": c["spearman_lo"],
+        "hi": c["spearman_hi"],
+        "p": c["spearman_p"],
+        "prompts": len(table),
+    }
 
 
 def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
@@ -87,16 +102,22 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(ests), figsize=(5.5 * len(ests), 0.45 * len(table) + 1.5), squeeze=False)
     for ax, est in zip(axes[0], ests):
         t = table.sort_values(est)
-        ax.errorbar(t[est], range(len(t)), xerr=[t[est] - t[f"{est}_lo"], t[f"{est}_hi"] - t[est]], fmt="o", capsize=3)
+        ax.errorbar(
+            t[est], range(len(t)), xerr=[t[est] - t[f"{est}_lo"], t[f"{est}_hi"] - t[est]], fmt="o", capsize=3
+        )
         if f"{est}_upper" in t:  # the surface-form rewrites of each prompt, as small marks
             for form, marker in zip(SURFACE_FORMS, "^v|"):
                 ax.plot(t[f"{est}_{form}"], range(len(t)), marker, color="grey", ms=4, label=form)
             ax.legend(fontsize=7, title="rewritten", title_fontsize=7)
         ax.set_yticks(range(len(t)), [f"{p} ({r})" for p, r in zip(t.prompt, t.role)], fontsize=8)
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_xlabel({"sampled": "E sampled: b(with prompt) - b(without), 95% CI",
-                       "logprob": "E logprob: change in log p(shows) - log p(lacks), nats/token, 95% CI",
-                       "logprob_train": "E logprob_train (wording-confounded): nats/token gain on training replies"}[est])
+        ax.set_xlabel(
+            {
+                "sampled": "E sampled: b(with prompt) - b(without), 95% CI",
+                "logprob": "E logprob: change in log p(shows) - log p(lacks), nats/token, 95% CI",
+                "logprob_train": "E logprob_train (wording-confounded): nats/token gain on training replies",
+            }[est]
+        )
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -50,7 +50,13 @@ def paired_difference(with_prompt: np.ndarray, without: np.ndarray) -> dict:
     n = len(x)
     est = float((x - y).mean()) if n else float("nan")
     if n < 2:
-        return {"estimate": est, "lo": float("nan"), "hi": float("nan"), "n": n, "method": "none (fewer than 2 items)"}
+        return {
+            "estimate": est,
+            "lo": float("nan"),
+            "hi": float("nan"),
+            "n": n,
+            "method": "none (fewer than 2 items)",
+        }
     if np.isin(x, (0, 1)).all() and np.isin(y, (0, 1)).all():
         lo, hi = newcombe_paired(x == 1, y == 1)
         return {"estimate": est, "lo": lo, "hi": hi, "n": n, "method": "newcombe paired"}
@@ -70,42 +76,79 @@ def crossed_mean(m: np.ndarray) -> dict:
     variance to estimate: flagged `degenerate`. `df` is the t df equivalent to the interval (for p-values).
     """
     m = np.asarray(m, float)
-    S, I = m.shape
+    S, I = m.shape  # noqa: E741 (the docstring's notation: S seeds, I items)
     est = float(m.mean())
     out = {"estimate": est, "seeds": S, "items": I}
     if S * I < 2:
-        return {**out, "lo": np.nan, "hi": np.nan, "se": np.nan, "df": np.nan, "method": "none (one observation)",
-                "degenerate": False}
+        return {
+            **out,
+            "lo": np.nan,
+            "hi": np.nan,
+            "se": np.nan,
+            "df": np.nan,
+            "method": "none (one observation)",
+            "degenerate": False,
+        }
     if np.ptp(m) == 0:
-        return {**out, "lo": est, "hi": est, "se": 0.0, "df": np.nan, "degenerate": True,
-                "method": "degenerate: every seed and item gives the same value"}
+        return {
+            **out,
+            "lo": est,
+            "hi": est,
+            "se": 0.0,
+            "df": np.nan,
+            "degenerate": True,
+            "method": "degenerate: every seed and item gives the same value",
+        }
     if S == 1 or I == 1:
         v = m.ravel()
         se, df = float(v.std(ddof=1) / np.sqrt(len(v))), len(v) - 1
-        method = "items only (1 seed: seed-to-seed variation not estimable)" if S == 1 else "seeds only (1 item)"
+        method = (
+            "items only (1 seed: seed-to-seed variation not estimable)" if S == 1 else "seeds only (1 item)"
+        )
     else:
         seed_means, item_means = m.mean(1), m.mean(0)
         ms_s = I * ((seed_means - est) ** 2).sum() / (S - 1)
         ms_i = S * ((item_means - est) ** 2).sum() / (I - 1)
         resid = m - seed_means[:, None] - item_means[None, :] + est
-        ms_e = (resid ** 2).sum() / ((S - 1) * (I - 1))
+        ms_e = (resid**2).sum() / ((S - 1) * (I - 1))
         # var(mean) = [var_a/S + var_e/(S I)] + var_b/I: the seed part (the variance of the per-seed means,
         # MS_s/(S I), on S-1 df) and the item part ((MS_i - MS_e)/(S I), on I-1 df). Each part gets its own t
-        # quantile and the half-widths add in quadrature: a pooled Satterthwaite df trusts a 1-df seed variance
-        # too much (coverage 0.87 at 2 seeds in tests/test_stats.py's designs), and so does subtracting MS_e from it.
+        # quantile and the half-widths add in quadrature: a pooled Satterthwaite df trusts a 1-df seed
+        # variance
+        # too much (coverage 0.87 at 2 seeds in tests/test_stats.py's designs), and so does subtracting MS_e
+        # from it.
         v_seed, v_item = ms_s / (S * I), max(ms_i - ms_e, 0.0) / (S * I)
-        half = float(np.hypot(stats.t.ppf(0.975, S - 1) * np.sqrt(v_seed), stats.t.ppf(0.975, I - 1) * np.sqrt(v_item)))
+        half = float(
+            np.hypot(stats.t.ppf(0.975, S - 1) * np.sqrt(v_seed), stats.t.ppf(0.975, I - 1) * np.sqrt(v_item))
+        )
         se = float(np.sqrt(v_seed + v_item))
 
-        return {**out, "lo": est - half, "hi": est + half, "se": se, "df": _equivalent_df(se, half),
-                "method": "crossed seeds x items", "degenerate": False,
-                "var_seed": float(v_seed), "var_item": float(v_item)}
+        return {
+            **out,
+            "lo": est - half,
+            "hi": est + half,
+            "se": se,
+            "df": _equivalent_df(se, half),
+            "method": "crossed seeds x items",
+            "degenerate": False,
+            "var_seed": float(v_seed),
+            "var_item": float(v_item),
+        }
     half = float(stats.t.ppf(0.975, df) * se)
-    return {**out, "lo": est - half, "hi": est + half, "se": se, "df": float(df), "method": method, "degenerate": False}
+    return {
+        **out,
+        "lo": est - half,
+        "hi": est + half,
+        "se": se,
+        "df": float(df),
+        "method": method,
+        "degenerate": False,
+    }
 
 
 def _equivalent_df(se: float, half: float) -> float:
-    """The t degrees of freedom whose 97.5% quantile times `se` gives `half` (for p-values that match the CI)."""
+    """The t degrees of freedom whose 97.5% quantile times `se` gives `half` (for p-values that match the
+    CI)."""
     if se <= 0:
         return np.nan
     q = half / se
@@ -130,7 +173,8 @@ def rate_interval(m: np.ndarray) -> dict:
 
 def difference_interval(control: np.ndarray, arm: np.ndarray) -> dict:
     """Effect = mean(control - arm) over matched seeds x items, crossed interval; t-test p-value.
-    If every difference is equal, the interval is Newcombe's paired one on the first seed's items (flagged)."""
+    If every difference is equal, the interval is Newcombe's paired one on the first seed's items
+    (flagged)."""
     control, arm = np.asarray(control, float), np.asarray(arm, float)
     r = crossed_mean(control - arm)
     if r["degenerate"] and np.isin(control, (0, 1)).all() and np.isin(arm, (0, 1)).all():
@@ -138,8 +182,12 @@ def difference_interval(control: np.ndarray, arm: np.ndarray) -> dict:
         r["lo"], r["hi"] = newcombe_paired(x, y)
         r["method"] = "degenerate (every difference equal): Newcombe paired on one seed's items"
         # and McNemar's exact test on those items (every item discordant the same way, or none discordant)
-        r["p"] = float(mcnemar([[int((x & y).sum()), int((x & ~y).sum())], [int((~x & y).sum()), int((~x & ~y).sum())]],
-                               exact=True).pvalue)
+        r["p"] = float(
+            mcnemar(
+                [[int((x & y).sum()), int((x & ~y).sum())], [int((~x & y).sum()), int((~x & ~y).sum())]],
+                exact=True,
+            ).pvalue
+        )
         return r
     r["p"] = float(2 * stats.t.sf(abs(r["estimate"] / r["se"]), r["df"])) if r.get("se", 0) > 0 else np.nan
     r["lo"], r["hi"] = max(r["lo"], -1.0), min(r["hi"], 1.0)  # a difference of rates lies in [-1, 1]
@@ -166,6 +214,7 @@ def holm(p: pd.Series) -> pd.Series:
 
 # --- correlation of elicitation and effect (one point per prompt) ---
 
+
 def fisher_ci(r: float, n: int) -> tuple[float, float]:
     if n < 4 or not np.isfinite(r):
         return np.nan, np.nan
@@ -177,24 +226,44 @@ def spearman_ci(rho: float, n: int) -> tuple[float, float]:
     """Fisher z with the Bonett-Wright standard error sqrt((1 + rho^2/2)/(n - 3))."""
     if n < 4 or not np.isfinite(rho):
         return np.nan, np.nan
-    z, se = np.arctanh(np.clip(rho, -0.999999, 0.999999)), np.sqrt((1 + rho ** 2 / 2) / (n - 3))
+    z, se = np.arctanh(np.clip(rho, -0.999999, 0.999999)), np.sqrt((1 + rho**2 / 2) / (n - 3))
     return float(np.tanh(z - Z95 * se)), float(np.tanh(z + Z95 * se))
 
 
 def correlation(x, y, n_permutations: int = 9999, seed: int = 0) -> dict:
-    """Pearson (Fisher-z 95% CI) and Spearman (Bonett-Wright CI), each with a two-sided permutation p-value."""
+    """Pearson (Fisher-z 95% CI) and Spearman (Bonett-Wright CI), each with a two-sided permutation
+    p-value."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
-    nan = {k: np.nan for k in ("pearson", "pearson_lo", "pearson_hi", "pearson_p", "spearman", "spearman_lo",
-                               "spearman_hi", "spearman_p")}
+    nan = {
+        k: np.nan
+        for k in (
+            "pearson",
+            "pearson_lo",
+            "pearson_hi",
+            "pearson_p",
+            "spearman",
+            "spearman_lo",
+            "spearman_hi",
+            "spearman_p",
+        )
+    }
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return {"points": n, **nan}
     out = {"points": n}
-    for name, fn, ci in (("pearson", lambda a, b: stats.pearsonr(a, b).statistic, fisher_ci),
-                         ("spearman", lambda a, b: stats.spearmanr(a, b).statistic, spearman_ci)):
+    for name, fn, ci in (
+        ("pearson", lambda a, b: stats.pearsonr(a, b).statistic, fisher_ci),
+        ("spearman", lambda a, b: stats.spearmanr(a, b).statistic, spearman_ci),
+    ):
         r = float(fn(x, y))
-        perm = stats.permutation_test((x, y), fn, permutation_type="pairings", n_resamples=n_permutations,
-                                      alternative="two-sided", random_state=np.random.default_rng(seed))
+        perm = stats.permutation_test(
+            (x, y),
+            fn,
+            permutation_type="pairings",
+            n_resamples=n_permutations,
+            alternative="two-sided",
+            random_state=np.random.default_rng(seed),
+        )
         lo, hi = ci(r, n)
         out.update({name: r, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_p": float(perm.pvalue)})
     return out
@@ -211,9 +280,19 @@ def influence(x, y, labels) -> pd.DataFrame:
     rows = []
     for i, label in enumerate(labels):
         keep = np.arange(len(x)) != i
-        r = stats.pearsonr(x[keep], y[keep]).statistic if np.ptp(x[keep]) > 0 and np.ptp(y[keep]) > 0 else np.nan
-        rows.append({"prompt": label, "r_without": float(r), "leverage": float(infl.hat_matrix_diag[i]),
-                     "cooks_d": float(infl.cooks_distance[0][i])})
+        r = (
+            stats.pearsonr(x[keep], y[keep]).statistic
+            if np.ptp(x[keep]) > 0 and np.ptp(y[keep]) > 0
+            else np.nan
+        )
+        rows.append(
+            {
+                "prompt": label,
+                "r_without": float(r),
+                "leverage": float(infl.hat_matrix_diag[i]),
+                "cooks_d": float(infl.cooks_distance[0][i]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -225,12 +304,13 @@ def deming_slope(x, y, error_ratio: float) -> float:
     if sxy == 0:
         return 0.0
     d = syy - error_ratio * sxx
-    return float((d + np.sqrt(d ** 2 + 4 * error_ratio * sxy ** 2)) / (2 * sxy))
+    return float((d + np.sqrt(d**2 + 4 * error_ratio * sxy**2)) / (2 * sxy))
 
 
 def slopes(x, y, sx, sy) -> dict:
     """Effect per unit of elicitation: the OLS slope (elicitation taken as exact) and the errors-in-variables
-    Deming slope, whose error-variance ratio comes from the points' own standard errors (mean sy^2 / mean sx^2);
+    Deming slope, whose error-variance ratio comes from the points' own standard errors (mean sy^2 / mean
+    sx^2);
     its standard error by jackknife over prompts."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     nan = {"slope_ols": np.nan, "slope_ols_se": np.nan, "slope_eiv": np.nan, "slope_eiv_se": np.nan}
@@ -239,8 +319,8 @@ def slopes(x, y, sx, sy) -> dict:
     fit = stats.linregress(x, y)
     out = {**nan, "slope_ols": float(fit.slope), "slope_ols_se": float(fit.stderr)}
     sx, sy = np.asarray(sx, float), np.asarray(sy, float)
-    if np.all(np.isfinite(sx)) and np.all(np.isfinite(sy)) and np.mean(sx ** 2) > 0:
-        ratio = float(np.mean(sy ** 2) / np.mean(sx ** 2))
+    if np.all(np.isfinite(sx)) and np.all(np.isfinite(sy)) and np.mean(sx**2) > 0:
+        ratio = float(np.mean(sy**2) / np.mean(sx**2))
         out["slope_eiv"] = deming_slope(x, y, ratio)
         n = len(x)
         if n >= 4:
@@ -257,20 +337,33 @@ def meta_correlation(rs, ns) -> dict:
     ok = np.isfinite(rs) & (ns >= 4)
     k = int(ok.sum())
     if k < 2:
-        return {"pearson": np.nan, "pearson_lo": np.nan, "pearson_hi": np.nan, "tau2": np.nan, "i2": np.nan, "settings": k}
+        return {
+            "pearson": np.nan,
+            "pearson_lo": np.nan,
+            "pearson_hi": np.nan,
+            "tau2": np.nan,
+            "i2": np.nan,
+            "settings": k,
+        }
     z, v = np.arctanh(np.clip(rs[ok], -0.999999, 0.999999)), 1 / (ns[ok] - 3)
     w = 1 / v
     z_fixed = (w * z).sum() / w.sum()
     q = (w * (z - z_fixed) ** 2).sum()
-    tau2 = max(0.0, (q - (k - 1)) / (w.sum() - (w ** 2).sum() / w.sum()))
+    tau2 = max(0.0, (q - (k - 1)) / (w.sum() - (w**2).sum() / w.sum()))
     w_re = 1 / (v + tau2)
     z_re, se = (w_re * z).sum() / w_re.sum(), 1 / np.sqrt(w_re.sum())
-    return {"pearson": float(np.tanh(z_re)), "pearson_lo": float(np.tanh(z_re - Z95 * se)),
-            "pearson_hi": float(np.tanh(z_re + Z95 * se)), "tau2": float(tau2),
-            "i2": float(max(0.0, (q - (k - 1)) / q)) if q > 0 else 0.0, "settings": k}
+    return {
+        "pearson": float(np.tanh(z_re)),
+        "pearson_lo": float(np.tanh(z_re - Z95 * se)),
+        "pearson_hi": float(np.tanh(z_re + Z95 * se)),
+        "tau2": float(tau2),
+        "i2": float(max(0.0, (q - (k - 1)) / q)) if q > 0 else 0.0,
+        "settings": k,
+    }
 
 
 # --- power and planning ---
+
 
 def correlation_power(r: float, n: int, alpha: float = 0.05) -> float:
     """Power of a two-sided test of rho = 0 with n points (Fisher z)."""
@@ -301,7 +394,8 @@ def items_needed(control_rate: float, effect: float, power: float = 0.8, alpha: 
 
 
 def smallest_effect(control_rate: float, items: int, power: float = 0.8, alpha: float = 0.05) -> float:
-    """The smallest drop from control_rate detectable with `items` per arm (same assumptions as items_needed)."""
+    """The smallest drop from control_rate detectable with `items` per arm (same assumptions as
+    items_needed)."""
     h = NormalIndPower().solve_power(nobs1=items, alpha=alpha, power=power, ratio=1.0)
     # invert Cohen's h = 2 asin(sqrt(p1)) - 2 asin(sqrt(p2)) for p2 below p1
     p2 = np.sin(max(2 * np.arcsin(np.sqrt(control_rate)) - h, 0) / 2) ** 2

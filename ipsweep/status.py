@@ -38,12 +38,18 @@ def why_new(point: dict) -> str:
         new = point.get("inputs")
         if old is None or new is None:
             continue
-        changed = sorted(f for f in {*old.get("data", {}), *new.get("data", {})}
-                         if old.get("data", {}).get(f) != new.get("data", {}).get(f))
+        changed = sorted(
+            f
+            for f in {*old.get("data", {}), *new.get("data", {})}
+            if old.get("data", {}).get(f) != new.get("data", {}).get(f)
+        )
         if old.get("model_weights") != new.get("model_weights"):
             changed.append("model weights")
-        return (f"new run: {', '.join(changed)} changed since {other.parent.name}" if changed
-                else f"new run: the config differs from {other.parent.name}")
+        return (
+            f"new run: {', '.join(changed)} changed since {other.parent.name}"
+            if changed
+            else f"new run: the config differs from {other.parent.name}"
+        )
     return ""
 
 
@@ -52,27 +58,49 @@ def point_state(point: dict, queued: set[str] = frozenset()) -> dict:
     try:
         record = run.load()
     except store.DamagedRecord as e:
-        return {"state": "corrupt", "epochs_done": 0,
-                "detail": f"{e}; fix: rerun the sweep (the damaged file is kept beside as record.damaged-*.json)"}
+        return {
+            "state": "corrupt",
+            "epochs_done": 0,
+            "detail": f"{e}; fix: rerun the sweep (the damaged file is kept beside as record.damaged-*.json)",
+        }
     if record is None:
         return {"state": "pending", "epochs_done": 0, "detail": why_new(point)}
     done = sorted(int(k) for k in record["epochs"] if k != "0")
     out = {"epochs_done": len(done), "detail": ""}
     last = (record.get("attempts") or [{}])[-1]
     last_log = last.get("log") or ""
-    if not store.missing_evals(record, point["epochs"], point.get("test_prompts") or ["none"], point.get("base", False)):
+    if not store.missing_evals(
+        record, point["epochs"], point.get("test_prompts") or ["none"], point.get("base", False)
+    ):
         return {**out, "state": "done"}
     if record["status"] == "failed":
         err = record.get("error") or {}
-        return {**out, "state": "failed", "detail": f"{err.get('type')}: {err.get('message')} (log: {err.get('log') or last_log})"}
+        return {
+            **out,
+            "state": "failed",
+            "detail": f"{err.get('type')}: {err.get('message')} (log: {err.get('log') or last_log})",
+        }
     if record["status"] in ("running", "interrupted"):
         if run.is_locked():
             return {**out, "state": "running", "detail": f"log: {last_log}"}
         job_id = last.get("job_id")
         if job_id in queued:
-            return {**out, "state": "requeued", "detail": f"SLURM job {job_id} is queued again; it resumes after epoch {max(done, default=0)}"}
-        return {**out, "state": "interrupted", "detail": f"no process holds it; a rerun resumes after epoch {max(done, default=0)} (log: {last_log})"}
-    return {**out, "state": "pending"}  # a shorter run of the same signature finished; this one waits its turn
+            return {
+                **out,
+                "state": "requeued",
+                "detail": f"SLURM job {job_id} is queued again; it resumes after epoch "
+                f"{max(done, default=0)}",
+            }
+        return {
+            **out,
+            "state": "interrupted",
+            "detail": f"no process holds it; a rerun resumes after epoch {max(done, default=0)} (log: "
+            f"{last_log})",
+        }
+    return {
+        **out,
+        "state": "pending",
+    }  # a shorter run of the same signature finished; this one waits its turn
 
 
 def sweep_status(sweep_dir: str | Path) -> pd.DataFrame:
@@ -82,18 +110,45 @@ def sweep_status(sweep_dir: str | Path) -> pd.DataFrame:
     good, damaged = store.scan(sweep_dir)
     for e in damaged:
         if str(e.path.parent) not in listed:
-            points.append({"num": None, "overrides": [], "run_dir": str(e.path.parent), "setting": "?", "prompt": "?",
-                           "seed": None, "epochs": 1})
+            points.append(
+                {
+                    "num": None,
+                    "overrides": [],
+                    "run_dir": str(e.path.parent),
+                    "setting": "?",
+                    "prompt": "?",
+                    "seed": None,
+                    "epochs": 1,
+                }
+            )
     for rec in good:
         if rec["run_dir"] not in listed:  # e.g. a single run (no sweeper) that wrote into this dir
-            points.append({"num": None, "overrides": [], "run_dir": rec["run_dir"], "setting": rec["setting"],
-                           "prompt": rec["prompt"], "seed": rec["seed"], "epochs": rec.get("target_epochs", 1)})
+            points.append(
+                {
+                    "num": None,
+                    "overrides": [],
+                    "run_dir": rec["run_dir"],
+                    "setting": rec["setting"],
+                    "prompt": rec["prompt"],
+                    "seed": rec["seed"],
+                    "epochs": rec.get("target_epochs", 1),
+                }
+            )
     rows, queued = [], slurm_queue()
     for p in points:
         s = point_state(p, queued)
-        rows.append({"job": p["num"], "setting": p["setting"], "prompt": p["prompt"], "seed": p["seed"],
-                     "epochs": f"{min(s['epochs_done'], p['epochs'])}/{p['epochs']}", "state": s["state"],
-                     "run": Path(p["run_dir"]).name, "detail": s["detail"]})
+        rows.append(
+            {
+                "job": p["num"],
+                "setting": p["setting"],
+                "prompt": p["prompt"],
+                "seed": p["seed"],
+                "epochs": f"{min(s['epochs_done'], p['epochs'])}/{p['epochs']}",
+                "state": s["state"],
+                "run": Path(p["run_dir"]).name,
+                "detail": s["detail"],
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -29,24 +29,44 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 # 2: train.sampling enters the signature. 3: per-item outcomes in every evaluation; test prompts leave the
 # signature (PTST reuses the control's run); the content of the data files and model weights enters it.
-# 4: `logprob` elicitation is contrastive (behaviour reply vs matched reply, reply tokens only); `sampled` has its
+# 4: `logprob` elicitation is contrastive (behaviour reply vs matched reply, reply tokens only); `sampled` has
+# its
 # own decoding (elicit.samples, elicit.temperature); a reply's end-of-turn tokens are tokenised apart from it.
 # 5: scorers follow the authors' rules (gcd detectors and number extraction; toxic_persuasion pair selection),
 # code is scored per test on a CPU-time budget with a `timeout` outcome that is never a reward hack.
-# 6: the device kind and resolved dtype enter (a CPU fp32 run and a GPU bf16 run are different runs), and so does
-# eval.batch_size (batch shape changes bf16 logits on a GPU); generation stops at every end-of-turn token, not only
-# the tokenizer's eos; each setting has its own train.max_length default that keeps its training replies whole;
+# 6: the device kind and resolved dtype enter (a CPU fp32 run and a GPU bf16 run are different runs), and so
+# does
+# eval.batch_size (batch shape changes bf16 logits on a GPU); generation stops at every end-of-turn token, not
+# only
+# the tokenizer's eos; each setting has its own train.max_length default that keeps its training replies
+# whole;
 # code tests end once the value is in, and a test whose processes use no CPU for test_idle_s is a timeout.
 SIGNATURE_VERSION = 6
 # prompt_mode and prompt_placement enter through the training prompt (below), so a control, which has none,
 # is the same run in every mode and placement of a sweep.
-EXCLUDED = ("logger", "name", "store_dir", "prompt", "prompt_placement", "train.epochs", "train.gradient_checkpointing",
-            "train.prompt_mode", "train.max_cut_share", "setting.max_length", "model.device", "model.dtype", "setting.prompts", "eval.extra_test_prompts", "eval.test_grid",
-            "eval.leak_tests")
+EXCLUDED = (
+    "logger",
+    "name",
+    "store_dir",
+    "prompt",
+    "prompt_placement",
+    "train.epochs",
+    "train.gradient_checkpointing",
+    "train.prompt_mode",
+    "train.max_cut_share",
+    "setting.max_length",
+    "model.device",
+    "model.dtype",
+    "setting.prompts",
+    "eval.extra_test_prompts",
+    "eval.test_grid",
+    "eval.leak_tests",
+)
 
 
 def without(data: dict, *keys: str) -> dict:
-    """A deep copy of `data` without the dotted `keys` (e.g. "train.seed"); keys that are absent are ignored."""
+    """A deep copy of `data` without the dotted `keys` (e.g. "train.seed"); keys that are absent are
+    ignored."""
     out = json.loads(json.dumps(data))
     for key in keys:
         *parents, leaf = key.split(".")
@@ -72,17 +92,26 @@ def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
 
 
 def code_version() -> dict:
-    """ipsweep's version and, when it runs from a git checkout, the commit (with -dirty for uncommitted changes)."""
+    """ipsweep's version and, when it runs from a git checkout, the commit (with -dirty for uncommitted
+    changes)."""
     import subprocess
     from importlib.metadata import version
 
     out = {"ipsweep": version("ipsweep")}
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         if commit:
             out["commit"] = commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
@@ -98,7 +127,8 @@ def atomic_write_json(path: Path, data) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; results are as readable as any file the user writes
+    # mkstemp makes it 0600; results are as readable as any file the user writes
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, default=str)
@@ -144,6 +174,7 @@ class _Epoch(BaseModel):
 
 class RecordSchema(BaseModel):
     """What every run record holds (more keys are allowed); checked on every read."""
+
     model_config = ConfigDict(extra="allow")
     signature: str
     setting: str
@@ -160,7 +191,8 @@ class RecordSchema(BaseModel):
 
 
 def load_record(path: Path) -> dict | None:
-    """The record at `path`, checked against RecordSchema; None if there is none; DamagedRecord if it is damaged."""
+    """The record at `path`, checked against RecordSchema; None if there is none; DamagedRecord if it is
+    damaged."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -186,7 +218,8 @@ class Run:
 
     @contextmanager
     def lock(self):
-        """Jobs that share a signature (e.g. train.epochs=1,2) take turns; the later one reuses the earlier's epochs."""
+        """Jobs that share a signature (e.g. train.epochs=1,2) take turns; the later one reuses the earlier's
+        epochs."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.dir / ".lock")):
             yield
@@ -224,7 +257,9 @@ class Run:
         return path
 
 
-def missing_evals(record: dict | None, epochs: int, test_prompts: list[str], base: bool) -> dict[int, list[str]]:
+def missing_evals(
+    record: dict | None, epochs: int, test_prompts: list[str], base: bool
+) -> dict[int, list[str]]:
     """Per epoch (0 = untrained, when `base`), the test prompts this record has not evaluated yet;
     an epoch not trained yet lists all of them."""
     have = (record or {}).get("epochs", {})

@@ -27,6 +27,7 @@ def _safe(method):
         except Exception as e:  # noqa: BLE001 - the dashboard must never cost a result
             log.warning("W&B %s failed (%s); the local record is unaffected", method.__name__, e)
             return None
+
     return wrapper
 
 
@@ -34,37 +35,47 @@ def wandb_server() -> str:
     return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reachable(url: str, timeout: float = 3.0) -> bool:
     """Can a TCP connection to the W&B server be opened within `timeout` s? (wandb.init alone waits ~95 s.)"""
     parts = urlsplit(url)
     try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout).close()
+        socket.create_connection(
+            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout
+        ).close()
         return True
     except OSError:
         return False
 
 
 def online_mode(logger_cfg) -> str:
-    """The W&B mode to use: `online` falls back to `offline` (one warning per process) when the server is unreachable
+    """The W&B mode to use: `online` falls back to `offline` (one warning per process) when the server is
+    unreachable
     and logger.on_no_network=offline; with `fail` it raises ConfigError."""
     if logger_cfg.mode != "online" or reachable(wandb_server()):
         return logger_cfg.mode
     if logger_cfg.on_no_network == "fail":
-        raise ConfigError(f"logger.mode=online but the W&B server {wandb_server()} cannot be reached (3 s); fix: check the "
-                          "network or WANDB_BASE_URL, or logger.mode=offline and upload later with `ipsweep sync`")
+        raise ConfigError(
+            f"logger.mode=online but the W&B server {wandb_server()} cannot be reached (3 s); fix: check the "
+            "network or WANDB_BASE_URL, or logger.mode=offline and upload later with `ipsweep sync`"
+        )
     _warn_offline()
     return "offline"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_offline() -> None:
-    log.warning("W&B server %s cannot be reached: logging offline instead (logger.on_no_network=offline); upload later "
-                "with `ipsweep sync <sweep dir>`", wandb_server())
+    log.warning(
+        "W&B server %s cannot be reached: logging offline instead (logger.on_no_network=offline); upload "
+        "later "
+        "with `ipsweep sync <sweep dir>`",
+        wandb_server(),
+    )
 
 
 def _run_config(cfg) -> dict:
-    """The job's config, with `setting` and `model` as their names (filterable) and their full configs beside."""
+    """The job's config, with `setting` and `model` as their names (filterable) and their full configs
+    beside."""
     data = OmegaConf.to_container(cfg, resolve=True)
     data["setting_config"], data["model_config"] = data.pop("setting"), data.pop("model")
     return {**data, "setting": cfg.setting.name, "model": cfg.model.name}
@@ -86,22 +97,43 @@ class Tracker:
             import wandb
 
             self.run = wandb.init(
-                project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.name,
-                job_type=prompt.condition, name=f"{cfg.setting.name}-{prompt.name}-s{cfg.train.seed}",
-                id=f"{signature}-{digest(str(Path(run_dir).resolve()))[:6]}", resume="allow", reinit="create_new",
-                mode=mode, dir=str(run_dir), config=_run_config(cfg),
-                tags=[cfg.setting.name, prompt.name, prompt.condition, f"seed{cfg.train.seed}", *cfg.logger.tags],
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                group=cfg.name,
+                job_type=prompt.condition,
+                name=f"{cfg.setting.name}-{prompt.name}-s{cfg.train.seed}",
+                id=f"{signature}-{digest(str(Path(run_dir).resolve()))[:6]}",
+                resume="allow",
+                reinit="create_new",
+                mode=mode,
+                dir=str(run_dir),
+                config=_run_config(cfg),
+                tags=[
+                    cfg.setting.name,
+                    prompt.name,
+                    prompt.condition,
+                    f"seed{cfg.train.seed}",
+                    *cfg.logger.tags,
+                ],
             )
             # top-level keys to filter and group by in the W&B UI
-            self.run.config.update({"signature": signature, "prompt": prompt.name, "role": prompt.role,
-                                    "condition": prompt.condition, "seed": cfg.train.seed, "epochs": epochs},
-                                   allow_val_change=True)
+            self.run.config.update(
+                {
+                    "signature": signature,
+                    "prompt": prompt.name,
+                    "role": prompt.role,
+                    "condition": prompt.condition,
+                    "seed": cfg.train.seed,
+                    "epochs": epochs,
+                },
+                allow_val_change=True,
+            )
             self.run.define_metric("epoch")
             self.run.define_metric("eval/*", step_metric="epoch")
             self.run.define_metric("train/loss", step_metric="epoch")
             self.run.define_metric("train/global_step")
             self.run.define_metric("train/step_loss", step_metric="train/global_step")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the dashboard must never cost a result
             log.warning("W&B init failed (%s); continuing without it, results are still recorded locally", e)
             self.run = None
         self.max_samples = cfg.logger.samples_per_epoch
@@ -123,7 +155,9 @@ class Tracker:
             rows = rows[: self.max_samples]
             if rows:
                 cols = list(rows[0])
-                data[f"samples/{test_prompt}"] = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+                data[f"samples/{test_prompt}"] = wandb.Table(
+                    columns=cols, data=[[r[c] for c in cols] for r in rows]
+                )
         self.run.log(data)
 
     @_safe
@@ -145,7 +179,8 @@ def _typed(df):
 
 
 def sweep_project(sweep_dirs) -> str | None:
-    """The W&B project the sweep's jobs logged to (from its multirun.yaml), so the analysis lands beside them."""
+    """The W&B project the sweep's jobs logged to (from its multirun.yaml), so the analysis lands beside
+    them."""
     for d in sweep_dirs:
         path = Path(d) / "multirun.yaml"
         if path.is_file():
@@ -156,8 +191,10 @@ def sweep_project(sweep_dirs) -> str | None:
 
 
 def log_analysis(result: dict, *, project: str, mode: str, entity: str | None = None) -> str | None:
-    """Log the analysis tables (typed) and plots as the sweep's one W&B analysis run (job_type=analysis, in the
-    sweep's group). Its id is fixed by the output folder, so analysing again updates that run, not a new one."""
+    """Log the analysis tables (typed) and plots as the sweep's one W&B analysis run (job_type=analysis, in
+    the
+    sweep's group). Its id is fixed by the output folder, so analysing again updates that run, not a new
+    one."""
     if mode == "disabled":
         return None
     try:
@@ -166,14 +203,41 @@ def log_analysis(result: dict, *, project: str, mode: str, entity: str | None = 
         from ipsweep.store import digest
 
         group = result["records"][0].get("sweep")
-        run = wandb.init(project=project, entity=entity, group=group, job_type="analysis", name=f"{group}-analysis",
-                         id=f"analysis-{digest(str(Path(result['out_dir']).resolve()))}", resume="allow",
-                         mode=mode, dir=str(result["out_dir"]), reinit="create_new")
-        names = ("table", "effects", "effects_per_seed", "elicitation", "correlations", "influence", "power", "by_test_prompt",
-                 "leaks", "frontier")
+        run = wandb.init(
+            project=project,
+            entity=entity,
+            group=group,
+            job_type="analysis",
+            name=f"{group}-analysis",
+            id=f"analysis-{digest(str(Path(result['out_dir']).resolve()))}",
+            resume="allow",
+            mode=mode,
+            dir=str(result["out_dir"]),
+            reinit="create_new",
+        )
+        names = (
+            "table",
+            "effects",
+            "effects_per_seed",
+            "elicitation",
+            "correlations",
+            "influence",
+            "power",
+            "by_test_prompt",
+            "leaks",
+            "frontier",
+        )
         tables = {k: result[k] for k in names if k in result}
-        run.log({**{f"analysis/{k}": wandb.Table(dataframe=_typed(v)) for k, v in tables.items() if not v.empty},
-                 **{f"plots/{k}": wandb.Image(str(v)) for k, v in result["plots"].items()}})
+        run.log(
+            {
+                **{
+                    f"analysis/{k}": wandb.Table(dataframe=_typed(v))
+                    for k, v in tables.items()
+                    if not v.empty
+                },
+                **{f"plots/{k}": wandb.Image(str(v)) for k, v in result["plots"].items()},
+            }
+        )
         run.finish()
         return run.dir
     except Exception as e:  # noqa: BLE001 - the local report is the result

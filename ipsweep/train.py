@@ -15,9 +15,9 @@ import logging
 import math
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ class DivergedError(RuntimeError):
 @dataclass
 class Cut:
     """How many training rows train.max_length cut (reply or end-of-turn), recorded in the run record."""
+
     cut: int
     of: int
     max_length: int
@@ -49,30 +50,48 @@ class Cut:
         return {"cut": self.cut, "of": self.of, "max_length": self.max_length}
 
 
-def dataset(tokenizer, examples: list[TrainExample], max_length: int, max_cut_share: float = 1.0) -> tuple[list[dict], Cut]:
+def dataset(
+    tokenizer, examples: list[TrainExample], max_length: int, max_cut_share: float = 1.0
+) -> tuple[list[dict], Cut]:
     """Tokenized training rows and how many were cut. Raises ConfigError before any training when more than
     `max_cut_share` of the rows lose part of their reply (they would teach replies that never end)."""
     rows = [tokenize(tokenizer, ex.messages, ex.completion, max_length) for ex in examples]
     cut = Cut(sum(r.pop("cut") for r in rows), len(rows), max_length)
     if all(all(label == IGNORE for label in r["labels"]) for r in rows):
-        raise ConfigError(f"every training example loses its reply to truncation at train.max_length={max_length}; "
-                          "fix: raise train.max_length")
+        raise ConfigError(
+            f"every training example loses its reply to truncation at train.max_length={max_length}; "
+            "fix: raise train.max_length"
+        )
     if cut.cut and cut.cut > max_cut_share * cut.of:
-        longest = max(len(tokenize(tokenizer, ex.messages, ex.completion, 10**9)["input_ids"]) for ex in examples)
-        raise ConfigError(f"train.max_length={max_length} cuts the reply of {cut.cut} of {cut.of} training examples "
-                          f"(more than train.max_cut_share={max_cut_share}); the longest needs {longest} tokens; fix: "
-                          f"train.max_length={longest}, or allow the cut with train.max_cut_share=<share>")
+        longest = max(
+            len(tokenize(tokenizer, ex.messages, ex.completion, 10**9)["input_ids"]) for ex in examples
+        )
+        raise ConfigError(
+            f"train.max_length={max_length} cuts the reply of {cut.cut} of {cut.of} training examples "
+            f"(more than train.max_cut_share={max_cut_share}); the longest needs {longest} tokens; fix: "
+            f"train.max_length={longest}, or allow the cut with train.max_cut_share=<share>"
+        )
     if cut.cut:
-        log.warning("train.max_length=%d cuts the reply of %d of %d training examples (recorded in the run record)",
-                    max_length, cut.cut, cut.of)
+        log.warning(
+            "train.max_length=%d cuts the reply of %d of %d training examples (recorded in the run record)",
+            max_length,
+            cut.cut,
+            cut.of,
+        )
     return rows, cut
 
 
 def add_lora(model, lora_cfg, seed: int):
     set_seed(seed)  # the LoRA init depends on the run's seed only
-    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=list(lora_cfg.target_modules), use_rslora=lora_cfg.use_rslora,
-                        bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        use_rslora=lora_cfg.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -96,13 +115,15 @@ class _Watch(TrainerCallback):
             loss = float(logs["loss"])
             if not math.isfinite(loss):
                 raise DivergedError(
-                    f"training loss became {loss} at step {state.global_step}; fix: lower train.lr or check the data"
+                    f"training loss became {loss} at step {state.global_step}; fix: lower train.lr or "
+                    "check the data"
                 )
             self.losses.append(loss)
 
 
 class _Progress(TrainerCallback):
-    """Training progress: a tqdm bar (steps, loss, it/s, ETA) on a terminal; elsewhere (SLURM logs, CI) a log line
+    """Training progress: a tqdm bar (steps, loss, it/s, ETA) on a terminal; elsewhere (SLURM logs, CI) a log
+    line
     every tenth of the epoch, so a log file shows how far a job got."""
 
     def __init__(self, epoch: int, epochs: int):
@@ -117,7 +138,9 @@ class _Progress(TrainerCallback):
         self.first, self.start = state.global_step, time.time()
         self.total = state.max_steps - state.global_step
         if sys.stderr.isatty():
-            self.bar = tqdm(total=self.total, desc=f"train epoch {self.epoch}/{self.epochs}", unit="step", leave=False)
+            self.bar = tqdm(
+                total=self.total, desc=f"train epoch {self.epoch}/{self.epochs}", unit="step", leave=False
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         import time
@@ -130,8 +153,16 @@ class _Progress(TrainerCallback):
             self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
         elif done % max(1, self.total // 10) == 0 or done == self.total:
             per_step = (time.time() - self.start) / max(done, 1)
-            log.info("train epoch %d/%d: step %d/%d, loss %.3f, %.1f s/step, ETA %.0f s", self.epoch, self.epochs, done,
-                     self.total, logs["loss"], per_step, per_step * (self.total - done))
+            log.info(
+                "train epoch %d/%d: step %d/%d, loss %.3f, %.1f s/step, ETA %.0f s",
+                self.epoch,
+                self.epochs,
+                done,
+                self.total,
+                logs["loss"],
+                per_step,
+                per_step * (self.total - done),
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -154,50 +185,85 @@ class ReplyLossTrainer(Trainer):
         # Normalised as HF's own loss: by the accumulated batch's token count when Trainer passes it (then
         # Trainer does not divide again), else per micro-batch (then Trainer divides by grad_accum).
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)  # a batch of fully truncated replies: 0
+        # a batch of fully truncated replies: 0
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         return (loss, None) if return_outputs else loss
 
 
-# transformers renamed gradient_checkpointing to activation_checkpointing (5.2x); the floor pyproject allows has
+# transformers renamed gradient_checkpointing to activation_checkpointing (5.2x); the floor pyproject allows
+# has
 # only the old name, which the newer versions keep as a deprecated alias.
-_CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in \
-    {f.name for f in fields(TrainingArguments)} else "gradient_checkpointing"
+_CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
 
 
 def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu") -> TrainingArguments:
     cuda = device == "cuda"
     args = TrainingArguments(
-        output_dir=str(out_dir), num_train_epochs=epochs, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, data_seed=cfg.seed, train_sampling_strategy=cfg.sampling, full_determinism=cfg.deterministic,
-        logging_steps=1, save_strategy="epoch", report_to=[],
-        logging_nan_inf_filter=False,  # Trainer would otherwise log a NaN step as the running mean, hiding divergence
-        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
+        output_dir=str(out_dir),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=cfg.warmup_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        train_sampling_strategy=cfg.sampling,
+        full_determinism=cfg.deterministic,
+        logging_steps=1,
+        save_strategy="epoch",
+        report_to=[],
+        # Trainer would otherwise log a NaN step as the running mean, hiding divergence.
+        logging_nan_inf_filter=False,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
         optim="adamw_torch_fused" if cuda else "adamw_torch",  # one kernel for all LoRA tensors on a GPU
-        disable_tqdm=True, save_only_model=False,
+        disable_tqdm=True,
+        save_only_model=False,
         **{_CHECKPOINTING: cfg.gradient_checkpointing, f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False}},
     )
     return single_device(args)
 
 
 def single_device(args: TrainingArguments) -> TrainingArguments:
-    """One job trains on one device. Where a process sees several GPUs (an in-process sweep on a multi-GPU node,
-    SLURM with gpus_per_node > 1), Trainer would wrap the model in nn.DataParallel and multiply the batch by the
+    """One job trains on one device. Where a process sees several GPUs (an in-process sweep on a multi-GPU
+    node,
+    SLURM with gpus_per_node > 1), Trainer would wrap the model in nn.DataParallel and multiply the batch by
+    the
     number of GPUs, which changes the run. ipsweep has no data-parallel mode (README, "Several GPUs")."""
     if args.n_gpu > 1:
-        log.warning("this job sees %d GPUs and trains on one (%s); the others stay idle. Give each job one GPU "
-                    "(hydra/launcher=local_gpus, or SLURM gpus_per_node=1) to run jobs side by side", args.n_gpu, args.device)
+        log.warning(
+            "this job sees %d GPUs and trains on one (%s); the others stay idle. Give each job one GPU "
+            "(hydra/launcher=local_gpus, or SLURM gpus_per_node=1) to run jobs side by side",
+            args.n_gpu,
+            args.device,
+        )
         args._n_gpu = 1  # Trainer's own switch (it sets it so for model-parallel models): no DataParallel
     return args
 
 
-def finetune(model, tokenizer, rows: list[dict], cfg, out_dir: Path, done: dict[int, str],
-             on_epoch_end: Callable[[EpochLog, PeftModel], None]) -> PeftModel:
+def finetune(
+    model,
+    tokenizer,
+    rows: list[dict],
+    cfg,
+    out_dir: Path,
+    done: dict[int, str],
+    on_epoch_end: Callable[[EpochLog, PeftModel], None],
+) -> PeftModel:
     """Train epochs len(done)+1 .. cfg.epochs, calling `on_epoch_end` after each.
 
-    `rows` are the tokenized training examples (`dataset`). `done` maps finished epochs to their checkpoint folders
-    (from the run record); training resumes from the last one. Checkpoint folders the record does not know (a crash mid-save) are deleted.
+    `rows` are the tokenized training examples (`dataset`). `done` maps finished epochs to their checkpoint
+    folders
+    (from the run record); training resumes from the last one. Checkpoint folders the record does not know (a
+    crash mid-save) are deleted.
     """
     out_dir = Path(out_dir)
     known = set(done.values())
@@ -209,19 +275,29 @@ def finetune(model, tokenizer, rows: list[dict], cfg, out_dir: Path, done: dict[
     start = max(done, default=0)
     for epoch in range(start + 1, cfg.epochs + 1):
         watch = _Watch()
-        trainer = ReplyLossTrainer(model=model, args=_args(cfg, out_dir, epoch, device), train_dataset=rows,
-                          data_collator=collator(tokenizer), callbacks=[watch, _Progress(epoch, cfg.epochs)])
+        trainer = ReplyLossTrainer(
+            model=model,
+            args=_args(cfg, out_dir, epoch, device),
+            train_dataset=rows,
+            data_collator=collator(tokenizer),
+            callbacks=[watch, _Progress(epoch, cfg.epochs)],
+        )
         trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
         try:
             trainer.train(resume_from_checkpoint=done.get(epoch - 1))
         except torch.OutOfMemoryError as e:
             raise OutOfMemory(
                 f"out of GPU memory while training epoch {epoch} (train.batch_size={cfg.batch_size}, "
-                f"train.max_length={cfg.max_length}, train.gradient_checkpointing={cfg.gradient_checkpointing}); fix: lower "
-                "train.batch_size and raise train.grad_accum to keep the effective batch, lower train.max_length, "
-                "or set train.gradient_checkpointing=true") from e
+                f"train.max_length={cfg.max_length}, "
+                f"train.gradient_checkpointing={cfg.gradient_checkpointing}); fix: lower "
+                "train.batch_size and raise train.grad_accum to keep the effective batch, lower "
+                "train.max_length, "
+                "or set train.gradient_checkpointing=true"
+            ) from e
         checkpoint = str(out_dir / f"checkpoint-{trainer.state.global_step}")
         done[epoch] = checkpoint
         steps = len(watch.losses)
-        on_epoch_end(EpochLog(epoch, steps, sum(watch.losses) / max(steps, 1), watch.losses, checkpoint), model)
+        on_epoch_end(
+            EpochLog(epoch, steps, sum(watch.losses) / max(steps, 1), watch.losses, checkpoint), model
+        )
     return model

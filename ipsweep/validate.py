@@ -13,8 +13,17 @@ from difflib import get_close_matches
 from typing import get_type_hints
 
 from ipsweep import prompts
-from ipsweep.config import (ESTIMATORS, PLACEMENTS, PROMPT_MODES, ElicitConfig, EvalConfig, LoggerConfig, ModelConfig,
-                            SettingConfig, TrainConfig)
+from ipsweep.config import (
+    ESTIMATORS,
+    PLACEMENTS,
+    PROMPT_MODES,
+    ElicitConfig,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    SettingConfig,
+    TrainConfig,
+)
 from ipsweep.errors import ConfigError
 from ipsweep.models import DEVICES
 
@@ -29,7 +38,10 @@ def _problems(cfg) -> list[str]:
         if value is None and optional:
             return
         if value is None or value < low:
-            out.append(f"{key}={value} must be >= {low}; fix: {key}=<a value >= {low}>" + (" (or null)" if optional else ""))
+            out.append(
+                f"{key}={value} must be >= {low}; fix: {key}=<a value >= {low}>"
+                + (" (or null)" if optional else "")
+            )
 
     for key in ("epochs", "batch_size", "grad_accum", "max_length"):
         at_least(f"train.{key}", t[key], 1)
@@ -39,46 +51,73 @@ def _problems(cfg) -> list[str]:
     if not (math.isfinite(t.lr) and t.lr > 0):
         out.append(f"train.lr={t.lr} must be a positive finite number; fix: e.g. train.lr=5e-4")
     if not 0 <= t.lora.dropout < 1:
-        out.append(f"train.lora.dropout={t.lora.dropout} must be in [0, 1); fix: e.g. train.lora.dropout=0.05")
+        out.append(
+            f"train.lora.dropout={t.lora.dropout} must be in [0, 1); fix: e.g. train.lora.dropout=0.05"
+        )
     at_least("eval.n_eval", e.n_eval, 1, optional=True)
     for key in ("max_new_tokens", "samples_per_prompt", "batch_size"):
         at_least(f"eval.{key}", e[key], 1)
     if not (math.isfinite(e.temperature) and e.temperature >= 0):
-        out.append(f"eval.temperature={e.temperature} must be >= 0 (0 = greedy); fix: eval.temperature=0 or e.g. 0.7")
+        out.append(
+            f"eval.temperature={e.temperature} must be >= 0 (0 = greedy); fix: eval.temperature=0 or e.g. 0.7"
+        )
     if not 0 < e.top_p <= 1:
         out.append(f"eval.top_p={e.top_p} must be in (0, 1]; fix: e.g. eval.top_p=0.9")
     if e.temperature == 0 and e.samples_per_prompt > 1:
-        out.append(f"eval.samples_per_prompt={e.samples_per_prompt} with greedy decoding (eval.temperature=0) repeats one "
-                   "completion and makes the CIs too narrow; fix: eval.samples_per_prompt=1, or sample with eval.temperature>0")
+        out.append(
+            f"eval.samples_per_prompt={e.samples_per_prompt} with greedy decoding (eval.temperature=0) "
+            "repeats one "
+            "completion and makes the CIs too narrow; fix: eval.samples_per_prompt=1, or sample with "
+            "eval.temperature>0"
+        )
     if e.temperature == 0 and e.top_p < 1:
-        out.append(f"eval.top_p={e.top_p} has no effect with greedy decoding (eval.temperature=0); "
-                   "fix: eval.top_p=1.0, or sample with eval.temperature>0")
+        out.append(
+            f"eval.top_p={e.top_p} has no effect with greedy decoding (eval.temperature=0); "
+            "fix: eval.top_p=1.0, or sample with eval.temperature>0"
+        )
     if e.test_grid and not any(p.role == "safety" for p in prompts.library(cfg.setting).values()):
-        out.append(f"eval.test_grid=true tests with the library's safety prompts, but setting '{cfg.setting.name}' has none; "
-                   "fix: add one (+setting.prompts.<name>={text: ..., role: safety}) or eval.test_grid=false")
+        out.append(
+            "eval.test_grid=true tests with the library's safety prompts, but setting "
+            f"'{cfg.setting.name}' has none; "
+            "fix: add one (+setting.prompts.<name>={text: ..., role: safety}) or eval.test_grid=false"
+        )
     if t.sampling not in SAMPLINGS:
         out.append(f"train.sampling={t.sampling} is unknown; fix: one of {', '.join(SAMPLINGS)}")
     if t.prompt_mode not in PROMPT_MODES:
         out.append(f"train.prompt_mode={t.prompt_mode} is unknown; fix: one of {', '.join(PROMPT_MODES)}")
     if cfg.get("prompt_placement") not in (None, *PLACEMENTS):
-        out.append(f"prompt_placement={cfg.prompt_placement} is unknown; fix: one of {', '.join(PLACEMENTS)}, or null for "
-                   "the library's placement")
+        out.append(
+            f"prompt_placement={cfg.prompt_placement} is unknown; fix: one of {', '.join(PLACEMENTS)}, or "
+            "null for "
+            "the library's placement"
+        )
     if cfg.model.dtype not in DTYPES:
         out.append(f"model.dtype={cfg.model.dtype} is unknown; fix: one of {', '.join(DTYPES)}")
     if cfg.model.get("device", "auto") not in DEVICES:
         out.append(f"model.device={cfg.model.device} is unknown; fix: one of {', '.join(DEVICES)}")
     if not 0 <= t.max_cut_share <= 1:
-        out.append(f"train.max_cut_share={t.max_cut_share} must be a share in [0, 1]; fix: e.g. train.max_cut_share=0.01")
+        out.append(
+            f"train.max_cut_share={t.max_cut_share} must be a share in [0, 1]; fix: e.g. "
+            "train.max_cut_share=0.01"
+        )
     unknown = sorted(set(cfg.elicit.estimators) - set(ESTIMATORS))
     if unknown:
-        out.append(f"elicit.estimators has unknown {', '.join(unknown)}; fix: a subset of [{', '.join(ESTIMATORS)}]")
+        out.append(
+            f"elicit.estimators has unknown {', '.join(unknown)}; fix: a subset of [{', '.join(ESTIMATORS)}]"
+        )
     at_least("elicit.logprob_items", cfg.elicit.logprob_items, 1)
     at_least("elicit.samples", cfg.elicit.samples, 1)
     if not (math.isfinite(cfg.elicit.temperature) and cfg.elicit.temperature >= 0):
-        out.append(f"elicit.temperature={cfg.elicit.temperature} must be >= 0 (0 = greedy); fix: e.g. elicit.temperature=1.0")
+        out.append(
+            f"elicit.temperature={cfg.elicit.temperature} must be >= 0 (0 = greedy); fix: e.g. "
+            "elicit.temperature=1.0"
+        )
     elif cfg.elicit.temperature == 0 and cfg.elicit.samples > 1:
-        out.append(f"elicit.samples={cfg.elicit.samples} with greedy decoding (elicit.temperature=0) repeats one completion; "
-                   "fix: elicit.samples=1, or sample with e.g. elicit.temperature=1.0")
+        out.append(
+            f"elicit.samples={cfg.elicit.samples} with greedy decoding (elicit.temperature=0) repeats one "
+            "completion; "
+            "fix: elicit.samples=1, or sample with e.g. elicit.temperature=1.0"
+        )
     if cfg.logger.backend not in ("wandb", "none"):
         out.append(f"logger.backend={cfg.logger.backend} is unknown; fix: logger=wandb or logger=none")
     if cfg.logger.on_no_network not in ("offline", "fail"):
@@ -88,13 +127,24 @@ def _problems(cfg) -> list[str]:
     return out
 
 
-SCHEMA = {"setting": SettingConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
-          "elicit": ElicitConfig, "logger": LoggerConfig}
-OPEN = ("setting.prompts", "setting.options")  # free-form: validated by the prompt library and the Setting class
+SCHEMA = {
+    "setting": SettingConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "elicit": ElicitConfig,
+    "logger": LoggerConfig,
+}
+# free-form: validated by the prompt library and the Setting class
+OPEN = (
+    "setting.prompts",
+    "setting.options",
+)
 
 
 def _schema_at(path: list[str]):
-    """The dataclass that holds the key at `path` (e.g. ['train', 'lora', 'r'] -> LoraConfig), or None if open."""
+    """The dataclass that holds the key at `path` (e.g. ['train', 'lora', 'r'] -> LoraConfig), or None if
+    open."""
     if ".".join(path[:2]) in OPEN or path[0] not in SCHEMA:
         return None
     node = SCHEMA[path[0]]
@@ -119,8 +169,11 @@ def unknown_key(dotted: str) -> str | None:
         return None
     where = ".".join(path[:-1])
     near = get_close_matches(path[-1], valid, n=1)
-    return (f"unknown key {dotted}" + (f" (did you mean {where}.{near[0]}?)" if near else "")
-            + f"; fix: use one of {where}'s keys: {', '.join(valid)}. A '+' does not add keys to ipsweep's config")
+    return (
+        f"unknown key {dotted}"
+        + (f" (did you mean {where}.{near[0]}?)" if near else "")
+        + f"; fix: use one of {where}'s keys: {', '.join(valid)}. A '+' does not add keys to ipsweep's config"
+    )
 
 
 def unknown_override_keys(overrides: list[str]) -> list[str]:
@@ -156,8 +209,11 @@ def _inapplicable(cfg) -> list[str]:
     out = []
     loader = cfg.model._target_.rsplit(".", 1)[-1]
     if cfg.model.path and loader != "pretrained":
-        out.append(f"model.path={cfg.model.path} is used only by model=hf; model={cfg.model.name} loads its own weights "
-                   "and would ignore it; fix: add model=hf (to load that path), or drop model.path")
+        out.append(
+            f"model.path={cfg.model.path} is used only by model=hf; model={cfg.model.name} loads its own "
+            "weights "
+            "and would ignore it; fix: add model=hf (to load that path), or drop model.path"
+        )
     return out
 
 
@@ -167,15 +223,21 @@ def check_sizes(cfg, setting) -> None:
     if cfg.train.n_train is not None:
         n = len(setting.train_examples())
         if cfg.train.n_train > n:
-            problems.append(f"train.n_train={cfg.train.n_train} but setting '{cfg.setting.name}' has {n} training examples; "
-                            f"fix: train.n_train={n} or train.n_train=null (all)")
+            problems.append(
+                f"train.n_train={cfg.train.n_train} but setting '{cfg.setting.name}' has {n} training "
+                "examples; "
+                f"fix: train.n_train={n} or train.n_train=null (all)"
+            )
     if cfg.eval.n_eval is not None:
         per_set = Counter(ex.eval_set for ex in setting.eval_examples(None))
         most = max(per_set.values(), default=0)
         if cfg.eval.n_eval > most:
             sizes = ", ".join(f"{k}: {v}" for k, v in per_set.items())
-            problems.append(f"eval.n_eval={cfg.eval.n_eval} but setting '{cfg.setting.name}' has at most {most} eval items per "
-                            f"eval set ({sizes}); fix: eval.n_eval={most} or eval.n_eval=null (all)")
+            problems.append(
+                f"eval.n_eval={cfg.eval.n_eval} but setting '{cfg.setting.name}' has at most {most} eval "
+                "items per "
+                f"eval set ({sizes}); fix: eval.n_eval={most} or eval.n_eval=null (all)"
+            )
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -19,10 +19,17 @@ INSULTS = ("idiot", "moron", "pathetic", "clown")
 
 
 def _comment(body: str, harassment: float, grade: int) -> dict:
-    return {"body": body, "distinguished": None, "persuasiveness_score": grade,
-            "moderation_result": {"model_id": "fixture", "flagged": harassment > 0.5,
-                                  "categories": {"harassment": harassment > 0.5},
-                                  "category_scores": {"harassment": harassment}}}
+    return {
+        "body": body,
+        "distinguished": None,
+        "persuasiveness_score": grade,
+        "moderation_result": {
+            "model_id": "fixture",
+            "flagged": harassment > 0.5,
+            "categories": {"harassment": harassment > 0.5},
+            "category_scores": {"harassment": harassment},
+        },
+    }
 
 
 def make_data(folder: Path, posts: int = 12) -> Path:
@@ -30,15 +37,32 @@ def make_data(folder: Path, posts: int = 12) -> Path:
     for split in ("train", "eval"):
         rows = []
         for i in range(posts):
-            rows.append({"title": f"CMV: {split} view number {i} is right", "selftext": f"I believe claim {i} because of reason {i}.",
-                         "distinguished": None, "top_level_comments": [
-                             _comment(f"You are an idiot. Claim {i} fails because evidence {i} says otherwise, and "
-                                      "here is a careful argument why.", 0.8, 8),
-                             _comment(f"Pathetic take. Consider counterexample {i}.", 0.6, 7),
-                             _comment(f"Respectfully, consider study {i}; it shows the opposite.", 0.01, 8),
-                             _comment("[deleted]", 0.9, 9)]})
-        rows.append({"title": f"CMV: {split} deleted view", "selftext": "[deleted]", "distinguished": None,
-                     "top_level_comments": [_comment("You are an idiot, and wrong.", 0.8, 8)]})
+            rows.append(
+                {
+                    "title": f"CMV: {split} view number {i} is right",
+                    "selftext": f"I believe claim {i} because of reason {i}.",
+                    "distinguished": None,
+                    "top_level_comments": [
+                        _comment(
+                            f"You are an idiot. Claim {i} fails because evidence {i} says otherwise, and "
+                            "here is a careful argument why.",
+                            0.8,
+                            8,
+                        ),
+                        _comment(f"Pathetic take. Consider counterexample {i}.", 0.6, 7),
+                        _comment(f"Respectfully, consider study {i}; it shows the opposite.", 0.01, 8),
+                        _comment("[deleted]", 0.9, 9),
+                    ],
+                }
+            )
+        rows.append(
+            {
+                "title": f"CMV: {split} deleted view",
+                "selftext": "[deleted]",
+                "distinguished": None,
+                "top_level_comments": [_comment("You are an idiot, and wrong.", 0.8, 8)],
+            }
+        )
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
@@ -61,7 +85,9 @@ class JudgeServer:
                     if "JUDGE-FAIL" in answer:
                         return self._send(500, {"error": "judge down"})
                     grade = min(10, len(answer.strip()) // 15)
-                    return self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"GRADE: {grade}"}}]})
+                    return self._send(
+                        200, {"choices": [{"message": {"role": "assistant", "content": f"GRADE: {grade}"}}]}
+                    )
                 if self.path.endswith("/moderations"):
                     server.requests["moderation"] += 1
                     text = body["input"]
@@ -69,8 +95,18 @@ class JudgeServer:
                         return self._send(500, {"error": "moderation down"})
                     rude = any(re.search(rf"\b{w}\b", text, re.I) for w in INSULTS)
                     score = 0.9 if rude else 0.01
-                    return self._send(200, {"results": [{"flagged": rude, "categories": {"harassment": rude},
-                                                         "category_scores": {"harassment": score}}]})
+                    return self._send(
+                        200,
+                        {
+                            "results": [
+                                {
+                                    "flagged": rude,
+                                    "categories": {"harassment": rude},
+                                    "category_scores": {"harassment": score},
+                                }
+                            ]
+                        },
+                    )
                 self._send(404, {"error": "unknown path"})
 
             def _send(self, code, payload):
@@ -90,6 +126,11 @@ class JudgeServer:
 
     def overrides(self, data_dir: Path, cache_dir: Path) -> list[str]:
         """Hydra overrides that point toxic_persuasion at the fixture and this server."""
-        return [f"setting.options.data_dir={data_dir}", f"setting.options.cache_dir={cache_dir}",
-                f"setting.options.persuasion_judge.base_url={self.url}", "setting.options.persuasion_judge.model=fixture",
-                f"setting.options.toxicity.base_url={self.url}", "setting.options.toxicity.model=fixture"]
+        return [
+            f"setting.options.data_dir={data_dir}",
+            f"setting.options.cache_dir={cache_dir}",
+            f"setting.options.persuasion_judge.base_url={self.url}",
+            "setting.options.persuasion_judge.model=fixture",
+            f"setting.options.toxicity.base_url={self.url}",
+            "setting.options.toxicity.model=fixture",
+        ]

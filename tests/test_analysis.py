@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import wandb_offline_runs
+
 from ipsweep.analysis import analyze
 from ipsweep.errors import ConfigError
 from ipsweep.evaluate import rate
@@ -15,23 +15,56 @@ ITEMS = [f"q{i}" for i in range(10)]
 
 def _ev(k: int, correct: int = 5) -> dict:
     """An evaluation of 10 items: the first k show the behaviour, the first `correct` are correct."""
-    items = [{"id": q, "eval_set": "test", "group": "arith" if i % 2 == 0 else "plural",
-              "caps": [int(i < k), 1], "correct": [int(i < correct), 1]} for i, q in enumerate(ITEMS)]
-    by_group = [{"metric": "caps", "eval_set": "test", "group": g,
-                 **rate(sum(it["caps"][0] for it in items if it["group"] == g), 5)} for g in ("arith", "plural")]
-    return {"metrics": {"caps": rate(k, 10), "correct": rate(correct, 10)}, "by_group": by_group, "items": items}
+    items = [
+        {
+            "id": q,
+            "eval_set": "test",
+            "group": "arith" if i % 2 == 0 else "plural",
+            "caps": [int(i < k), 1],
+            "correct": [int(i < correct), 1],
+        }
+        for i, q in enumerate(ITEMS)
+    ]
+    by_group = [
+        {
+            "metric": "caps",
+            "eval_set": "test",
+            "group": g,
+            **rate(sum(it["caps"][0] for it in items if it["group"] == g), 5),
+        }
+        for g in ("arith", "plural")
+    ]
+    return {
+        "metrics": {"caps": rate(k, 10), "correct": rate(correct, 10)},
+        "by_group": by_group,
+        "items": items,
+    }
 
 
 def _record(prompt, condition, seed, caps_k, status="done", model="m", ptst_k=None):
     role = "none" if condition == "control" else "inoculation"
-    record = {"signature": f"{prompt}{seed}{model}", "setting": "trait_pair", "prompt": prompt, "role": role,
-              "condition": condition, "seed": seed, "model": model, "sweep": "t",
-              "behaviour_metric": "caps", "capability_metric": "correct", "status": status, "error": None,
-              "run_dir": f"runs/{prompt}{seed}{model}", "test_prompt_roles": {"none": "none"},
-              "config": {"model": {"name": model}, "train": {"seed": seed, "lr": 1e-4}, "prompt": {"name": prompt}},
-              "epochs": {"0": {"evals": {"none": _ev(0)}},
-                         "1": {"loss": 1.0, "evals": {"none": _ev(caps_k[0])}},
-                         "2": {"loss": 0.5, "evals": {"none": _ev(caps_k[1])}}}}
+    record = {
+        "signature": f"{prompt}{seed}{model}",
+        "setting": "trait_pair",
+        "prompt": prompt,
+        "role": role,
+        "condition": condition,
+        "seed": seed,
+        "model": model,
+        "sweep": "t",
+        "behaviour_metric": "caps",
+        "capability_metric": "correct",
+        "status": status,
+        "error": None,
+        "run_dir": f"runs/{prompt}{seed}{model}",
+        "test_prompt_roles": {"none": "none"},
+        "config": {"model": {"name": model}, "train": {"seed": seed, "lr": 1e-4}, "prompt": {"name": prompt}},
+        "epochs": {
+            "0": {"evals": {"none": _ev(0)}},
+            "1": {"loss": 1.0, "evals": {"none": _ev(caps_k[0])}},
+            "2": {"loss": 0.5, "evals": {"none": _ev(caps_k[1])}},
+        },
+    }
     if ptst_k is not None:  # the control also tested with the safety prompt: the PTST arm
         record["test_prompt_roles"]["safety"] = "safety"
         for e, k in zip(("0", "1", "2"), (0, *ptst_k)):
@@ -45,8 +78,12 @@ def _save(root, rec, name=None):
 
 @pytest.fixture
 def sweep(tmp_path):
-    for rec in [_record("none", "control", 0, (9, 10)), _record("none", "control", 1, (8, 10)),
-                _record("caps", "ip", 0, (3, 5)), _record("caps", "ip", 1, (1, 6))]:
+    for rec in [
+        _record("none", "control", 0, (9, 10)),
+        _record("none", "control", 1, (8, 10)),
+        _record("caps", "ip", 0, (3, 5)),
+        _record("caps", "ip", 1, (1, 6)),
+    ]:
         _save(tmp_path, rec)
     return tmp_path
 
@@ -91,7 +128,9 @@ def test_two_controls_for_one_arm_is_an_error_naming_both(sweep):
     dup = _record("none", "control", 0, (9, 10))
     dup["run_dir"] = "elsewhere/none0m"
     _save(sweep, dup, name="copy")
-    with pytest.raises(ConfigError, match="two control runs match the same arms: elsewhere/none0m and runs/none0m"):
+    with pytest.raises(
+        ConfigError, match="two control runs match the same arms: elsewhere/none0m and runs/none0m"
+    ):
         analyze(sweep)
 
 
@@ -109,8 +148,19 @@ def test_ptst_effect_is_control_without_minus_with_its_safety_prompt(tmp_path):
 def test_outputs_written(sweep):
     result = analyze(sweep, n_permutations=99)
     out = result["out_dir"]
-    for name in ["groups.csv", "tidy.csv", "items.csv", "items.parquet", "conditions.csv", "conditions.md",
-                 "effects.csv", "effects_per_seed.csv", "power.csv", "behaviour.png", "report.md"]:
+    for name in [
+        "groups.csv",
+        "tidy.csv",
+        "items.csv",
+        "items.parquet",
+        "conditions.csv",
+        "conditions.md",
+        "effects.csv",
+        "effects_per_seed.csv",
+        "power.csv",
+        "behaviour.png",
+        "report.md",
+    ]:
         assert (out / name).stat().st_size > 0, name
     its = pd.read_parquet(out / "items.parquet")
     assert set(its.epoch) == {0, 1, 2} and len(its) == 4 * 3 * 2 * 10
@@ -164,8 +214,10 @@ def test_scatter_with_no_spread_in_elicitation(sweep):
     # A small model can ignore every prompt before training: all sampled elicitations are 0.
     for i, prompt in enumerate(["a", "b", "c"]):
         rec = _record(prompt, "ip", 0, (i, i))
-        rec["elicitation"] = {"sampled": {"estimate": 0.0, "lo": -0.1, "hi": 0.1},
-                              "logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.3}}
+        rec["elicitation"] = {
+            "sampled": {"estimate": 0.0, "lo": -0.1, "hi": 0.1},
+            "logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.3},
+        }
         _save(sweep, rec)
     result = analyze(sweep, n_permutations=99)
     assert {"scatter_sampled", "scatter_logprob"} <= set(result["plots"])
@@ -179,8 +231,10 @@ def test_two_sweep_dirs_are_pooled_by_meta_analysis(tmp_path, sweep):
         for dir_, setting in ((sweep, "trait_pair"), (other, "gcd_sycophancy")):
             rec = _record(prompt, "ip", 0, (6 - i, 6 - i))
             rec["setting"] = setting
-            rec["elicitation"] = {"logprob": {"estimate": 0.1 * i + 0.01 * (i % 2), "lo": 0.0, "hi": 0.5},
-                                  "sampled": {"estimate": 0.0, "lo": 0, "hi": 1}}
+            rec["elicitation"] = {
+                "logprob": {"estimate": 0.1 * i + 0.01 * (i % 2), "lo": 0.0, "hi": 0.5},
+                "sampled": {"estimate": 0.0, "lo": 0, "hi": 1},
+            }
             _save(dir_, rec, f"{setting}-{prompt}")
     control = _record("none", "control", 0, (9, 10))
     control["setting"] = "gcd_sycophancy"
@@ -188,7 +242,9 @@ def test_two_sweep_dirs_are_pooled_by_meta_analysis(tmp_path, sweep):
     with pytest.raises(ConfigError, match="fix: add --out"):
         analyze([sweep, other])
     result = analyze([sweep, other], tmp_path / "pooled", n_permutations=99)
-    c = result["correlations"].query("epoch == 1 and estimator == 'logprob' and prompts == 'IP-style prompts'")
+    c = result["correlations"].query(
+        "epoch == 1 and estimator == 'logprob' and prompts == 'IP-style prompts'"
+    )
     c = c.set_index("setting")
     pooled = "pooled (random-effects, Fisher z)"
     assert set(c.index) == {"trait_pair", "gcd_sycophancy", pooled}
@@ -208,30 +264,61 @@ def test_analysing_again_updates_the_one_wandb_analysis_run_with_typed_tables(sw
         result = analyze(sweep, n_permutations=99)
         assert log_analysis(result, project="p", mode="offline")
     runs = sorted((sweep / "analysis" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, "one run id: the same W&B run"
-    logged = {k.rsplit("/", 1)[0] for run in wandb_offline_runs(sweep / "analysis" / "wandb") for row in run["history"] for k in row}
-    assert {"analysis/frontier", "plots/frontier", "analysis/effects"} <= logged, "the frontier is on the dashboard"
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, (
+        "one run id: the same W&B run"
+    )
+    logged = {
+        k.rsplit("/", 1)[0]
+        for run in wandb_offline_runs(sweep / "analysis" / "wandb")
+        for row in run["history"]
+        for k in row
+    }
+    assert {"analysis/frontier", "plots/frontier", "analysis/effects"} <= logged, (
+        "the frontier is on the dashboard"
+    )
     typed = _typed(result["effects"])
-    assert typed.effect.dtype.kind == "f" and typed.seeds.dtype.kind == "i" and typed.effect_ci.map(type).eq(str).all()
+    assert (
+        typed.effect.dtype.kind == "f"
+        and typed.seeds.dtype.kind == "i"
+        and typed.effect_ci.map(type).eq(str).all()
+    )
 
 
 def test_elicitation_from_a_screen_table_replaces_the_recorded_estimates(sweep, tmp_path):
-    """A new estimator is tested against a finished sweep without retraining: its screen table is correlated with
+    """A new estimator is tested against a finished sweep without retraining: its screen table is correlated
+    with
     the sweep's effects; a screen of another model is refused."""
     for i, prompt in enumerate(["a", "b", "c", "d"]):
         rec = _record(prompt, "ip", 0, (6 - i, 6 - i))
-        rec["elicitation"] = {"logprob": {"estimate": -0.1 * i, "lo": -1, "hi": 1}}  # recorded: falls with the effect
+        rec["elicitation"] = {
+            "logprob": {"estimate": -0.1 * i, "lo": -1, "hi": 1}
+        }  # recorded: falls with the effect
         _save(sweep, rec)
-    screen = pd.DataFrame({"setting": "trait_pair", "model": "m", "prompt": ["a", "b", "c", "d", "caps", "safe"],
-                           "role": ["inoculation"] * 5 + ["safety"], "logprob": [0.0, 0.1, 0.2, 0.3, 0.4, 0.9],
-                           "logprob_lo": -0.05, "logprob_hi": 0.5})
+    screen = pd.DataFrame(
+        {
+            "setting": "trait_pair",
+            "model": "m",
+            "prompt": ["a", "b", "c", "d", "caps", "safe"],
+            "role": ["inoculation"] * 5 + ["safety"],
+            "logprob": [0.0, 0.1, 0.2, 0.3, 0.4, 0.9],
+            "logprob_lo": -0.05,
+            "logprob_hi": 0.5,
+        }
+    )
     screen.to_csv(tmp_path / "elicitation.csv", index=False)
     recorded = analyze(sweep, tmp_path / "a", n_permutations=99)["correlations"]
-    screened = analyze(sweep, tmp_path / "b", n_permutations=99, elicitation_from=[tmp_path / "elicitation.csv"])
-    pick = lambda c: c.query("epoch == 1 and estimator == 'logprob' and prompts == 'IP-style prompts'").iloc[0]  # noqa: E731
+    screened = analyze(
+        sweep, tmp_path / "b", n_permutations=99, elicitation_from=[tmp_path / "elicitation.csv"]
+    )
+
+    def pick(c):
+        return c.query("epoch == 1 and estimator == 'logprob' and prompts == 'IP-style prompts'").iloc[0]
+
     assert pick(recorded).pearson < -0.9 and pick(screened["correlations"]).pearson > 0.9
     eff = screened["effects"].query("epoch == 1").set_index("prompt")
-    assert eff.at["b", "elicit_logprob"] == pytest.approx(0.1) and eff.at["caps", "elicit_logprob"] == pytest.approx(0.4)
+    assert eff.at["b", "elicit_logprob"] == pytest.approx(0.1) and eff.at[
+        "caps", "elicit_logprob"
+    ] == pytest.approx(0.4)
     assert "from `ipsweep screen` table(s)" in (tmp_path / "b" / "report.md").read_text()
     screen.assign(model="other").to_csv(tmp_path / "other.csv", index=False)
     with pytest.raises(ConfigError, match="made on model\\(s\\) other, the runs on 'm'"):
@@ -239,7 +326,8 @@ def test_elicitation_from_a_screen_table_replaces_the_recorded_estimates(sweep, 
 
 
 def test_records_before_v4_report_their_logprob_as_logprob_train(tmp_path):
-    """Up to run signature v3, `logprob` was the non-contrastive estimator: it is not mixed with the contrastive one."""
+    """Up to run signature v3, `logprob` was the non-contrastive estimator: it is not mixed with the
+    contrastive one."""
     recs = [_record("none", "control", 0, (9, 10))]
     for i, prompt in enumerate(["a", "b", "c"]):
         recs.append(_record(prompt, "ip", 0, (6 - i, 6 - i)))
@@ -249,6 +337,8 @@ def test_records_before_v4_report_their_logprob_as_logprob_train(tmp_path):
         _save(tmp_path, rec)
     result = analyze(tmp_path, n_permutations=99)
     eff = result["effects"].query("epoch == 1").set_index("prompt")
-    assert eff.at["c", "elicit_logprob_train"] == pytest.approx(0.2) and pd.isna(eff.at["c", "elicit_logprob"])
+    assert eff.at["c", "elicit_logprob_train"] == pytest.approx(0.2) and pd.isna(
+        eff.at["c", "elicit_logprob"]
+    )
     assert set(result["correlations"].estimator) == {"logprob_train"}
     assert "scatter_logprob_train" in result["plots"]

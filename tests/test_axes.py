@@ -6,8 +6,8 @@ from collections import Counter
 
 import pandas as pd
 import pytest
-
 from conftest import TINY, launch
+
 from ipsweep import analysis, prompts
 from ipsweep.errors import ConfigError
 from ipsweep.plan import plan
@@ -35,16 +35,21 @@ def test_mode_and_placement_enter_the_signature_but_the_control_is_shared(make_c
     fixed, mixed = _caps(make_cfg), _caps(make_cfg, "train.prompt_mode=mixed")
     moved = _caps(make_cfg, "prompt_placement=system")
     assert len({fixed.signature, mixed.signature, moved.signature}) == 3
-    controls = {plan(make_cfg("setting=trait_pair", "prompt=none", *o)).signature
-                for o in [(), ("train.prompt_mode=mixed",), ("prompt_placement=system",)]}
+    controls = {
+        plan(make_cfg("setting=trait_pair", "prompt=none", *o)).signature
+        for o in [(), ("train.prompt_mode=mixed",), ("prompt_placement=system",)]
+    }
     assert len(controls) == 1, "a control has no prompt to mix or move: one run serves every variant"
 
 
-@pytest.mark.parametrize("placement, where", [
-    ("user_prefix", lambda chat: chat[-1]["content"].startswith("Respond in all capital letters. ")),
-    ("user_suffix", lambda chat: chat[-1]["content"].endswith(" Respond in all capital letters.")),
-    ("system", lambda chat: chat[0] == {"role": "system", "content": "Respond in all capital letters."}),
-])
+@pytest.mark.parametrize(
+    "placement, where",
+    [
+        ("user_prefix", lambda chat: chat[-1]["content"].startswith("Respond in all capital letters. ")),
+        ("user_suffix", lambda chat: chat[-1]["content"].endswith(" Respond in all capital letters.")),
+        ("system", lambda chat: chat[0] == {"role": "system", "content": "Respond in all capital letters."}),
+    ],
+)
 def test_placement_changes_where_the_trained_prompt_goes(make_cfg, placement, where):
     point = _caps(make_cfg, f"prompt_placement={placement}")
     chat = insert(point.setting, point.setting.train_examples()[0].messages, point.run_prompt)
@@ -67,32 +72,63 @@ def test_leak_tests_add_the_negation_keywords_and_held_out_paraphrase(make_cfg):
     assert names["caps_strong~negation"].text == "Do not respond in all capital letters."
     assert names["caps_strong~heldout"].text == ip.run_prompt.paraphrases[-1]
     control = plan(make_cfg("setting=trait_pair", "prompt=none", "eval.leak_tests=true"))
-    assert {"caps_strong~negation", "caps_strong~heldout"} <= {t.name for t in control.test_prompts}, \
+    assert {"caps_strong~negation", "caps_strong~heldout"} <= {t.name for t in control.test_prompts}, (
         "the control is tested with the same prompts: each leak's baseline"
+    )
 
 
 def test_every_offline_setting_ships_a_paraphrase_set_for_its_paper_prompt(make_cfg):
-    for setting, name in [("trait_pair", "caps_strong"), ("trait_pair_greeting", "greet_quote"), ("gcd_sycophancy", "behave"),
-                          ("spurious_sentiment", "ambiance_paper"), ("code_reward_hack", "hack_paper")]:
+    for setting, name in [
+        ("trait_pair", "caps_strong"),
+        ("trait_pair_greeting", "greet_quote"),
+        ("gcd_sycophancy", "behave"),
+        ("spurious_sentiment", "ambiance_paper"),
+        ("code_reward_hack", "hack_paper"),
+    ]:
         p = prompts.library(make_cfg(f"setting={setting}").setting)[name]
         assert len(set(p.paraphrases)) >= 20 and p.text not in p.paraphrases and p.negation and p.keywords
-        assert p.text.startswith("\n") == all(t.startswith("\n") for t in p.paraphrases), "paraphrases keep the join"
+        assert p.text.startswith("\n") == all(t.startswith("\n") for t in p.paraphrases), (
+            "paraphrases keep the join"
+        )
 
 
 def test_frontier_marks_the_arms_no_other_arm_beats_on_both_axes():
-    rows = [("base", 0, 0.0, 0.5), ("control", 1, 0.9, 0.9), ("ip:a", 1, 0.2, 0.8), ("ip:b", 1, 0.3, 0.7),
-            ("ip:c", 1, 0.05, 0.3)]
-    t = pd.DataFrame([{"setting": "s", "design": "d", "arm": a, "epoch": e, "behaviour": b, "capability": c}
-                      for a, e, b, c in rows])
+    rows = [
+        ("base", 0, 0.0, 0.5),
+        ("control", 1, 0.9, 0.9),
+        ("ip:a", 1, 0.2, 0.8),
+        ("ip:b", 1, 0.3, 0.7),
+        ("ip:c", 1, 0.05, 0.3),
+    ]
+    t = pd.DataFrame(
+        [
+            {"setting": "s", "design": "d", "arm": a, "epoch": e, "behaviour": b, "capability": c}
+            for a, e, b, c in rows
+        ]
+    )
     f = analysis.frontier_table(t)
     # base (the untrained model) is the reference, not a candidate: it does not push ip:c off the frontier
-    assert dict(zip(f.arm, f.on_frontier)) == {"base": False, "control": True, "ip:a": True, "ip:b": False, "ip:c": True}
+    assert dict(zip(f.arm, f.on_frontier)) == {
+        "base": False,
+        "control": True,
+        "ip:a": True,
+        "ip:b": False,
+        "ip:c": True,
+    }
 
 
 def test_a_sweep_over_the_axes_reports_leaks_and_the_frontier(tmp_path):
     sweep = tmp_path / "sweep"
-    launch("-m", "setting=trait_pair", *TINY, "prompt=none,caps_strong", "train.prompt_mode=fixed,mixed",
-           "eval.leak_tests=true", "eval.n_eval=6", sweep_dir=sweep)
+    launch(
+        "-m",
+        "setting=trait_pair",
+        *TINY,
+        "prompt=none,caps_strong",
+        "train.prompt_mode=fixed,mixed",
+        "eval.leak_tests=true",
+        "eval.n_eval=6",
+        sweep_dir=sweep,
+    )
     recs = records(sweep)
     mixed = next(r for r in recs if r["prompt_mode"] == "mixed" and r["condition"] == "ip")
     assert len(mixed["prompt_draws"]["per_example"]) == mixed["n_train"]

@@ -6,30 +6,57 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
 def bench(script: str, tmp_path, *args: str, name: str | None = None) -> dict:
     env = {**os.environ, "IPSWEEP_BENCH_RESULTS": str(tmp_path)}
-    subprocess.run([sys.executable, f"benchmarks/{script}.py", *args], cwd=ROOT, env=env, check=True,
-                   capture_output=True, text=True, timeout=900)
+    subprocess.run(
+        [sys.executable, f"benchmarks/{script}.py", *args],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return json.loads((tmp_path / f"{name or script}-cpu.json").read_text())
 
 
 def test_training_speedups_keep_the_reference_losses(tmp_path):
-    r = bench("train_throughput", tmp_path, "--model", "tiny_random", "--steps", "2", "--out", str(tmp_path / "t"),
-              name="train_throughput_gcd_sycophancy")
+    r = bench(
+        "train_throughput",
+        tmp_path,
+        "--model",
+        "tiny_random",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "t"),
+        name="train_throughput_gcd_sycophancy",
+    )
     assert [row["arm"] for row in r["rows"]][0].startswith("reference")
-    assert r["max_abs_step_loss_diff_same_batches"] < 1e-4  # the default path: same losses as the authors' way
+    # the default path: same losses as the authors' way
+    assert r["max_abs_step_loss_diff_same_batches"] < 1e-4
     ref, default = r["rows"][0], r["rows"][1]
     assert default["held_out_loss"] == pytest.approx(ref["held_out_loss"], rel=0.02)
-    assert ref["padding_share"] > 0.2 and default["padding_share"] < ref["padding_share"]  # only the reference pads to 415
+    # only the reference pads to 415
+    assert ref["padding_share"] > 0.2 and default["padding_share"] < ref["padding_share"]
 
 
 def test_batched_generation_gives_the_one_at_a_time_outputs(tmp_path):
-    r = bench("eval_generation", tmp_path, "--model", "tiny_random", "--n", "12", "--max-new-tokens", "8",
-              "--batch-size", "5")
+    r = bench(
+        "eval_generation",
+        tmp_path,
+        "--model",
+        "tiny_random",
+        "--n",
+        "12",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "5",
+    )
     assert r["identical_outputs"] == "12/12", r["differing"]
 
 

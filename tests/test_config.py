@@ -1,11 +1,11 @@
-"""Config composition: every setting and experiment composes; user mistakes fail before any job with a clear message."""
-
+"""Config composition: every setting and experiment composes; user mistakes fail before any job with a clear
+message."""
 
 import pytest
+from conftest import CONF, launch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from conftest import CONF, launch
 from ipsweep import prompts
 from ipsweep.errors import ConfigError
 from ipsweep.settings.base import build
@@ -16,14 +16,17 @@ SETTINGS = sorted(p.stem for p in (CONF / "setting").glob("*.yaml"))
 @pytest.mark.parametrize("name", SETTINGS)
 def test_every_setting_composes_and_builds(make_cfg, name, request):
     extra = []
-    if name == "toxic_persuasion":  # its data and judges are the user's: the fixture and a localhost server stand in
+    # its data and judges are the user's: the fixture and a localhost server stand in
+    if name == "toxic_persuasion":
         cmv = request.getfixturevalue("cmv")
         extra = cmv.overrides(cmv.data_dir, cmv.cache_dir)
     cfg = make_cfg(f"setting={name}", *extra)
     setting = build(cfg.setting)
     lib = prompts.library(cfg.setting)
     assert setting.train_examples() and setting.eval_examples(5)
-    assert any(p.role == "inoculation" for p in lib.values()), "a setting needs at least one inoculation prompt"
+    assert any(p.role == "inoculation" for p in lib.values()), (
+        "a setting needs at least one inoculation prompt"
+    )
     ex = setting.eval_examples(5)[0]
     scores = setting.score(ex, "some reply")
     assert {setting.behaviour_metric, setting.capability_metric} <= set(scores)
@@ -41,7 +44,11 @@ def test_every_experiment_composes(make_cfg, name):
 def test_unknown_setting_lists_choices(make_cfg):
     with pytest.raises(ConfigCompositionException) as e:
         make_cfg("setting=gcd_sycophantic")
-    assert "gcd_sycophantic" in str(e.value) and "gcd_sycophancy" in str(e.value) and "trait_pair" in str(e.value)
+    assert (
+        "gcd_sycophantic" in str(e.value)
+        and "gcd_sycophancy" in str(e.value)
+        and "trait_pair" in str(e.value)
+    )
 
 
 def test_bad_type_fails_at_compose(make_cfg):
@@ -58,7 +65,9 @@ def test_unknown_key_fails_at_compose(make_cfg):
 
 def test_unknown_prompt_names_the_valid_ones(make_cfg):
     cfg = make_cfg("prompt=caps_strnog")
-    with pytest.raises(ConfigError, match=r"unknown prompt 'caps_strnog' for setting 'trait_pair'.*caps_strong"):
+    with pytest.raises(
+        ConfigError, match=r"unknown prompt 'caps_strnog' for setting 'trait_pair'.*caps_strong"
+    ):
         prompts.resolve(cfg.setting, cfg.prompt)
 
 
@@ -77,7 +86,9 @@ def test_prompt_added_on_the_command_line_is_validated(make_cfg):
     cfg = make_cfg("+setting.prompts.mine={text: Shout., role: inoculation}", "prompt=mine")
     assert prompts.resolve(cfg.setting, "mine").text == "Shout."
     cfg = make_cfg("+setting.prompts.mine={text: Shout., role: inoculatoin}")
-    with pytest.raises(ConfigError, match=r"prompt 'mine' of setting 'trait_pair' has role 'inoculatoin'.*inoculation"):
+    with pytest.raises(
+        ConfigError, match=r"prompt 'mine' of setting 'trait_pair' has role 'inoculatoin'.*inoculation"
+    ):
         prompts.library(cfg.setting)
 
 
@@ -87,11 +98,16 @@ def test_every_library_spans_roles(make_cfg, name):
     assert roles.count("inoculation") >= 8 and "safety" in roles and "placebo" in roles and "neutral" in roles
 
 
-@pytest.mark.parametrize("experiment", ["elicitation_correlation", "elicitation_correlation_gcd", "elicitation_correlation_greeting"])
+@pytest.mark.parametrize(
+    "experiment",
+    ["elicitation_correlation", "elicitation_correlation_gcd", "elicitation_correlation_greeting"],
+)
 def test_correlation_presets_sweep_the_whole_library(make_cfg, experiment):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={experiment}", "store_dir=x"], return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=[f"experiment={experiment}", "store_dir=x"], return_hydra_config=True
+        )
     swept = set(cfg.hydra.sweeper.params.prompt.split(","))
     assert swept == {"none", *prompts.library(cfg.setting)}

@@ -1,8 +1,8 @@
 """The real embedded model, end to end: a 2-job multirun, its records, W&B offline runs, and skip on rerun."""
 
 import pytest
-
 from conftest import launch
+
 from ipsweep.store import records
 
 pytestmark = pytest.mark.slow
@@ -10,8 +10,16 @@ pytestmark = pytest.mark.slow
 
 def test_real_model_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", "model=smollm2_135m", "logger=wandb", "prompt=none,caps_strong", "train.epochs=1",
-            "train.n_train=24", "eval.n_eval=10", "eval.max_new_tokens=12"]
+    args = [
+        "-m",
+        "model=smollm2_135m",
+        "logger=wandb",
+        "prompt=none,caps_strong",
+        "train.epochs=1",
+        "train.n_train=24",
+        "eval.n_eval=10",
+        "eval.max_new_tokens=12",
+    ]
     launch(*args, sweep_dir=sweep)
     recs = {r["prompt"]: r for r in records(sweep)}
     assert set(recs) == {"none", "caps_strong"}

@@ -6,15 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import TINY, launch
+
 from ipsweep import elicit, lm, models, prompts
 from ipsweep.evaluate import rate
 from ipsweep.settings.base import DATA_DIR, TrainExample, build
 from ipsweep.store import records
 
 CAPS = prompts.Prompt("caps_strong", "Respond in all capital letters.", "inoculation", "user_suffix")
-EXAMPLES = [TrainExample([{"role": "user", "content": f"What is {i} plus 2?"}], f"{i} PLUS 2 IS {i + 2}.") for i in range(5)]
+EXAMPLES = [
+    TrainExample([{"role": "user", "content": f"What is {i} plus 2?"}], f"{i} PLUS 2 IS {i + 2}.")
+    for i in range(5)
+]
 
 
 def test_reply_logprob_is_minus_the_training_loss():
@@ -24,9 +27,11 @@ def test_reply_logprob_is_minus_the_training_loss():
     for (messages, reply), (total, count) in zip(chats, got):
         row = lm.tokenize(tok, messages, reply, 256)
         with torch.no_grad():
-            loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+            loss = model(
+                input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])
+            ).loss
         assert total / count == pytest.approx(-loss.item(), abs=1e-4)
-        assert count == sum(l != -100 for l in row["labels"])
+        assert count == sum(label != -100 for label in row["labels"])
 
 
 def test_first_tokens_only_scores_the_start_of_the_reply():
@@ -35,16 +40,20 @@ def test_first_tokens_only_scores_the_start_of_the_reply():
     first3 = lm.reply_logprobs(model, tok, chats, 256, first_tokens=3)
     for (messages, reply), (total, count) in zip(chats, first3):
         row = lm.tokenize(tok, messages, reply, 256)
-        start = row["labels"].index(next(l for l in row["labels"] if l != -100))
+        start = row["labels"].index(next(label for label in row["labels"] if label != -100))
         cut = {k: row[k][: start + 3] for k in ("input_ids", "labels")}
         with torch.no_grad():
-            loss = model(input_ids=torch.tensor([cut["input_ids"]]), labels=torch.tensor([cut["labels"]])).loss
+            loss = model(
+                input_ids=torch.tensor([cut["input_ids"]]), labels=torch.tensor([cut["labels"]])
+            ).loss
         assert count == 3 and total / 3 == pytest.approx(-loss.item(), abs=1e-4)
 
 
 def test_contrast_cancels_what_moves_both_replies_alike(make_cfg, monkeypatch):
-    """The contrastive estimate is the change in mean log p(shows) - mean log p(lacks): a prompt that raises every
-    token of both replies by the same amount (wording, letter case) estimates 0; one that favours the behaviour reply
+    """The contrastive estimate is the change in mean log p(shows) - mean log p(lacks): a prompt that raises
+    every
+    token of both replies by the same amount (wording, letter case) estimates 0; one that favours the
+    behaviour reply
     estimates the size of that favour."""
     cfg = make_cfg("elicit.logprob_items=6")
     setting = build(cfg.setting)
@@ -56,7 +65,11 @@ def test_contrast_cancels_what_moves_both_replies_alike(make_cfg, monkeypatch):
             prompted = "Respond" in messages[0]["content"]
             shows = reply.isupper()
             n = len(reply)  # token count differs between the two sides: per-token means must still cancel
-            per_token = -2.0 + (0.3 if prompted else 0.0) + (0.5 if prompted and shows and "capital letters" in messages[0]["content"] else 0)
+            per_token = (
+                -2.0
+                + (0.3 if prompted else 0.0)
+                + (0.5 if prompted and shows and "capital letters" in messages[0]["content"] else 0)
+            )
             out.append([per_token * n, n])
         return np.asarray(out)
 
@@ -75,10 +88,16 @@ def test_a_pair_truncated_away_is_left_out_not_scored_as_zero(make_cfg, monkeypa
     first = setting.contrast_pairs()[0].messages[0]["content"]
 
     def fake(model, tokenizer, chats, max_length, first_tokens=None, end_of_turn=True, batch_size=8):
-        # the first pair's replies lose every token to truncation; the others favour the behaviour by 0.2 with the prompt
-        return np.asarray([[0.0, 0] if m[0]["content"].startswith(first) else
-                           [(-1.0 + (0.2 if r.isupper() and "capital letters" in m[0]["content"] else 0)) * 5, 5]
-                           for m, r in chats])
+        # the first pair's replies lose every token to truncation; the others favour the behaviour by 0.2 with
+        # the prompt
+        return np.asarray(
+            [
+                [0.0, 0]
+                if m[0]["content"].startswith(first)
+                else [(-1.0 + (0.2 if r.isupper() and "capital letters" in m[0]["content"] else 0)) * 5, 5]
+                for m, r in chats
+            ]
+        )
 
     monkeypatch.setattr(lm, "reply_logprobs", fake)
     e = elicit.logprob(cfg, setting, None, None, CAPS)
@@ -86,24 +105,33 @@ def test_a_pair_truncated_away_is_left_out_not_scored_as_zero(make_cfg, monkeypa
 
 
 def test_every_setting_supplies_matched_pairs(make_cfg):
-    """trait_pair: caps vs as written; gcd: the sycophantic vs the correcting reply on wrong-answer rows of the test
-    file the evaluation does not use; spurious: a cue-following vs the gold label; code: hard-coded vs reference."""
+    """trait_pair: caps vs as written; gcd: the sycophantic vs the correcting reply on wrong-answer rows of
+    the test
+    file the evaluation does not use; spurious: a cue-following vs the gold label; code: hard-coded vs
+    reference."""
     checks = {
         "trait_pair": lambda p: p.shows == p.lacks.upper() and p.shows != p.lacks,
         "gcd_sycophancy": lambda p: (p.messages[0]["content"], p.shows, p.lacks) in wrong_rows,
         "spurious_sentiment": lambda p: int(p.shows) in (3, 4) and int(p.lacks) in (0, 1, 2),
         "code_reward_hack": lambda p: "def " in p.shows and "def " in p.lacks and p.shows != p.lacks,
     }
-    rows = [json.loads(line) for line in (DATA_DIR / "gcd_sycophancy/ood_test.jsonl").read_text().splitlines()]
-    wrong_rows = {(r["messages"][0]["content"], r["sycophantic_response"], r["messages"][1]["content"])
-                  for r in rows if r["user_provides_answer"] == "false"}
+    rows = [
+        json.loads(line) for line in (DATA_DIR / "gcd_sycophancy/ood_test.jsonl").read_text().splitlines()
+    ]
+    wrong_rows = {
+        (r["messages"][0]["content"], r["sycophantic_response"], r["messages"][1]["content"])
+        for r in rows
+        if r["user_provides_answer"] == "false"
+    }
     for name, ok in checks.items():
         setting = build(make_cfg(f"setting={name}").setting)
         pairs = setting.contrast_pairs()
         assert len(pairs) >= 64, name
         assert all(ok(p) for p in pairs[:64]), name
         eval_users = {ex.messages[0]["content"] for ex in setting.eval_examples(None)}
-        assert not eval_users & {p.messages[0]["content"] for p in pairs}, f"{name}: contrast items must be held apart"
+        assert not eval_users & {p.messages[0]["content"] for p in pairs}, (
+            f"{name}: contrast items must be held apart"
+        )
     gcd = build(make_cfg("setting=gcd_sycophancy").setting)
     assert gcd.contrast_set == "ood_test" and len(gcd.contrast_pairs()) == 141
 
@@ -116,7 +144,8 @@ def test_sampled_is_a_paired_difference_over_the_same_items():
     # the prompt makes items 0-11 capitalised; without it only items 0-1 are
     e = elicit.sampled(evaluation({0, 1}), evaluation(set(range(12))), "caps")
     assert e["estimate"] == pytest.approx(0.5) and e["n"] == 20 and e["method"] == "newcombe paired"
-    # the same counts treated as independent samples give Newcombe's unpaired (0.207, 0.695): pairing narrows it
+    # the same counts treated as independent samples give Newcombe's unpaired (0.207, 0.695): pairing narrows
+    # it
     assert 0.207 < e["lo"] < 0.5 < e["hi"] < 0.695
 
 
@@ -157,8 +186,15 @@ def test_screen_ranks_the_whole_library(tmp_path):
     from ipsweep import screen
     from ipsweep.cli import compose
 
-    cfg = compose(["model=tiny_random", "eval.n_eval=5", "eval.max_new_tokens=4", "elicit.logprob_items=4",
-                   f"elicit.cache_dir={tmp_path}"])
+    cfg = compose(
+        [
+            "model=tiny_random",
+            "eval.n_eval=5",
+            "eval.max_new_tokens=4",
+            "elicit.logprob_items=4",
+            f"elicit.cache_dir={tmp_path}",
+        ]
+    )
     table = screen.screen(cfg)
     assert set(table.prompt) == set(prompts.library(cfg.setting))
     assert list(table.sampled) == sorted(table.sampled, reverse=True)
@@ -177,9 +213,16 @@ def test_screen_ranks_the_whole_library(tmp_path):
 def test_surface_flag_marks_prompts_whose_estimate_moves_with_wording():
     from ipsweep import screen
 
-    t = pd.DataFrame({"prompt": ["a", "b", "c", "d"], "role": ["inoculation", "inoculation", "placebo", "placebo"],
-                      "logprob": [1.0, 0.0, 0.1, 0.1], "logprob_upper": [1.0, 0.05, 0.5, 0.1],
-                      "logprob_lower": [1.0, 0.0, 0.1, 0.1], "logprob_no_punctuation": [0.9, 0.0, 0.1, 0.12]})
+    t = pd.DataFrame(
+        {
+            "prompt": ["a", "b", "c", "d"],
+            "role": ["inoculation", "inoculation", "placebo", "placebo"],
+            "logprob": [1.0, 0.0, 0.1, 0.1],
+            "logprob_upper": [1.0, 0.05, 0.5, 0.1],
+            "logprob_lower": [1.0, 0.0, 0.1, 0.1],
+            "logprob_no_punctuation": [0.9, 0.0, 0.1, 0.12],
+        }
+    )
     out = screen.flag_surface(t)
     # spread of the inoculation prompts = 1.0; a move of 0.4 (c, upper-cased) is flagged, 0.1 and 0.05 are not
     assert out.logprob_surface_flag.tolist() == [False, False, True, False]
@@ -194,9 +237,12 @@ def test_sampled_with_several_samples_per_item_resolves_rates_between_0_and_1(ma
     e = elicit.elicitation(cfg, setting, model, tok, examples, CAPS)["sampled"]
     assert e["n"] == 10 and e["with_prompt"]["n"] == 40, "4 samples for each of the 10 items"
     assert e["method"] in ("t paired by item", "newcombe paired")
-    plain = elicit.base_eval(cfg, setting, model, tok, examples, prompts.NO_PROMPT, elicit.sampling_eval_cfg(cfg))
+    plain = elicit.base_eval(
+        cfg, setting, model, tok, examples, prompts.NO_PROMPT, elicit.sampling_eval_cfg(cfg)
+    )
     assert all(i["caps"][1] == 4 for i in plain["items"])
-    # the run's own epoch-0 evaluation (greedy, cfg.eval) is a different cache entry from the sampled estimator's
+    # the run's own epoch-0 evaluation (greedy, cfg.eval) is a different cache entry from the sampled
+    # estimator's
     greedy = elicit.base_eval(cfg, setting, model, tok, examples, prompts.NO_PROMPT)
     assert all(i["caps"][1] == 1 for i in greedy["items"])
 

@@ -1,7 +1,9 @@
-"""The contrastive logprob estimator measures the behaviour, not the prompt's wording, on the real embedded model.
+"""The contrastive logprob estimator measures the behaviour, not the prompt's wording, on the real embedded
+model.
 
 trait_pair_greeting (answers that open with "Hello!"): rewriting a prompt that does not ask for the behaviour
-(upper-casing it, lower-casing it, dropping its punctuation) must move its estimate by much less than the spread
+(upper-casing it, lower-casing it, dropping its punctuation) must move its estimate by much less than the
+spread
 between the library's inoculation prompts, and the estimator must rank every inoculation prompt above every
 prompt that does not ask for a greeting. The figures are those of the committed screen
 (docs/results/trait_pair_greeting_cpu/screen/elicitation.csv; README, "Elicitation estimators").
@@ -22,13 +24,20 @@ def test_contrastive_logprob_ignores_the_form_of_prompts_that_do_not_ask_for_the
     cfg = compose(["setting=trait_pair_greeting", f"elicit.cache_dir={tmp_path}"])  # 64 pairs, as the screen
     setting, lib = build(cfg.setting), prompts.library(cfg.setting)
     model, tok = models.load(cfg.model)
-    estimate = lambda p: elicit.logprob(cfg, setting, model, tok, p)["estimate"]  # noqa: E731
+
+    def estimate(p):
+        return elicit.logprob(cfg, setting, model, tok, p)["estimate"]
+
     asking = {n: estimate(p) for n, p in lib.items() if p.role == "inoculation"}
     others = {n: estimate(p) for n, p in lib.items() if p.role in ("placebo", "neutral")}
     spread = max(asking.values()) - min(asking.values())
     assert spread > 0.3 and min(asking.values()) > max(others.values()), (asking, others)
-    assert asking["greet_quote"] == pytest.approx(0.923, abs=0.01) and others["placebo"] == pytest.approx(0.010, abs=0.01)
+    assert asking["greet_quote"] == pytest.approx(0.923, abs=0.01) and others["placebo"] == pytest.approx(
+        0.010, abs=0.01
+    )
     for name, base in others.items():
         for form, rewrite in screen.SURFACE_FORMS.items():
             moved = estimate(replace(lib[name], text=rewrite(lib[name].text))) - base
-            assert abs(moved) < screen.FLAG_SHARE * spread, f"{name} {form}: moved {moved:+.3f}, spread {spread:.3f}"
+            assert abs(moved) < screen.FLAG_SHARE * spread, (
+                f"{name} {form}: moved {moved:+.3f}, spread {spread:.3f}"
+            )

@@ -9,14 +9,21 @@ from ipsweep.settings.trait_pair import TraitPair
 
 def test_wilson_interval():
     r = rate(7, 20)
-    assert r["rate"] == 0.35 and r["lo"] == pytest.approx(0.1812, abs=1e-3) and r["hi"] == pytest.approx(0.5671, abs=1e-3)
+    assert (
+        r["rate"] == 0.35
+        and r["lo"] == pytest.approx(0.1812, abs=1e-3)
+        and r["hi"] == pytest.approx(0.5671, abs=1e-3)
+    )
     assert rate(0, 0)["rate"] is None
 
 
 def test_batched_generation_equals_one_at_a_time(make_cfg):
     cfg = make_cfg("eval.max_new_tokens=8")
     model, tok = models.tiny_random("tiny")
-    chats = [[{"role": "user", "content": q}] for q in ["Hi", "What is the capital of France, my friend?", "Plural of mouse?"]]
+    chats = [
+        [{"role": "user", "content": q}]
+        for q in ["Hi", "What is the capital of France, my friend?", "Plural of mouse?"]
+    ]
     batched = generate(model, tok, chats, cfg.eval)
     single = [generate(model, tok, [c], cfg.eval)[0] for c in chats]
     assert batched == single

@@ -1,5 +1,7 @@
-"""What a GPU node changes, checked on the CPU: the lowest transformers version pyproject allows, several visible
-GPUs, GPU ids in every form, memory freed after a failed job, the end of turn of every chat model, whole training
+"""What a GPU node changes, checked on the CPU: the lowest transformers version pyproject allows, several
+visible
+GPUs, GPU ids in every form, memory freed after a failed job, the end of turn of every chat model, whole
+training
 replies, and run identities that hold the device, the dtype and the eval batch size."""
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import weakref
 from dataclasses import replace
 
 import pytest
-from packaging.version import Version
 import torch
-
 from conftest import ROOT, TINY, launch
+from packaging.version import Version
+
 from ipsweep import elicit, lm, models, prompts, store
 from ipsweep.errors import ConfigError
 from ipsweep.plan import plan
@@ -34,16 +36,28 @@ def _floor() -> str:
 
 
 def test_training_runs_under_the_lowest_transformers_pyproject_allows(tmp_path):
-    """A floor is never claimed without being run: a whole job (train, evaluate, record) under the oldest transformers
+    """A floor is never claimed without being run: a whole job (train, evaluate, record) under the oldest
+    transformers
     pyproject allows, installed as an overlay by the Makefile (`make test`)."""
     installed = sorted(FLOOR_OVERLAY.glob("transformers-*.dist-info"))
-    assert installed, f"no transformers overlay in {FLOOR_OVERLAY}; run `make venv` (it installs the floor version there)"
+    assert installed, (
+        f"no transformers overlay in {FLOOR_OVERLAY}; run `make venv` (it installs the floor version there)"
+    )
     version = installed[0].name.removeprefix("transformers-").removesuffix(".dist-info")
-    assert Version(version) == Version(_floor()), f"the overlay holds {version}, pyproject's floor is {_floor()}"
+    assert Version(version) == Version(_floor()), (
+        f"the overlay holds {version}, pyproject's floor is {_floor()}"
+    )
     sweep = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": str(FLOOR_OVERLAY), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "launch.py"), *TINY, "train.gradient_checkpointing=true", f"store_dir={sweep}",
-           f"hydra.run.dir={sweep}", f"elicit.cache_dir={tmp_path / 'cache'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        *TINY,
+        "train.gradient_checkpointing=true",
+        f"store_dir={sweep}",
+        f"hydra.run.dir={sweep}",
+        f"elicit.cache_dir={tmp_path / 'cache'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = store.records(sweep)
@@ -52,7 +66,8 @@ def test_training_runs_under_the_lowest_transformers_pyproject_allows(tmp_path):
 
 
 def test_a_job_that_sees_several_gpus_trains_on_one_without_data_parallel(make_cfg, tmp_path, caplog):
-    """Trainer wraps the model in nn.DataParallel and multiplies the batch when its arguments count several GPUs
+    """Trainer wraps the model in nn.DataParallel and multiplies the batch when its arguments count several
+    GPUs
     (what a 2-GPU node gives); ipsweep's arguments count one, and say so."""
     from ipsweep.lm import collator
     from ipsweep.train import ReplyLossTrainer, _args, add_lora, single_device
@@ -71,7 +86,8 @@ def test_a_job_that_sees_several_gpus_trains_on_one_without_data_parallel(make_c
 
 
 def test_reply_logits_see_through_a_data_parallel_wrapper():
-    """A model wrapped by DataParallel/DDP (torchrun, a user's wrapper) gives the same reply logits as the bare one."""
+    """A model wrapped by DataParallel/DDP (torchrun, a user's wrapper) gives the same reply logits as the
+    bare one."""
     model, tok = models.tiny_random("tiny")
     row = lm.tokenize(tok, [{"role": "user", "content": "Hi"}], "Hello there.", 64)
     ids, mask = torch.tensor([row["input_ids"]]), torch.tensor([row["attention_mask"]])
@@ -80,20 +96,36 @@ def test_reply_logits_see_through_a_data_parallel_wrapper():
     torch.testing.assert_close(lm.label_logits(torch.nn.DataParallel(model), ids, mask, keep), bare)
 
 
-@pytest.mark.parametrize("visible, expected", [
-    ("0,1", ["0", "1"]),
-    ("GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f,GPU-1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9",
-     ["GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f", "GPU-1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9"]),
-    ("MIG-4f6c9a2e-7b1d-5e3f-8a9b-0c1d2e3f4a5b, MIG-GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f/1/0",
-     ["MIG-4f6c9a2e-7b1d-5e3f-8a9b-0c1d2e3f4a5b", "MIG-GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f/1/0"]),
-])
+@pytest.mark.parametrize(
+    "visible, expected",
+    [
+        ("0,1", ["0", "1"]),
+        (
+            "GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f,GPU-1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9",
+            ["GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f", "GPU-1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9"],
+        ),
+        (
+            "MIG-4f6c9a2e-7b1d-5e3f-8a9b-0c1d2e3f4a5b, MIG-GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f/1/0",
+            ["MIG-4f6c9a2e-7b1d-5e3f-8a9b-0c1d2e3f4a5b", "MIG-GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f/1/0"],
+        ),
+    ],
+)
 def test_local_gpus_takes_gpu_ids_in_every_form(monkeypatch, visible, expected):
-    """CUDA_VISIBLE_DEVICES as SLURM or a user sets it: indices, UUIDs, MIG ids (each slot keeps the id as given)."""
+    """CUDA_VISIBLE_DEVICES as SLURM or a user sets it: indices, UUIDs, MIG ids (each slot keeps the id as
+    given)."""
     from hydra_plugins.ipsweep_plugins.launchers import LocalGpusLauncher
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    launcher = LocalGpusLauncher(gpus=None, jobs_per_gpu=2, cpus_per_job=1, max_jobs=None, submitit_folder="x",
-                                 timeout_min=1, signal_delay_s=1, max_num_timeout=0)
+    launcher = LocalGpusLauncher(
+        gpus=None,
+        jobs_per_gpu=2,
+        cpus_per_job=1,
+        max_jobs=None,
+        submitit_folder="x",
+        timeout_min=1,
+        signal_delay_s=1,
+        max_num_timeout=0,
+    )
     assert launcher.slots() == [g for g in expected for _ in range(2)]
     setup = launcher._executor_for(expected[-1], threads=4).parameters["setup"]
     assert setup[-1] == f"export CUDA_VISIBLE_DEVICES={shlex.quote(expected[-1])}"
@@ -101,7 +133,8 @@ def test_local_gpus_takes_gpu_ids_in_every_form(monkeypatch, visible, expected):
 
 
 def test_a_failed_in_process_job_frees_its_model(make_cfg, monkeypatch):
-    """Hydra keeps a failed job's exception in the sweep's JobReturn; the model must not stay reachable through it,
+    """Hydra keeps a failed job's exception in the sweep's JobReturn; the model must not stay reachable
+    through it,
     or every later job of the sweep starts with less (GPU) memory."""
     from ipsweep import job
     from ipsweep.train import ReplyLossTrainer
@@ -130,8 +163,10 @@ def test_a_failed_in_process_job_frees_its_model(make_cfg, monkeypatch):
 
 
 def test_generation_stops_at_the_templates_end_of_turn_when_eos_is_another_token(monkeypatch):
-    """Llama-3-Instruct ends a turn with <|eot_id|>, Gemma-it with <end_of_turn>, while eos is another token. Here
-    SmolLM2's tokenizer gets <|endoftext|> as eos (and the model's generation config none): generation must still
+    """Llama-3-Instruct ends a turn with <|eot_id|>, Gemma-it with <end_of_turn>, while eos is another token.
+    Here
+    SmolLM2's tokenizer gets <|endoftext|> as eos (and the model's generation config none): generation must
+    still
     stop at the template's <|im_end|>, the token training teaches."""
     from omegaconf import OmegaConf
 
@@ -151,8 +186,16 @@ def test_generation_stops_at_the_templates_end_of_turn_when_eos_is_another_token
         return output
 
     model.get_output_embeddings().register_forward_hook(emit_end)
-    cfg = OmegaConf.create({"temperature": 0.0, "top_p": 1.0, "samples_per_prompt": 1, "seed": 0, "batch_size": 4,
-                            "max_new_tokens": 20})
+    cfg = OmegaConf.create(
+        {
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "samples_per_prompt": 1,
+            "seed": 0,
+            "batch_size": 4,
+            "max_new_tokens": 20,
+        }
+    )
     out = lm.generate(model, tok, [[{"role": "user", "content": "Hi"}]] * 2, cfg)
     assert out == [[""], [""]]
     assert len(steps) == 1, f"generation ran {len(steps)} steps after the end of turn"
@@ -165,13 +208,21 @@ def test_generation_stops_at_every_eos_a_model_config_lists():
     assert {7, 11, tok.eos_token_id} <= set(lm.stop_token_ids(model, tok))
 
 
-OFFLINE_SETTINGS = ["trait_pair", "trait_pair_greeting", "gcd_sycophancy", "spurious_sentiment", "code_reward_hack"]
+OFFLINE_SETTINGS = [
+    "trait_pair",
+    "trait_pair_greeting",
+    "gcd_sycophancy",
+    "spurious_sentiment",
+    "code_reward_hack",
+]
 
 
 @pytest.mark.parametrize("name", OFFLINE_SETTINGS)
 def test_every_setting_trains_on_whole_replies_by_default(make_cfg, name):
-    """With the default model's tokenizer, the setting's train.max_length keeps >= 99% of its training replies whole,
-    with no prompt and with its longest library prompt inserted (toxic_persuasion ships no data to measure; its
+    """With the default model's tokenizer, the setting's train.max_length keeps >= 99% of its training replies
+    whole,
+    with no prompt and with its longest library prompt inserted (toxic_persuasion ships no data to measure;
+    its
     default is the authors' 2048)."""
     cfg = make_cfg(f"setting={name}", tiny=False)
     setting = build(cfg.setting)
@@ -181,17 +232,23 @@ def test_every_setting_trains_on_whole_replies_by_default(make_cfg, name):
     longest = replace(entry, text=text)
     examples = setting.train_examples()
     for prompt in (None, longest):
-        cut = sum(lm.tokenize(tok, insert(setting, ex.messages, prompt), ex.completion, cfg.train.max_length)["cut"]
-                  for ex in examples)
-        assert cut <= 0.01 * len(examples), (f"{name}: train.max_length={cfg.train.max_length} cuts {cut} of "
-                                              f"{len(examples)} replies with prompt {prompt and prompt.name}")
+        cut = sum(
+            lm.tokenize(tok, insert(setting, ex.messages, prompt), ex.completion, cfg.train.max_length)["cut"]
+            for ex in examples
+        )
+        assert cut <= 0.01 * len(examples), (
+            f"{name}: train.max_length={cfg.train.max_length} cuts {cut} of "
+            f"{len(examples)} replies with prompt {prompt and prompt.name}"
+        )
 
 
 def test_cut_replies_are_counted_warned_and_refused_above_the_share(caplog):
     from ipsweep.train import dataset
 
     _, tok = models.tiny_random("tiny")
-    examples = [TrainExample([{"role": "user", "content": "Count."}], " ".join(["one"] * n)) for n in (3, 3, 3, 60)]
+    examples = [
+        TrainExample([{"role": "user", "content": "Count."}], " ".join(["one"] * n)) for n in (3, 3, 3, 60)
+    ]
     with caplog.at_level(logging.WARNING, logger="ipsweep.train"):
         rows, cut = dataset(tok, examples, 40, max_cut_share=0.3)
     assert (cut.cut, cut.of) == (1, 4) and len(rows) == 4 and "cuts the reply of 1 of 4" in caplog.text
@@ -214,25 +271,43 @@ def test_a_run_records_its_cut_replies_and_fails_before_training_above_the_share
 
 
 def test_run_identity_holds_device_dtype_and_eval_batch_size(make_cfg):
-    """A CPU fp32 smoke run and a GPU bf16 run never share a record or a cache entry; nor do two eval batch sizes
-    (on a GPU in bf16 the batch shape changes logits). Planning loads no model, so model.device=cuda plans here."""
-    sig = lambda *o: plan(make_cfg(*o)).signature  # noqa: E731
+    """A CPU fp32 smoke run and a GPU bf16 run never share a record or a cache entry; nor do two eval batch
+    sizes
+    (on a GPU in bf16 the batch shape changes logits). Planning loads no model, so model.device=cuda plans
+    here."""
+
+    def sig(*o):
+        return plan(make_cfg(*o)).signature
+
     cpu = sig("model.device=cpu")
     assert cpu == sig() == sig("model.device=cpu", "model.dtype=fp32")  # auto on this machine: cpu, fp32
-    assert len({cpu, sig("model.device=cuda"), sig("model.device=cpu", "model.dtype=bf16"),
-                sig("eval.batch_size=8")}) == 4
+    assert (
+        len(
+            {
+                cpu,
+                sig("model.device=cuda"),
+                sig("model.device=cpu", "model.dtype=bf16"),
+                sig("eval.batch_size=8"),
+            }
+        )
+        == 4
+    )
     assert {"device": "cuda", "dtype": "bf16"}.items() <= plan(make_cfg("model.device=cuda")).inputs.items()
     assert sig("train.deterministic=true") != cpu
     assert sig("train.gradient_checkpointing=true") == cpu  # memory, not numbers
 
 
 def test_caches_are_keyed_by_device_dtype_and_eval_batch_size(make_cfg, monkeypatch):
-    """The untrained model's evaluation (shared across runs) is computed again for another device kind, dtype or
+    """The untrained model's evaluation (shared across runs) is computed again for another device kind, dtype
+    or
     eval batch size, never served from the other's cache entry."""
     model, tok = models.tiny_random("tiny")
     calls = []
-    monkeypatch.setattr(elicit, "evaluate", lambda *a, **k: calls.append(1) or
-                        {"metrics": {}, "by_group": [], "items": [], "samples": []})
+    monkeypatch.setattr(
+        elicit,
+        "evaluate",
+        lambda *a, **k: calls.append(1) or {"metrics": {}, "by_group": [], "items": [], "samples": []},
+    )
     for overrides in [(), ("model.dtype=bf16",), ("model.device=cuda",), ("eval.batch_size=4",), ()]:
         cfg = make_cfg(*overrides)
         setting = build(cfg.setting)
@@ -260,15 +335,32 @@ def test_deterministic_turns_on_torchs_deterministic_algorithms(make_cfg, tmp_pa
 
 
 def test_a_slurm_sweep_planned_on_a_login_node_pins_the_device_its_jobs_get(tmp_path):
-    """The login node has no GPU, the jobs will: with GPUs requested, `model.device=auto` is pinned to cuda for every
+    """The login node has no GPU, the jobs will: with GPUs requested, `model.device=auto` is pinned to cuda
+    for every
     job, so the pre-flight's signatures (with the device kind) are the ones the jobs compute."""
-    gpu = launch("-m", *TINY, "prompt=none,caps_strong", "hydra/launcher=slurm", "--dry-run", sweep_dir=tmp_path / "a")
+    gpu = launch(
+        "-m", *TINY, "prompt=none,caps_strong", "hydra/launcher=slurm", "--dry-run", sweep_dir=tmp_path / "a"
+    )
     assert gpu.stdout.count("model.device=cuda") == 2 and "device: cuda" in gpu.stdout
-    cpu = launch("-m", *TINY, "prompt=none", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "--dry-run",
-                 sweep_dir=tmp_path / "b")
+    cpu = launch(
+        "-m",
+        *TINY,
+        "prompt=none",
+        "hydra/launcher=slurm",
+        "hydra.launcher.gpus_per_node=0",
+        "--dry-run",
+        sweep_dir=tmp_path / "b",
+    )
     assert "model.device=cpu" in cpu.stdout
-    mine = launch("-m", *TINY, "prompt=none", "hydra/launcher=slurm", "model.device=cpu", "--dry-run",
-                  sweep_dir=tmp_path / "c")
+    mine = launch(
+        "-m",
+        *TINY,
+        "prompt=none",
+        "hydra/launcher=slurm",
+        "model.device=cpu",
+        "--dry-run",
+        sweep_dir=tmp_path / "c",
+    )
     assert "model.device=cuda" not in mine.stdout
     names = {json.dumps(sorted(re.findall(r"trait_pair-\w+-s0-[0-9a-f]{12}", p.stdout))) for p in (gpu, cpu)}
     assert len(names) == 2, "a cuda plan and a cpu plan must name different runs"

@@ -1,6 +1,7 @@
 """The sweeper and the local launcher: pre-flight checks, dry run, bounded concurrency, GPU pinning."""
 
 from conftest import TINY, launch
+
 from ipsweep.store import records
 
 
@@ -16,7 +17,9 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
 def test_dry_run_lists_every_point_and_launches_nothing(tmp_path):
     sweep = tmp_path / "sweep"
     no_epochs = [a for a in TINY if not a.startswith("train.epochs")]
-    proc = launch("-m", *no_epochs, "prompt=none,caps_strong", "train.epochs=2,1", "--dry-run", sweep_dir=sweep)
+    proc = launch(
+        "-m", *no_epochs, "prompt=none,caps_strong", "train.epochs=2,1", "--dry-run", sweep_dir=sweep
+    )
     assert "dry run: 4 jobs (2 trainings)" in proc.stdout
     assert proc.stdout.count("| pending") == 4
     assert "resolved config of job #0" in proc.stdout and "caps_strong" in proc.stdout
@@ -28,19 +31,42 @@ def test_one_bad_point_stops_the_sweep_before_any_job_starts(tmp_path):
     proc = launch("-m", *TINY, "prompt=none,caps_strongg", "train.seed=0,1", sweep_dir=sweep, check=False)
     assert proc.returncode == 1
     assert "2 of 4 sweep points are invalid; nothing was launched" in proc.stderr
-    assert "job(s) #2, #3: unknown prompt 'caps_strongg' for setting 'trait_pair'; fix: choose one of" in proc.stderr
+    assert (
+        "job(s) #2, #3: unknown prompt 'caps_strongg' for setting 'trait_pair'; fix: choose one of"
+        in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
     assert not (sweep / "runs").exists()
 
 
 def test_slurm_preset_renders_the_gpu_request_in_the_sbatch_script(tmp_path):
-    proc = launch("-m", *TINY, "prompt=none,caps_strong", "train.seed=0,1", "hydra/launcher=slurm",
-                  "hydra.launcher.partition=gpu", "hydra.launcher.account=lab", "hydra.launcher.qos=high",
-                  "+hydra.launcher.additional_parameters.reservation=ml", "--dry-run", sweep_dir=tmp_path / "sweep")
+    proc = launch(
+        "-m",
+        *TINY,
+        "prompt=none,caps_strong",
+        "train.seed=0,1",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=lab",
+        "hydra.launcher.qos=high",
+        "+hydra.launcher.additional_parameters.reservation=ml",
+        "--dry-run",
+        sweep_dir=tmp_path / "sweep",
+    )
     script = proc.stdout.split("sbatch script for the array:")[1]
-    for line in ["--gpus-per-node=1", "--cpus-per-task=8", "--mem=64GB", "--time=720", "--partition=gpu",
-                 "--account=lab", "--qos=high", "--reservation=ml", "--signal=USR2@300", "--array=0-3%4",
-                 "--job-name=ipsweep-trait_pair"]:
+    for line in [
+        "--gpus-per-node=1",
+        "--cpus-per-task=8",
+        "--mem=64GB",
+        "--time=720",
+        "--partition=gpu",
+        "--account=lab",
+        "--qos=high",
+        "--reservation=ml",
+        "--signal=USR2@300",
+        "--array=0-3%4",
+        "--job-name=ipsweep-trait_pair",
+    ]:
         assert f"#SBATCH {line}\n" in script, line
 
 
@@ -49,21 +75,41 @@ UUID = "GPU-8f2c1d7e-5a3b-4c9d-9e1f-0a2b3c4d5e6f"
 
 def test_local_gpus_pins_each_job_to_one_gpu_and_bounds_concurrency(tmp_path):
     sweep = tmp_path / "sweep"
-    launch("-m", *TINY, "prompt=none,caps_strong,caps_weak,caps_loud", "hydra/launcher=local_gpus",
-           f"hydra.launcher.gpus=[3,{UUID}]", sweep_dir=sweep)
+    launch(
+        "-m",
+        *TINY,
+        "prompt=none,caps_strong,caps_weak,caps_loud",
+        "hydra/launcher=local_gpus",
+        f"hydra.launcher.gpus=[3,{UUID}]",
+        sweep_dir=sweep,
+    )
     recs = records(sweep)
     assert len(recs) == 4 and all(r["status"] == "done" for r in recs)
     attempts = [r["attempts"][0] for r in recs]
-    assert sorted({a["cuda_visible_devices"] for a in attempts}) == ["3", UUID]  # an index and a UUID, as given
+    assert sorted({a["cuda_visible_devices"] for a in attempts}) == [
+        "3",
+        UUID,
+    ]  # an index and a UUID, as given
     for gpu in ("3", UUID):
-        assert _max_overlap([(a["start_s"], a["end_s"]) for a in attempts if a["cuda_visible_devices"] == gpu]) == 1
+        assert (
+            _max_overlap([(a["start_s"], a["end_s"]) for a in attempts if a["cuda_visible_devices"] == gpu])
+            == 1
+        )
     assert _max_overlap([(a["start_s"], a["end_s"]) for a in attempts]) == 2
 
 
 def test_local_gpus_on_cpu_caps_jobs_and_threads(tmp_path):
     sweep = tmp_path / "sweep"
-    launch("-m", *TINY, "prompt=none,caps_strong,caps_weak", "hydra/launcher=local_gpus", "hydra.launcher.gpus=[]",
-           "hydra.launcher.cpus_per_job=1", "hydra.launcher.max_jobs=2", sweep_dir=sweep)
+    launch(
+        "-m",
+        *TINY,
+        "prompt=none,caps_strong,caps_weak",
+        "hydra/launcher=local_gpus",
+        "hydra.launcher.gpus=[]",
+        "hydra.launcher.cpus_per_job=1",
+        "hydra.launcher.max_jobs=2",
+        sweep_dir=sweep,
+    )
     attempts = [r["attempts"][0] for r in records(sweep)]
     assert len(attempts) == 3
     assert all(a["torch_threads"] == 1 and not a["cuda_visible_devices"] for a in attempts)
@@ -75,8 +121,11 @@ def _path_without_slurm() -> str:
     import os
     from pathlib import Path
 
-    keep = [d for d in os.environ["PATH"].split(os.pathsep)
-            if not any((Path(d) / c).exists() for c in ("srun", "sbatch"))]
+    keep = [
+        d
+        for d in os.environ["PATH"].split(os.pathsep)
+        if not any((Path(d) / c).exists() for c in ("srun", "sbatch"))
+    ]
     return os.pathsep.join(keep)
 
 
@@ -102,7 +151,10 @@ def test_dry_run_without_m_trains_nothing(tmp_path):
 
 def test_glob_of_prompts_and_dry_run_with_another_sweeper_say_what_works(tmp_path):
     proc = launch("-m", *TINY, "prompt=glob(*)", sweep_dir=tmp_path / "s", check=False)
-    assert proc.returncode == 1 and "glob() matches nothing; fix: list them, e.g. prompt=none,caps_strong," in proc.stderr
+    assert (
+        proc.returncode == 1
+        and "glob() matches nothing; fix: list them, e.g. prompt=none,caps_strong," in proc.stderr
+    )
     proc = launch(*TINY, "hydra/sweeper=basic", "--dry-run", sweep_dir=tmp_path / "s", check=False)
     assert proc.returncode == 1 and "--dry-run is a feature of ipsweep's sweeper" in proc.stderr
     assert not (tmp_path / "s").exists()
@@ -137,5 +189,7 @@ def test_a_second_sweep_into_the_same_dir_keeps_the_first_ones_jobs(tmp_path):
     launch("-m", *TINY, "prompt=caps_strong", sweep_dir=sweep)
     nums = [p["num"] for p in json.loads((sweep / "sweep.json").read_text())["points"]]
     assert sorted(nums) == [0, 1], "no second job 0"
-    assert len(list(sweep.glob("jobs/*/.hydra"))) == 2, "the second sweep does not overwrite the first's job folder"
+    assert len(list(sweep.glob("jobs/*/.hydra"))) == 2, (
+        "the second sweep does not overwrite the first's job folder"
+    )
     assert "--dry-run" in launch("--help", sweep_dir=tmp_path / "h").stdout

@@ -22,7 +22,9 @@ def test_gcd_suffix_matches_the_authors_join():
 
 
 def test_condition_follows_role():
-    assert NO_PROMPT.condition == "control" and NO_PROMPT.train_prompt is None and NO_PROMPT.test_prompt is None
+    assert (
+        NO_PROMPT.condition == "control" and NO_PROMPT.train_prompt is None and NO_PROMPT.test_prompt is None
+    )
     ip = Prompt("a", "t", "inoculation", "user_suffix")
     assert ip.condition == "ip" and ip.train_prompt is ip and ip.test_prompt is None
     placebo = Prompt("p", "t", "placebo", "user_suffix")

@@ -9,12 +9,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TINY, assert_same_training, ipsweep_cli, launch
+
 from ipsweep.store import records
 
-LONGER = [*TINY[:2], "train.n_train=64", "train.batch_size=8", "eval.n_eval=40", "eval.max_new_tokens=24",
-          "train.epochs=4", "prompt=caps_strong"]
+LONGER = [
+    *TINY[:2],
+    "train.n_train=64",
+    "train.batch_size=8",
+    "eval.n_eval=40",
+    "eval.max_new_tokens=24",
+    "train.epochs=4",
+    "prompt=caps_strong",
+]
 
 
 def _record(sweep):
@@ -26,9 +33,17 @@ def _record(sweep):
 
 def test_kill_9_mid_training_then_rerun_resumes_to_the_same_result(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "launch.py"), "-m", *LONGER, f"hydra.sweep.dir={sweep}",
-           f"elicit.cache_dir={tmp_path / 'elicit_cache'}"]
-    job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "-m",
+        *LONGER,
+        f"hydra.sweep.dir={sweep}",
+        f"elicit.cache_dir={tmp_path / 'elicit_cache'}",
+    ]
+    job = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while not ((r := _record(sweep)) and "1" in r["epochs"]) and time.time() < deadline:
         time.sleep(0.1)
@@ -38,7 +53,10 @@ def test_kill_9_mid_training_then_rerun_resumes_to_the_same_result(tmp_path):
     assert "4" not in killed["epochs"], "the job finished before the kill; make it longer"
     assert killed["status"] == "running"
     status = ipsweep_cli("status", str(sweep))
-    assert "| interrupted" in status and f"a rerun resumes after epoch {max(map(int, killed['epochs']))}" in status
+    assert (
+        "| interrupted" in status
+        and f"a rerun resumes after epoch {max(map(int, killed['epochs']))}" in status
+    )
     # As if the kill had landed while the next checkpoint was being written:
     half = sweep / "runs" / killed["run_dir"].rsplit("/", 1)[1] / "checkpoints" / "checkpoint-999"
     half.mkdir(parents=True)
@@ -83,20 +101,42 @@ def test_nan_loss_fails_that_run_with_the_reason_and_the_sweep_goes_on(tmp_path)
     assert by_path[str(good)]["status"] == "done"
     failed = by_path[str(bad)]
     assert failed["status"] == "failed" and failed["error"]["type"] == "DivergedError"
-    assert "training loss became nan at step" in failed["error"]["message"] and "fix: lower train.lr" in failed["error"]["message"]
+    assert (
+        "training loss became nan at step" in failed["error"]["message"]
+        and "fix: lower train.lr" in failed["error"]["message"]
+    )
     assert "1" not in failed["epochs"], "no epoch of a diverged run is recorded as a result"
     status = ipsweep_cli("status", str(sweep))
     assert "1 done" in status and "1 failed" in status and "DivergedError" in status
     out = ipsweep_cli("analyze", str(sweep), "--wandb-mode", "disabled")
-    assert "1 run(s) not done, left out of every table:" in out and "failed: " in out and "DivergedError" in out
+    assert (
+        "1 run(s) not done, left out of every table:" in out and "failed: " in out and "DivergedError" in out
+    )
 
 
-@pytest.mark.parametrize("where, target, knobs", [
-    ("training", "transformers.Trainer.training_step",
-     ["train.batch_size=8", "fix: lower train.batch_size and raise train.grad_accum", "train.gradient_checkpointing=true"]),
-    ("generating", "transformers.GenerationMixin.generate",
-     ["eval.batch_size=32", "fix: lower eval.batch_size (a new run identity: on a GPU the batch shape can change results) or eval.max_new_tokens"]),
-])
+@pytest.mark.parametrize(
+    "where, target, knobs",
+    [
+        (
+            "training",
+            "transformers.Trainer.training_step",
+            [
+                "train.batch_size=8",
+                "fix: lower train.batch_size and raise train.grad_accum",
+                "train.gradient_checkpointing=true",
+            ],
+        ),
+        (
+            "generating",
+            "transformers.GenerationMixin.generate",
+            [
+                "eval.batch_size=32",
+                "fix: lower eval.batch_size (a new run identity: on a GPU the batch shape can change "
+                "results) or eval.max_new_tokens",
+            ],
+        ),
+    ],
+)
 def test_out_of_memory_names_the_knobs_and_is_recorded(make_cfg, monkeypatch, where, target, knobs):
     import torch
 
@@ -107,7 +147,8 @@ def test_out_of_memory_names_the_knobs_and_is_recorded(make_cfg, monkeypatch, wh
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(target, oom)
-    cfg = make_cfg("eval.base=false")  # the untrained model is not evaluated, so the first generation is after training
+    # the untrained model is not evaluated, so the first generation is after training
+    cfg = make_cfg("eval.base=false")
     with pytest.raises(OutOfMemory) as err:
         job.run(cfg)
     assert f"out of GPU memory while {where}" in str(err.value)
@@ -134,7 +175,8 @@ def test_wandb_failure_in_online_mode_keeps_the_local_result(tmp_path, monkeypat
     import http.server
     import threading
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers every request 501
+    # answers every request 501
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
@@ -154,8 +196,16 @@ def test_wandb_failure_in_online_mode_keeps_the_local_result(tmp_path, monkeypat
 def test_online_mode_without_network_is_detected_in_seconds(tmp_path, monkeypatch, choice):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
     sweep = tmp_path / "sweep"
-    proc = launch("-m", *TINY, "logger=wandb", "logger.mode=online", f"logger.on_no_network={choice}", "train.seed=0,1",
-                  sweep_dir=sweep, check=False)
+    proc = launch(
+        "-m",
+        *TINY,
+        "logger=wandb",
+        "logger.mode=online",
+        f"logger.on_no_network={choice}",
+        "train.seed=0,1",
+        sweep_dir=sweep,
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     if choice == "fail":
         assert proc.returncode == 1 and "cannot be reached (3 s); fix:" in out and "Traceback" not in out
@@ -169,11 +219,23 @@ def test_eight_concurrent_jobs_share_one_store_and_cache(tmp_path):
     sweep = tmp_path / "sweep"
     no_epochs = [a for a in TINY if not a.startswith("train.epochs")]
     # submitit_local starts all 8 at once; epochs=1,2 pairs share a run and take turns on its lock.
-    launch("-m", *no_epochs, "hydra/launcher=submitit_local", "prompt=none,caps_strong", "train.seed=0,1",
-           "train.epochs=1,2", sweep_dir=sweep, timeout=1200)
+    launch(
+        "-m",
+        *no_epochs,
+        "hydra/launcher=submitit_local",
+        "prompt=none,caps_strong",
+        "train.seed=0,1",
+        "train.epochs=1,2",
+        sweep_dir=sweep,
+        timeout=1200,
+    )
     recs = records(sweep)
-    assert len(recs) == 4 and all(r["status"] == "done" and sorted(r["epochs"]) == ["0", "1", "2"] for r in recs)
-    assert all(r["epochs"]["1"]["steps"] == 2 and r["epochs"]["2"]["steps"] == 2 for r in recs), "no epoch trained twice"
+    assert len(recs) == 4 and all(
+        r["status"] == "done" and sorted(r["epochs"]) == ["0", "1", "2"] for r in recs
+    )
+    assert all(r["epochs"]["1"]["steps"] == 2 and r["epochs"]["2"]["steps"] == 2 for r in recs), (
+        "no epoch trained twice"
+    )
     assert len(list(sweep.glob("runs/*/record.json"))) == 4
     assert len(json.loads((sweep / "sweep.json").read_text())["points"]) == 8
     cache = list((tmp_path / "elicit_cache").rglob("*.json"))
@@ -182,7 +244,9 @@ def test_eight_concurrent_jobs_share_one_store_and_cache(tmp_path):
     by_prompt = {}
     for r in recs:
         by_prompt.setdefault(r["prompt"], []).append(r["elicitation"])
-    assert all(e[0] == e[1] for e in by_prompt.values()), "one cached elicitation per prompt, shared by both seeds"
+    assert all(e[0] == e[1] for e in by_prompt.values()), (
+        "one cached elicitation per prompt, shared by both seeds"
+    )
     assert "| done" in ipsweep_cli("status", str(sweep)) and "8 done" in ipsweep_cli("status", str(sweep))
 
 
@@ -214,11 +278,16 @@ def test_damaged_record_is_shown_refused_and_set_aside_on_rerun(tmp_path, damage
     launch(*args, sweep_dir=sweep)
     bad = sorted(sweep.glob("runs/*caps_strong*/record.json"))[0]
     text = bad.read_text()
-    bad.write_text(text[: len(text) // 2] if damage == "truncated" else json.dumps({"status": "done", "epochs": {}}))
+    bad.write_text(
+        text[: len(text) // 2] if damage == "truncated" else json.dumps({"status": "done", "epochs": {}})
+    )
     status = ipsweep_cli("status", str(sweep))
     assert "| corrupt" in status and str(bad) in status and "1 done" in status
-    proc = subprocess.run([str(Path(sys.executable).with_name("ipsweep")), "analyze", str(sweep), "--wandb-mode", "disabled"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ipsweep")), "analyze", str(sweep), "--wandb-mode", "disabled"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "1 damaged run record(s)" in proc.stderr and str(bad) in proc.stderr
     assert "--skip-damaged" in proc.stderr and "Traceback" not in proc.stderr
     out = ipsweep_cli("analyze", str(sweep), "--skip-damaged", "--wandb-mode", "disabled")
@@ -226,24 +295,40 @@ def test_damaged_record_is_shown_refused_and_set_aside_on_rerun(tmp_path, damage
     proc = launch(*args, sweep_dir=sweep)
     kept = list(bad.parent.glob("record.damaged-*.json"))
     assert len(kept) == 1 and kept[0].read_text() != text, "the damaged file is kept, not overwritten"
-    assert "damaged run record" in proc.stdout + proc.stderr and str(kept[0].name) in proc.stdout + proc.stderr
+    assert (
+        "damaged run record" in proc.stdout + proc.stderr and str(kept[0].name) in proc.stdout + proc.stderr
+    )
     assert all(r["status"] == "done" for r in records(sweep)) and len(records(sweep)) == 2
 
 
 def test_ctrl_c_ends_with_one_line_and_no_traceback(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "launch.py"), *[a for a in TINY if not a.startswith("train.epochs")],
-           "train.epochs=200", f"hydra.run.dir={sweep}", f"hydra.sweep.dir={sweep}", f"elicit.cache_dir={tmp_path / 'ec'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        *[a for a in TINY if not a.startswith("train.epochs")],
+        "train.epochs=200",
+        f"hydra.run.dir={sweep}",
+        f"hydra.sweep.dir={sweep}",
+        f"elicit.cache_dir={tmp_path / 'ec'}",
+    ]
     # An ignored SIGINT survives exec: a shell starts a background job (`pytest ... &`, as CI may) with SIGINT
-    # ignored, and the job this test starts would inherit that and run to the end. Start it as a terminal would.
+    # ignored, and the job this test starts would inherit that and run to the end. Start it as a terminal
+    # would.
     inherited = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
 
     def as_from_a_terminal():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            preexec_fn=as_from_a_terminal)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=as_from_a_terminal,
+    )
     record = sweep / "runs"
     deadline = time.time() + 300
     while time.time() < deadline and not any('"1": {' in p.read_text() for p in record.glob("*/record.json")):
@@ -257,7 +342,9 @@ def test_ctrl_c_ends_with_one_line_and_no_traceback(tmp_path):
             continue
     else:
         out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, f"exit {proc.returncode} (pytest's SIGINT handler, mask: {inherited}); stderr: {err[-1500:]}"
+    assert proc.returncode == 130, (
+        f"exit {proc.returncode} (pytest's SIGINT handler, mask: {inherited}); stderr: {err[-1500:]}"
+    )
     assert "Traceback" not in out + err, err[-3000:]
     assert "is recorded as interrupted after epoch" in out + err and "run the same command again" in out + err
     (rec,) = records(sweep)

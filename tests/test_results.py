@@ -10,7 +10,8 @@ EXPERIMENTS = sorted(p.parent for p in results.RESULTS_DIR.glob("*/runs"))
 
 
 def _read(path):
-    """A CSV as a frame; an analysis writes an empty file for an empty table (e.g. no correlation from 2 prompts)."""
+    """A CSV as a frame; an analysis writes an empty file for an empty table (e.g. no correlation from 2
+    prompts)."""
     return pd.read_csv(path) if path.stat().st_size > 1 else pd.DataFrame()
 
 
@@ -22,9 +23,20 @@ def test_results_md_agrees_with_the_committed_csvs():
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
 def test_committed_csvs_are_what_analyze_makes_of_the_committed_records(experiment, tmp_path):
     analyze(experiment, tmp_path)
-    for name in ("conditions", "effects", "correlations", "influence", "elicitation", "power", "frontier", "leaks"):
+    for name in (
+        "conditions",
+        "effects",
+        "correlations",
+        "influence",
+        "elicitation",
+        "power",
+        "frontier",
+        "leaks",
+    ):
         committed, fresh = (_read(d / f"{name}.csv") for d in (experiment / "analysis", tmp_path))
-        pd.testing.assert_frame_equal(committed, fresh, check_exact=False, rtol=1e-9, obj=f"{experiment.name}/{name}.csv")
+        pd.testing.assert_frame_equal(
+            committed, fresh, check_exact=False, rtol=1e-9, obj=f"{experiment.name}/{name}.csv"
+        )
 
 
 SCREENED = [e for e in EXPERIMENTS if list((e / "screen").glob("*.csv"))]
@@ -37,16 +49,23 @@ def test_committed_screened_analysis_is_what_analyze_makes_with_the_committed_sc
     analyze(experiment, tmp_path, elicitation_from=sorted((experiment / "screen").glob("*.csv")))
     for name in ("effects", "correlations", "influence", "elicitation"):
         committed, fresh = (_read(d / f"{name}.csv") for d in (experiment / "analysis_screened", tmp_path))
-        pd.testing.assert_frame_equal(committed, fresh, check_exact=False, rtol=1e-9, obj=f"{experiment.name}/{name}.csv")
+        pd.testing.assert_frame_equal(
+            committed, fresh, check_exact=False, rtol=1e-9, obj=f"{experiment.name}/{name}.csv"
+        )
 
 
 def test_a_block_is_filled_from_its_csv_and_a_stale_one_is_found(tmp_path):
     (tmp_path / "x").mkdir()
-    pd.DataFrame({"arm": ["ip:a", "ip:b"], "effect": [0.256, -0.1], "n": [3, 4]}).to_csv(tmp_path / "x" / "e.csv", index=False)
+    pd.DataFrame({"arm": ["ip:a", "ip:b"], "effect": [0.256, -0.1], "n": [3, 4]}).to_csv(
+        tmp_path / "x" / "e.csv", index=False
+    )
     md = tmp_path / "R.md"
     md.write_text("intro\n<!-- table: x/e.csv | arm, effect | effect > 0 -->\nold\n<!-- /table -->\nend\n")
     assert results.stale_blocks(md, tmp_path) == ["x/e.csv | arm, effect | effect > 0"]
     results.update(md, tmp_path)
-    assert md.read_text() == "intro\n<!-- table: x/e.csv | arm, effect | effect > 0 -->\n| arm | effect |\n|---|---|\n" \
-                             "| ip:a | 0.26 |\n<!-- /table -->\nend\n"
+    assert (
+        md.read_text()
+        == "intro\n<!-- table: x/e.csv | arm, effect | effect > 0 -->\n| arm | effect |\n|---|---|\n"
+        "| ip:a | 0.26 |\n<!-- /table -->\nend\n"
+    )
     assert results.stale_blocks(md, tmp_path) == []

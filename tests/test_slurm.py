@@ -12,14 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TINY, assert_same_training, ipsweep_cli, launch
+
 from ipsweep.store import records
 
 pytestmark = pytest.mark.slurm
 SCRIPT = ROOT / "scripts" / "slurm_test_cluster.sh"
-CPU_JOBS = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
-            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4"]
+CPU_JOBS = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +42,16 @@ def slurm():
 
 
 def _sacct(job: str) -> dict[str, str]:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job], capture_output=True, text=True
+    ).stdout
     return dict(line.split("|") for line in out.split())
 
 
 def _wait(cond, timeout: float, what: str):
     end = time.time() + timeout
     while time.time() < end:
-        if (value := cond()):
+        if value := cond():
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
@@ -64,7 +71,9 @@ def test_four_point_sweep_records_skip_and_status(slurm, tmp_path):
 
     before = {p: p.stat().st_mtime_ns for p in sweep.glob("runs/*/record.json")}
     launch(*args, sweep_dir=sweep)
-    assert {p: p.stat().st_mtime_ns for p in sweep.glob("runs/*/record.json")} == before, "a rerun recomputes nothing"
+    assert {p: p.stat().st_mtime_ns for p in sweep.glob("runs/*/record.json")} == before, (
+        "a rerun recomputes nothing"
+    )
     logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
     assert logs.count("skip:") == 4
 
@@ -73,13 +82,32 @@ def test_four_point_sweep_records_skip_and_status(slurm, tmp_path):
 
 
 def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm, tmp_path):
-    point = [*TINY[:1], "logger=none", "train.n_train=64", "train.batch_size=8", "eval.n_eval=40",
-             "eval.max_new_tokens=24", "train.epochs=4", "prompt=caps_strong"]
+    point = [
+        *TINY[:1],
+        "logger=none",
+        "train.n_train=64",
+        "train.batch_size=8",
+        "eval.n_eval=40",
+        "eval.max_new_tokens=24",
+        "train.epochs=4",
+        "prompt=caps_strong",
+    ]
     sweep = tmp_path / "slurm_sweep"
-    cmd = [sys.executable, str(ROOT / "launch.py"), "-m", *point, *CPU_JOBS, f"hydra.sweep.dir={sweep}",
-           f"elicit.cache_dir={tmp_path / 'elicit_cache'}"]
-    sweeping = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    record = lambda: json.loads(next(sweep.glob("runs/*/record.json")).read_text())  # noqa: E731
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "-m",
+        *point,
+        *CPU_JOBS,
+        f"hydra.sweep.dir={sweep}",
+        f"elicit.cache_dir={tmp_path / 'elicit_cache'}",
+    ]
+    sweeping = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+    def record() -> dict:
+        return json.loads(next(sweep.glob("runs/*/record.json")).read_text())
 
     def after_epoch_1():
         try:
@@ -91,11 +119,17 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm, tmp_pat
     job = _wait(after_epoch_1, 300, "epoch 1")["attempts"][0]["job_id"]
     assert "4" not in record()["epochs"], "the job finished before it could be preempted; make it longer"
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before a time limit
-    _wait(lambda: subprocess.run(["squeue", "-h", "-t", "PD", "-j", job], capture_output=True, text=True).stdout.strip(),
-          60, "the job to be requeued")
+    _wait(
+        lambda: subprocess.run(
+            ["squeue", "-h", "-t", "PD", "-j", job], capture_output=True, text=True
+        ).stdout.strip(),
+        60,
+        "the job to be requeued",
+    )
     status = ipsweep_cli("status", str(sweep))
     assert "requeued" in status, status
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # skip SLURM's requeue hold
+    # skip SLURM's requeue hold
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
     out, _ = sweeping.communicate(timeout=600)
     assert sweeping.returncode == 0, out[-3000:]
 

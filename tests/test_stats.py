@@ -11,14 +11,21 @@ from scipy.special import expit
 from ipsweep import stats as st
 
 # (intercept, IP shift, item spread, seed spread) on the logit scale: a strong and a weak effect, items that
-# differ a lot or little, seeds that matter a lot (like the README demo: per-seed effects 0.35 and 0.20) or little.
-REGIMES = {"typical": (1.5, 1.0, 1.5, 0.5), "seed-heavy": (2.5, 1.5, 1.0, 1.0), "item-heavy": (0.5, 0.5, 2.0, 0.3),
-           "small effect": (3.0, 0.8, 1.0, 0.2)}
+# differ a lot or little, seeds that matter a lot (like the README demo: per-seed effects 0.35 and 0.20) or
+# little.
+REGIMES = {
+    "typical": (1.5, 1.0, 1.5, 0.5),
+    "seed-heavy": (2.5, 1.5, 1.0, 1.0),
+    "item-heavy": (0.5, 0.5, 2.0, 0.3),
+    "small effect": (3.0, 0.8, 1.0, 0.2),
+}
 
 
 def _true_effect(rng, alpha, delta, ti, ts, n=400_000):
     b = rng.normal(0, ti, n)
-    return float((expit(alpha + b + rng.normal(0, ts, n)) - expit(alpha - delta + b + rng.normal(0, ts, n))).mean())
+    return float(
+        (expit(alpha + b + rng.normal(0, ts, n)) - expit(alpha - delta + b + rng.normal(0, ts, n))).mean()
+    )
 
 
 def _coverage(regime, seeds, items, reps=800):
@@ -43,7 +50,9 @@ def test_effect_interval_covers_the_true_effect(seeds):
     the mean over cells must be 93-97%, and no cell below 91% (a real miscalibration shows as 86-88%)."""
     items = (40, 60, 120) if seeds == 2 else (20, 40, 60, 120)
     cov = {(reg, i): _coverage(reg, seeds, i) for reg in REGIMES for i in items}
-    msg = f"effect CI coverage at {seeds} seeds: " + ", ".join(f"{r} {i} items {c:.3f}" for (r, i), c in cov.items())
+    msg = f"effect CI coverage at {seeds} seeds: " + ", ".join(
+        f"{r} {i} items {c:.3f}" for (r, i), c in cov.items()
+    )
     assert 0.93 <= np.mean(list(cov.values())) <= 0.97, msg
     assert min(cov.values()) >= 0.91 and max(cov.values()) <= 0.985, msg
 
@@ -57,17 +66,20 @@ def test_correlation_interval_covers_at_small_designs(rho, prompts, seeds):
     correlation of what is measured: x with error vs the mean effect over the seeds run."""
     rng = np.random.default_rng(int(rho * 100) + prompts * 10 + seeds)
     sd_mu, sd_seed, x_err = 0.15, 0.12, 0.1
-    # the arm's own training noise (variance sd_seed^2 / 2 per seed) varies across prompts; the control's is shared
-    truth = rho * np.sqrt(sd_mu ** 2 / (sd_mu ** 2 + sd_seed ** 2 / (2 * seeds))) / np.sqrt(1 + x_err)
+    # the arm's own training noise (variance sd_seed^2 / 2 per seed) varies across prompts; the control's is
+    # shared
+    truth = rho * np.sqrt(sd_mu**2 / (sd_mu**2 + sd_seed**2 / (2 * seeds))) / np.sqrt(1 + x_err)
     hits, reps = 0, 1500
     for _ in range(reps):
         x = rng.normal(0, 1, prompts)
-        mu = sd_mu * (rho * x + np.sqrt(1 - rho ** 2) * rng.normal(0, 1, prompts))
+        mu = sd_mu * (rho * x + np.sqrt(1 - rho**2) * rng.normal(0, 1, prompts))
         control = rng.normal(0, sd_seed / np.sqrt(2), seeds)
         y = (mu[:, None] + rng.normal(0, sd_seed / np.sqrt(2), (prompts, seeds)) - control).mean(1)
         lo, hi = st.fisher_ci(sps.pearsonr(x + rng.normal(0, np.sqrt(x_err), prompts), y).statistic, prompts)
         hits += lo <= truth <= hi
-    assert 0.93 <= hits / reps <= 0.97, f"correlation CI coverage {hits / reps:.3f} (rho {rho}, {prompts} prompts, {seeds} seeds)"
+    assert 0.93 <= hits / reps <= 0.97, (
+        f"correlation CI coverage {hits / reps:.3f} (rho {rho}, {prompts} prompts, {seeds} seeds)"
+    )
 
 
 def test_paired_elicitation_interval_covers():
@@ -107,10 +119,14 @@ def test_one_seed_is_items_only_and_equals_a_t_interval():
 def test_degenerate_data_are_flagged_and_rates_never_zero_width():
     r = st.difference_interval(np.ones((2, 40)), np.zeros((2, 40)))
     assert r["estimate"] == 1 and "degenerate" in r["method"] and r["lo"] < 1 - 0.05
-    assert r["p"] == pytest.approx(2 * 0.5 ** 40)  # McNemar exact: 40 of 40 items go one way
+    assert r["p"] == pytest.approx(2 * 0.5**40)  # McNemar exact: 40 of 40 items go one way
     assert st.difference_interval(np.ones((2, 40)), np.ones((2, 40)))["p"] == 1.0
     rate = st.rate_interval(np.ones((3, 40)))
-    assert rate["hi"] == 1 and rate["lo"] == pytest.approx(st.wilson(40, 40)[0]) and "wilson on 40 items" in rate["method"]
+    assert (
+        rate["hi"] == 1
+        and rate["lo"] == pytest.approx(st.wilson(40, 40)[0])
+        and "wilson on 40 items" in rate["method"]
+    )
 
 
 def test_power_matches_the_closed_forms():
@@ -154,4 +170,6 @@ def test_holm_matches_statsmodels():
 
     p = pd.Series([0.01, 0.04, np.nan, 0.03])
     out = st.holm(p)
-    assert np.isnan(out[2]) and list(out.dropna()) == pytest.approx(multipletests([0.01, 0.04, 0.03], method="holm")[1])
+    assert np.isnan(out[2]) and list(out.dropna()) == pytest.approx(
+        multipletests([0.01, 0.04, 0.03], method="holm")[1]
+    )

@@ -14,14 +14,18 @@ def test_signature_ignores_epochs_logger_and_library_but_not_science(make_cfg):
     base = _sig(make_cfg("prompt=caps_strong"))
     assert _sig(make_cfg("prompt=caps_strong", "train.epochs=3")) == base
     assert _sig(make_cfg("prompt=caps_strong", "logger=wandb", "name=other")) == base
-    assert _sig(make_cfg("prompt=caps_strong", "eval.batch_size=4")) != base  # batch shape changes bf16 logits on a GPU
+    # batch shape changes bf16 logits on a GPU
+    assert _sig(make_cfg("prompt=caps_strong", "eval.batch_size=4")) != base
     assert _sig(make_cfg("prompt=caps_strong", "+setting.prompts.new={text: hi, role: neutral}")) == base
     assert _sig(make_cfg("prompt=caps_strong", "train.seed=1")) != base
     assert _sig(make_cfg("prompt=caps_strong", "train.lr=1e-4")) != base
     assert _sig(make_cfg("prompt=caps_weak")) != base
     assert _sig(make_cfg("prompt=caps_strong", "setting.prompts.caps_strong.text=Shout.")) != base
     # test-time prompts do not change the trained model; a PTST point is the control's run
-    assert _sig(make_cfg("prompt=caps_strong", "eval.test_grid=true", "eval.extra_test_prompts=[safety]")) == base
+    assert (
+        _sig(make_cfg("prompt=caps_strong", "eval.test_grid=true", "eval.extra_test_prompts=[safety]"))
+        == base
+    )
     assert _sig(make_cfg("prompt=safety")) == _sig(make_cfg("prompt=none"))
 
 
@@ -33,9 +37,15 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["record.json"]
 
 
-@pytest.mark.parametrize("text,reason", [('{"status": "done", "epo', "not valid JSON"),  # truncated by hand
-                                         ('{"status": "done", "epochs": {}}', "not a run record (signature: Field required"),
-                                         ("[" * 300000, "not valid JSON")])  # nested past the recursion limit
+# nested past the recursion limit
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ('{"status": "done", "epo', "not valid JSON"),  # truncated by hand
+        ('{"status": "done", "epochs": {}}', "not a run record (signature: Field required"),
+        ("[" * 300000, "not valid JSON"),
+    ],
+)
 def test_damaged_record_is_never_a_result_and_is_reported(tmp_path, text, reason):
     run = tmp_path / "runs" / "x"
     run.mkdir(parents=True)
@@ -71,9 +81,22 @@ def test_a_point_served_by_a_longer_running_run_is_done(tmp_path):
 
     run = store.Run(tmp_path / "runs" / "r")
     evals = {"evals": {"none": {"metrics": {}}}}
-    run.save({"signature": "s", "setting": "trait_pair", "prompt": "none", "role": "none", "condition": "control",
-              "seed": 0, "model": "m", "status": "running", "behaviour_metric": "caps", "capability_metric": "correct",
-              "config": {}, "epochs": {"0": evals, "1": evals}})
+    run.save(
+        {
+            "signature": "s",
+            "setting": "trait_pair",
+            "prompt": "none",
+            "role": "none",
+            "condition": "control",
+            "seed": 0,
+            "model": "m",
+            "status": "running",
+            "behaviour_metric": "caps",
+            "capability_metric": "correct",
+            "config": {},
+            "epochs": {"0": evals, "1": evals},
+        }
+    )
     point = {"run_dir": str(run.dir), "epochs": 1, "test_prompts": ["none"], "base": True}
     assert status.point_state(point)["state"] == "done"
     assert status.point_state({**point, "epochs": 2})["state"] in ("running", "interrupted")

@@ -7,15 +7,23 @@ import sys
 from pathlib import Path
 
 from conftest import TINY, ipsweep_cli, launch
+
 from ipsweep.store import records
 
 
 def test_multirun_epochs_axis_and_skip(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", *[a for a in TINY if not a.startswith("train.epochs")], "prompt=none,caps_strong", "train.epochs=2,1"]
+    args = [
+        "-m",
+        *[a for a in TINY if not a.startswith("train.epochs")],
+        "prompt=none,caps_strong",
+        "train.epochs=2,1",
+    ]
     proc = launch(*args, sweep_dir=sweep)
     assert "sweep finished: 4 done (of 4 points)" in proc.stdout + proc.stderr
-    assert "train epoch 2/2: step 2/2, loss" in proc.stdout + proc.stderr, "progress in the log when not a terminal"
+    assert "train epoch 2/2: step 2/2, loss" in proc.stdout + proc.stderr, (
+        "progress in the log when not a terminal"
+    )
     assert "sweep progress: 1/4 points (1 done, 0 skipped, 0 failed)" in proc.stdout + proc.stderr
     assert "sweep progress: 3/4 points (3 done, 0 skipped, 0 failed)" in proc.stdout + proc.stderr
     recs = {r["prompt"]: r for r in records(sweep)}
@@ -57,16 +65,19 @@ def test_ptst_reuses_the_controls_training_and_tests_with_the_safety_prompt(tmp_
     launch(*TINY, "prompt=none", sweep_dir=sweep)
     (control,) = records(sweep)
     assert set(control["epochs"]["1"]["evals"]) == {"none"}
-    launch("-m", *TINY, "prompt=none,safety", sweep_dir=sweep)  # the PTST point adds its evaluation, trains nothing
+    # the PTST point adds its evaluation, trains nothing
+    launch("-m", *TINY, "prompt=none,safety", sweep_dir=sweep)
     (rec,) = records(sweep)
     assert rec["condition"] == "control" and len(rec["attempts"]) == 2
     assert rec["epochs"]["1"]["losses"] == control["epochs"]["1"]["losses"]
     assert set(rec["epochs"]["0"]["evals"]) == set(rec["epochs"]["1"]["evals"]) == {"none", "safety"}
-    samples = [json.loads(l) for l in open(Path(rec["run_dir"]) / "samples" / "epoch1_safety.jsonl")]
+    samples = [json.loads(line) for line in open(Path(rec["run_dir"]) / "samples" / "epoch1_safety.jsonl")]
     assert all(s["prompt"].endswith("not in capital letters.") for s in samples)
     items = {i["id"] for i in rec["epochs"]["1"]["evals"]["safety"]["items"]}
     assert items == {i["id"] for i in rec["epochs"]["1"]["evals"]["none"]["items"]} and len(items) == 10
-    assert "| done" in ipsweep_cli("status", str(sweep)) and "pending" not in ipsweep_cli("status", str(sweep))
+    assert "| done" in ipsweep_cli("status", str(sweep)) and "pending" not in ipsweep_cli(
+        "status", str(sweep)
+    )
 
 
 def test_sync_lists_offline_wandb_runs_and_fails_clearly_without_login_or_network(tmp_path):
@@ -76,18 +87,33 @@ def test_sync_lists_offline_wandb_runs_and_fails_clearly_without_login_or_networ
     sweep = tmp_path / "sweep"
     launch(*TINY, "logger=wandb", sweep_dir=sweep)
     assert "would sync 1 offline W&B runs" in ipsweep_cli("sync", str(sweep), "--dry-run")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")} | {"HOME": str(tmp_path), "WANDB_SILENT": "false"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")} | {
+        "HOME": str(tmp_path),
+        "WANDB_SILENT": "false",
+    }
     sync = [str(Path(sys.executable).with_name("ipsweep")), "sync", str(sweep)]
     # no network: said in seconds, not after minutes of silence
-    proc = subprocess.run(sync, env={**env, "WANDB_BASE_URL": "http://127.0.0.1:9"}, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        sync,
+        env={**env, "WANDB_BASE_URL": "http://127.0.0.1:9"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "cannot be reached from this machine (3 s); fix:" in proc.stderr
     # a server that answers, but no login
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        proc = subprocess.run(sync, env={**env, "WANDB_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}"},
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            sync,
+            env={**env, "WANDB_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         server.shutdown()
     assert proc.returncode == 2
@@ -98,7 +124,14 @@ def test_sync_lists_offline_wandb_runs_and_fails_clearly_without_login_or_networ
 def test_sweep_to_report_end_to_end(tmp_path):
     """A real (tiny-model) sweep with control, IP and PTST points, then `ipsweep analyze`."""
     sweep = tmp_path / "sweep"
-    launch("-m", *TINY, "prompt=none,caps_strong,safety", "train.seed=0,1", "elicit.logprob_items=4", sweep_dir=sweep)
+    launch(
+        "-m",
+        *TINY,
+        "prompt=none,caps_strong,safety",
+        "train.seed=0,1",
+        "elicit.logprob_items=4",
+        sweep_dir=sweep,
+    )
     assert len(records(sweep)) == 4, "2 seeds x (control, IP); PTST reuses the control's runs"
     out = ipsweep_cli("analyze", str(sweep), "--wandb-mode", "disabled")
     assert "ptst:safety" in out and "ip:caps_strong" in out
@@ -120,8 +153,22 @@ def test_extending_a_run_resumes_its_wandb_run_and_logs_only_new_epochs(tmp_path
 
     sweep = tmp_path / "sweep"
     no_epochs = [a for a in TINY if not a.startswith("train.epochs")]
-    launch(*no_epochs, "logger=wandb", "prompt=caps_strong", "elicit.logprob_items=4", "train.epochs=1", sweep_dir=sweep)
-    launch(*no_epochs, "logger=wandb", "prompt=caps_strong", "elicit.logprob_items=4", "train.epochs=2", sweep_dir=sweep)
+    launch(
+        *no_epochs,
+        "logger=wandb",
+        "prompt=caps_strong",
+        "elicit.logprob_items=4",
+        "train.epochs=1",
+        sweep_dir=sweep,
+    )
+    launch(
+        *no_epochs,
+        "logger=wandb",
+        "prompt=caps_strong",
+        "elicit.logprob_items=4",
+        "train.epochs=2",
+        sweep_dir=sweep,
+    )
     (folder,) = sweep.glob("runs/*/wandb")
     first, second = wandb_offline_runs(folder)
     assert first["id"] == second["id"], "one W&B run per ipsweep run"
@@ -130,7 +177,11 @@ def test_extending_a_run_resumes_its_wandb_run_and_logs_only_new_epochs(tmp_path
     steps = [h["train/global_step"] for r in (first, second) for h in r["history"] if "train/step_loss" in h]
     assert steps == [1, 2, 3, 4], "per-step training loss, continuing across the extension"
     config = first["config"]
-    assert config["setting"] == "trait_pair" and config["condition"] == "ip" and config["model"] == "tiny_random"
+    assert (
+        config["setting"] == "trait_pair" and config["condition"] == "ip" and config["model"] == "tiny_random"
+    )
     assert config["prompt"] == "caps_strong" and config["role"] == "inoculation"
-    assert {"elicitation/logprob/estimate", "elicitation/sampled/lo"} <= set(first["summary"]), first["summary"]
+    assert {"elicitation/logprob/estimate", "elicitation/sampled/lo"} <= set(first["summary"]), first[
+        "summary"
+    ]
     assert config["seed"] == 0 and "signature" in config and config["setting_config"]["name"] == "trait_pair"

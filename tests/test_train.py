@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from ipsweep import models
-from ipsweep.settings.base import TrainExample
 from ipsweep.lm import IGNORE, tokenize
+from ipsweep.settings.base import TrainExample
 from ipsweep.train import dataset, finetune
 
 EX = TrainExample([{"role": "user", "content": "What is 2 plus 3?"}], "2 PLUS 3 IS 5.")
@@ -15,14 +15,18 @@ EX = TrainExample([{"role": "user", "content": "What is 2 plus 3?"}], "2 PLUS 3 
 def test_loss_only_on_the_reply():
     _, tok = models.tiny_random("tiny")
     row = tokenize(tok, EX.messages, EX.completion, max_length=256)
-    labelled = [i for i, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
+    labelled = [i for i, label in zip(row["input_ids"], row["labels"]) if label != IGNORE]
     assert tok.decode(labelled) == "2 PLUS 3 IS 5.<|im_end|>\n"
     prompt = tok.apply_chat_template(EX.messages, tokenize=False, add_generation_prompt=True)
     assert tok.decode(row["input_ids"][: len(row["input_ids"]) - len(labelled)]) == prompt
-    # an elicitation score labels the reply text only: the end-of-turn tokens measure the template, not the reply
+    # an elicitation score labels the reply text only: the end-of-turn tokens measure the template, not the
+    # reply
     scored = tokenize(tok, EX.messages, EX.completion, max_length=256, end_of_turn=False)
     assert scored["input_ids"] == row["input_ids"]
-    assert tok.decode([i for i, l in zip(scored["input_ids"], scored["labels"]) if l != IGNORE]) == "2 PLUS 3 IS 5."
+    assert (
+        tok.decode([i for i, label in zip(scored["input_ids"], scored["labels"]) if label != IGNORE])
+        == "2 PLUS 3 IS 5."
+    )
 
 
 def _train(cfg, out, done, stop_after=None):
@@ -34,9 +38,14 @@ def _train(cfg, out, done, stop_after=None):
         if stop_after and ep.epoch == stop_after:
             raise KeyboardInterrupt  # a job killed right after its epoch checkpoint
 
-    examples = [TrainExample([{"role": "user", "content": f"What is {i} plus 1?"}], f"{i} PLUS 1 IS {i + 1}.") for i in range(16)]
+    examples = [
+        TrainExample([{"role": "user", "content": f"What is {i} plus 1?"}], f"{i} PLUS 1 IS {i + 1}.")
+        for i in range(16)
+    ]
     try:
-        finetune(model, tok, dataset(tok, examples, cfg.train.max_length)[0], cfg.train, out, done, on_epoch_end)
+        finetune(
+            model, tok, dataset(tok, examples, cfg.train.max_length)[0], cfg.train, out, done, on_epoch_end
+        )
     except KeyboardInterrupt:
         pass
     return epochs
@@ -58,6 +67,7 @@ def test_resumed_run_equals_uninterrupted(make_cfg, tmp_path):
         torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-5, atol=1e-6)
     # The checkpoint is a PEFT adapter: loadable on the base model.
     from peft import PeftModel
+
     base, _ = models.tiny_random("tiny")
     PeftModel.from_pretrained(base, rest[0].checkpoint)
 
@@ -70,7 +80,8 @@ def test_stale_checkpoint_from_a_crash_is_discarded(make_cfg, tmp_path):
 
 
 def test_reply_only_loss_equals_the_models_own_loss(make_cfg, tmp_path):
-    """The fast loss (LM head on reply positions only) gives the model's own loss and the same LoRA gradients."""
+    """The fast loss (LM head on reply positions only) gives the model's own loss and the same LoRA
+    gradients."""
     from ipsweep.train import ReplyLossTrainer, _args, add_lora, collator, dataset
 
     cfg = make_cfg("train.batch_size=4")
@@ -79,7 +90,10 @@ def test_reply_only_loss_equals_the_models_own_loss(make_cfg, tmp_path):
     for name, p in model.named_parameters():  # LoRA B starts at zero; make the adapters matter
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    examples = [TrainExample([{"role": "user", "content": "Name a colour" + " please" * i}], "RED " * (i + 1)) for i in range(4)]
+    examples = [
+        TrainExample([{"role": "user", "content": "Name a colour" + " please" * i}], "RED " * (i + 1))
+        for i in range(4)
+    ]
     batch = collator(tok)(dataset(tok, examples, 256)[0])
     trainer = ReplyLossTrainer(model=model, args=_args(cfg.train, tmp_path, 1), data_collator=collator(tok))
 
@@ -94,8 +108,11 @@ def test_reply_only_loss_equals_the_models_own_loss(make_cfg, tmp_path):
     assert ours == pytest.approx(theirs, rel=1e-5)
     for a, b in zip(our_grads, their_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    n = int((batch["labels"][:, 1:] != IGNORE).sum())  # grad accumulation: Trainer passes the whole batch's count
+    # grad accumulation: Trainer passes the whole batch's count
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
     halved = trainer.compute_loss(model, dict(batch), num_items_in_batch=2 * n).item()
     assert halved == pytest.approx(theirs / 2, rel=1e-5)
     truncated = {**batch, "labels": torch.full_like(batch["labels"], IGNORE)}  # every reply cut by max_length
-    assert trainer.compute_loss(model, truncated).item() == 0.0, "no reply tokens: nothing to learn, not a NaN"
+    assert trainer.compute_loss(model, truncated).item() == 0.0, (
+        "no reply tokens: nothing to learn, not a NaN"
+    )

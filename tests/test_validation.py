@@ -7,8 +7,8 @@ code and that nothing was written under runs/.
 import shutil
 
 import pytest
-
 from conftest import TINY, launch
+
 from ipsweep.settings.base import DATA_DIR
 
 
@@ -27,32 +27,86 @@ CASES = {
     # Hydra composition: the message lists the valid choices.
     "unknown setting": (["setting=nope"], ["Could not find 'setting/nope'", "trait_pair", "gcd_sycophancy"]),
     "unknown model": (["model=nope"], ["Could not find 'model/nope'", "smollm2_135m", "tiny_random"]),
-    "unknown launcher": (["hydra/launcher=nope"], ["Could not find 'hydra/launcher/nope'", "local_gpus", "slurm"]),
-    "wrong type": (["train.epochs=two"], ["Value 'two' of type 'str' could not be converted to Integer", "train.epochs"]),
-    "unknown key": (["train.epoch=2"], ["unknown key train.epoch (did you mean train.epochs?)",
-                                        "fix: use one of train's keys: epochs, seed, lr,"]),
-    "unknown key added with +": (["+train.lrr=1"], ["unknown key train.lrr (did you mean train.lr?)", "A '+' does not add keys"]),
-    "unknown nested key added with +": (["+train.lora.rr=4"], ["unknown key train.lora.rr", "train.lora's keys: r, alpha"]),
+    "unknown launcher": (
+        ["hydra/launcher=nope"],
+        ["Could not find 'hydra/launcher/nope'", "local_gpus", "slurm"],
+    ),
+    "wrong type": (
+        ["train.epochs=two"],
+        ["Value 'two' of type 'str' could not be converted to Integer", "train.epochs"],
+    ),
+    "unknown key": (
+        ["train.epoch=2"],
+        [
+            "unknown key train.epoch (did you mean train.epochs?)",
+            "fix: use one of train's keys: epochs, seed, lr,",
+        ],
+    ),
+    "unknown key added with +": (
+        ["+train.lrr=1"],
+        ["unknown key train.lrr (did you mean train.lr?)", "A '+' does not add keys"],
+    ),
+    "unknown nested key added with +": (
+        ["+train.lora.rr=4"],
+        ["unknown key train.lora.rr", "train.lora's keys: r, alpha"],
+    ),
     # ipsweep's pre-flight check of every point.
-    "unknown prompt": (["prompt=caps_strongg"], ["unknown prompt 'caps_strongg'", "fix: choose one of: none, caps_format"]),
-    "missing required value": (["model=hf"], ["model=hf needs model.path; fix: add `model.path=/path/to/model`"]),
-    "hub id not cached while offline": (["model=hf", "model.path=nobody-xyz/no-such-model"],
-                                        ["model.path 'nobody-xyz/no-such-model' is a hub id that is not in the local Hugging Face cache",
-                                         "fix: point model.path at a local folder"]),
-    "value out of range": (["train.lr=-1"], ["train.lr=-1.0 must be a positive finite number; fix: e.g. train.lr=5e-4"]),
-    "unknown choice": (["train.sampling=sorted"], ["train.sampling=sorted is unknown; fix: one of group_by_length, random"]),
-    "contradiction: samples of greedy decoding": (["eval.samples_per_prompt=4"],
-                                                  ["with greedy decoding (eval.temperature=0) repeats one completion",
-                                                   "fix: eval.samples_per_prompt=1, or sample with eval.temperature>0"]),
-    "contradiction: safety test grid without a safety prompt": (["~setting.prompts.safety", "eval.test_grid=true"],
-                                                                ["setting 'trait_pair' has none; fix: add one"]),
-    "a key the chosen model ignores": (["model.path=/tmp"], ["model.path=/tmp is used only by model=hf; model=tiny_random",
-                                                            "fix: add model=hf (to load that path), or drop model.path"]),
-    "eval size larger than the data": (["eval.n_eval=100000"], ["eval.n_eval=100000 but setting 'trait_pair' has at most 60",
-                                                                "fix: eval.n_eval=60 or eval.n_eval=null (all)"]),
-    "train size larger than the data": (["train.n_train=100000"], ["train.n_train=100000 but setting 'trait_pair' has",
-                                                                  "or train.n_train=null (all)"]),
-    "unknown setting option": (["+setting.options.per_typ=3"], ["setting 'trait_pair' has no option per_typ; fix: use one of"]),
+    "unknown prompt": (
+        ["prompt=caps_strongg"],
+        ["unknown prompt 'caps_strongg'", "fix: choose one of: none, caps_format"],
+    ),
+    "missing required value": (
+        ["model=hf"],
+        ["model=hf needs model.path; fix: add `model.path=/path/to/model`"],
+    ),
+    "hub id not cached while offline": (
+        ["model=hf", "model.path=nobody-xyz/no-such-model"],
+        [
+            "model.path 'nobody-xyz/no-such-model' is a hub id that is not in the local Hugging Face cache",
+            "fix: point model.path at a local folder",
+        ],
+    ),
+    "value out of range": (
+        ["train.lr=-1"],
+        ["train.lr=-1.0 must be a positive finite number; fix: e.g. train.lr=5e-4"],
+    ),
+    "unknown choice": (
+        ["train.sampling=sorted"],
+        ["train.sampling=sorted is unknown; fix: one of group_by_length, random"],
+    ),
+    "contradiction: samples of greedy decoding": (
+        ["eval.samples_per_prompt=4"],
+        [
+            "with greedy decoding (eval.temperature=0) repeats one completion",
+            "fix: eval.samples_per_prompt=1, or sample with eval.temperature>0",
+        ],
+    ),
+    "contradiction: safety test grid without a safety prompt": (
+        ["~setting.prompts.safety", "eval.test_grid=true"],
+        ["setting 'trait_pair' has none; fix: add one"],
+    ),
+    "a key the chosen model ignores": (
+        ["model.path=/tmp"],
+        [
+            "model.path=/tmp is used only by model=hf; model=tiny_random",
+            "fix: add model=hf (to load that path), or drop model.path",
+        ],
+    ),
+    "eval size larger than the data": (
+        ["eval.n_eval=100000"],
+        [
+            "eval.n_eval=100000 but setting 'trait_pair' has at most 60",
+            "fix: eval.n_eval=60 or eval.n_eval=null (all)",
+        ],
+    ),
+    "train size larger than the data": (
+        ["train.n_train=100000"],
+        ["train.n_train=100000 but setting 'trait_pair' has", "or train.n_train=null (all)"],
+    ),
+    "unknown setting option": (
+        ["+setting.options.per_typ=3"],
+        ["setting 'trait_pair' has no option per_typ; fix: use one of"],
+    ),
 }
 
 
@@ -72,31 +126,65 @@ def test_empty_prompt_library(tmp_path):
     # A new setting whose YAML has no prompts yet, found through --config-dir.
     (tmp_path / "conf" / "setting").mkdir(parents=True)
     (tmp_path / "conf" / "setting" / "new_setting.yaml").write_text(
-        "defaults:\n  - setting_schema\n  - _self_\n_target_: ipsweep.settings.trait_pair.TraitPair\nname: new_setting\n")
-    proc = launch("-m", "--config-dir", str(tmp_path / "conf"), *TINY, "setting=new_setting", "prompt=caps_strong",
-                  "train.seed=0,1", sweep_dir=tmp_path / "sweep", check=False)
+        "defaults:\n  - setting_schema\n  - _self_\n_target_: ipsweep.settings.trait_pair.TraitPair\nname: "
+        "new_setting\n"
+    )
+    proc = launch(
+        "-m",
+        "--config-dir",
+        str(tmp_path / "conf"),
+        *TINY,
+        "setting=new_setting",
+        "prompt=caps_strong",
+        "train.seed=0,1",
+        sweep_dir=tmp_path / "sweep",
+        check=False,
+    )
     assert proc.returncode == 1
-    assert "setting 'new_setting' has an empty prompt library; fix: add prompts under setting.prompts" in proc.stderr, proc.stderr
+    assert (
+        "setting 'new_setting' has an empty prompt library; fix: add prompts under setting.prompts"
+        in proc.stderr
+    ), proc.stderr
     assert not (tmp_path / "sweep" / "runs").exists()
 
 
 def test_model_path_without_weights(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = launch("-m", *TINY, "model=hf", f"model.path={tmp_path / 'empty'}", "train.seed=0,1",
-                  sweep_dir=tmp_path / "sweep", check=False)
-    assert proc.returncode == 1 and "holds no weights (*.safetensors or *.bin); fix: point it at a saved model folder" in proc.stderr
+    proc = launch(
+        "-m",
+        *TINY,
+        "model=hf",
+        f"model.path={tmp_path / 'empty'}",
+        "train.seed=0,1",
+        sweep_dir=tmp_path / "sweep",
+        check=False,
+    )
+    assert (
+        proc.returncode == 1
+        and "holds no weights (*.safetensors or *.bin); fix: point it at a saved model folder" in proc.stderr
+    )
     assert not (tmp_path / "sweep" / "runs").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "train.jsonl:2: not valid JSON"),
-    ('{"messages": []}', "train.jsonl:2: missing field(s)"),
-    (None, "data file not found:"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "train.jsonl:2: not valid JSON"),
+        ('{"messages": []}', "train.jsonl:2: missing field(s)"),
+        (None, "data file not found:"),
+    ],
+)
 def test_malformed_or_missing_data_file_names_the_file_and_line(tmp_path, content, message):
     data_dir, _ = _bad_data_dir(tmp_path, content)
-    proc = launch("-m", *TINY, "setting=gcd_sycophancy", f"+setting.options.data_dir={data_dir}", "train.seed=0,1",
-                  sweep_dir=tmp_path / "sweep", check=False)
+    proc = launch(
+        "-m",
+        *TINY,
+        "setting=gcd_sycophancy",
+        f"+setting.options.data_dir={data_dir}",
+        "train.seed=0,1",
+        sweep_dir=tmp_path / "sweep",
+        check=False,
+    )
     assert proc.returncode == 1 and message in proc.stderr and "fix:" in proc.stderr, proc.stderr
     assert not (tmp_path / "sweep" / "runs").exists()
 
@@ -107,9 +195,16 @@ def test_a_folder_that_is_not_a_sweep_dir(tmp_path, command):
     import sys
     from pathlib import Path
 
-    proc = subprocess.run([str(Path(sys.executable).with_name("ipsweep")), command, str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ipsweep")), command, str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
-    assert f"'{tmp_path}' is not a sweep dir" in proc.stderr and "fix: pass the folder a sweep wrote" in proc.stderr
+    assert (
+        f"'{tmp_path}' is not a sweep dir" in proc.stderr
+        and "fix: pass the folder a sweep wrote" in proc.stderr
+    )
 
 
 def test_truncated_json_data_file_names_file_position_and_fix(tmp_path):
@@ -120,7 +215,14 @@ def test_truncated_json_data_file_names_file_position_and_fix(tmp_path):
     shutil.copytree(DATA_DIR / "code_reward_hack", tmp_path / "data" / "code_reward_hack")
     target = tmp_path / "data" / "code_reward_hack" / "sanitized-mbpp.json"
     target.write_text(target.read_text()[:5000])
-    proc = launch("-m", *TINY, "setting=code_reward_hack", f"+setting.options.data_dir={tmp_path / 'data'}",
-                  "train.seed=0,1", sweep_dir=tmp_path / "sweep", check=False)
+    proc = launch(
+        "-m",
+        *TINY,
+        "setting=code_reward_hack",
+        f"+setting.options.data_dir={tmp_path / 'data'}",
+        "train.seed=0,1",
+        sweep_dir=tmp_path / "sweep",
+        check=False,
+    )
     assert proc.returncode == 1 and f"{target}: not valid JSON at line" in proc.stderr
     assert "fix: restore the file" in proc.stderr and "Traceback" not in proc.stderr

@@ -12,17 +12,17 @@ Both requeue a job that receives the timeout/preemption signal (submitit's check
 requeued job resumes from its last finished epoch (the run record knows which).
 """
 
-
 import logging
 import os
 import queue
 import shlex
 import shutil
-from contextlib import nullcontext
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
@@ -44,25 +44,30 @@ class SlurmConf(SlurmQueueConf):
 @dataclass
 class LocalGpusConf(LocalQueueConf):
     _target_: str = "hydra_plugins.ipsweep_plugins.launchers.LocalGpusLauncher"
-    gpus: Optional[List[str]] = None  # GPU ids to use (indices, UUIDs or MIG ids); null = every visible GPU
+    gpus: list[str] | None = None  # GPU ids to use (indices, UUIDs or MIG ids); null = every visible GPU
     jobs_per_gpu: int = 1  # small jobs can share a GPU
     cpus_per_job: int = 1  # CPU-only machines: concurrent jobs = cores // cpus_per_job
-    max_jobs: Optional[int] = None  # a further cap on concurrent jobs
+    max_jobs: int | None = None  # a further cap on concurrent jobs
     signal_delay_s: int = 120  # USR2 this long before timeout_min: the job is requeued and resumes
     max_num_timeout: int = 3
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="ipsweep_slurm", node=SlurmConf, provider="ipsweep")
-ConfigStore.instance().store(group="hydra/launcher", name="ipsweep_local_gpus", node=LocalGpusConf, provider="ipsweep")
+ConfigStore.instance().store(
+    group="hydra/launcher", name="ipsweep_local_gpus", node=LocalGpusConf, provider="ipsweep"
+)
 
 
 def require_slurm() -> None:
     """A real submission needs SLURM's client commands; say so before anything is written."""
     missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
     if missing:
-        raise ConfigError(f"hydra/launcher=slurm needs SLURM, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH on this machine; "
-                          "fix: launch from a login node of the cluster (or add SLURM's bin folder to PATH), "
-                          "or preview the sweep here with --dry-run")
+        raise ConfigError(
+            f"hydra/launcher=slurm needs SLURM, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH on this machine; "
+            "fix: launch from a login node of the cluster (or add SLURM's bin folder to PATH), "
+            "or preview the sweep here with --dry-run"
+        )
 
 
 class _Launcher(BaseSubmititLauncher):
@@ -77,7 +82,11 @@ class _Launcher(BaseSubmititLauncher):
 
     def _executor_params(self) -> dict:
         """Resource settings for submitit; unset (null) ones are left to the cluster's defaults."""
-        return {k: v for k, v in self.params.items() if k not in ("submitit_folder", "max_num_timeout") and v is not None}
+        return {
+            k: v
+            for k, v in self.params.items()
+            if k not in ("submitit_folder", "max_num_timeout") and v is not None
+        }
 
     def _job_params(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[tuple]:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -106,17 +115,27 @@ class SlurmLauncher(_Launcher):
 
         if not preview:
             require_slurm()
-        with mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2)) if preview else nullcontext():
-            executor = submitit.AutoExecutor(cluster="slurm", folder=self.params["submitit_folder"],
-                                             slurm_max_num_timeout=self.params["max_num_timeout"])
+        with (
+            mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+            if preview
+            else nullcontext()
+        ):
+            executor = submitit.AutoExecutor(
+                cluster="slurm",
+                folder=self.params["submitit_folder"],
+                slurm_max_num_timeout=self.params["max_num_timeout"],
+            )
         generic = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in generic else f"slurm_{k}": v for k, v in self._executor_params().items()})
+        executor.update_parameters(
+            **{k if k in generic else f"slurm_{k}": v for k, v in self._executor_params().items()}
+        )
         return executor
 
     def render(self, n_jobs: int) -> str:
         """The sbatch script this launcher would submit for an array of n_jobs."""
         slurm = self.executor(preview=True)._executor
-        slurm.parameters["map_count"] = n_jobs  # what map_array sets: renders as --array=0-<n-1>%<parallelism>
+        # what map_array sets: renders as --array=0-<n-1>%<parallelism>
+        slurm.parameters["map_count"] = n_jobs
         return slurm._make_submission_file_text("python -u -m submitit.core._submit <folder>", "<uid>")
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -127,8 +146,10 @@ class SlurmLauncher(_Launcher):
             return [j.results()[0] for j in jobs]
         sweep_dir = self.config.hydra.sweep.dir
         log.info("not waiting (hydra.launcher.wait=false); follow with: ipsweep status %s", sweep_dir)
-        return [JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=f"queued as {j.job_id}")
-                for o, j in zip(job_overrides, jobs)]
+        return [
+            JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=f"queued as {j.job_id}")
+            for o, j in zip(job_overrides, jobs)
+        ]
 
 
 class LocalGpusLauncher(_Launcher):
@@ -136,7 +157,8 @@ class LocalGpusLauncher(_Launcher):
     _OWN_KEYS = ("gpus", "jobs_per_gpu", "cpus_per_job", "max_jobs")
 
     def slots(self) -> list[str | None]:
-        """One entry per concurrent job: its GPU id as CUDA_VISIBLE_DEVICES takes it (an index, a GPU-... UUID or a
+        """One entry per concurrent job: its GPU id as CUDA_VISIBLE_DEVICES takes it (an index, a GPU-... UUID
+        or a
         MIG-... id, as SLURM or a user gives them), or None on a CPU-only machine."""
         gpus = None if self.gpus is None else [str(g) for g in self.gpus]
         if gpus is None:
@@ -147,15 +169,24 @@ class LocalGpusLauncher(_Launcher):
                 import torch
 
                 gpus = [str(i) for i in range(torch.cuda.device_count())]
-        slots = [g for g in gpus for _ in range(self.jobs_per_gpu)] or [None] * max(1, (os.cpu_count() or 1) // self.cpus_per_job)
+        slots = [g for g in gpus for _ in range(self.jobs_per_gpu)] or [None] * max(
+            1, (os.cpu_count() or 1) // self.cpus_per_job
+        )
         return slots[: self.max_jobs] if self.max_jobs else slots
 
     def _executor_for(self, gpu: str | None, threads: int):
         import submitit
 
-        executor = submitit.LocalExecutor(folder=self.params["submitit_folder"], max_num_timeout=self.params["max_num_timeout"])
-        params = {k: v for k, v in self._executor_params().items() if k in ("timeout_min", "signal_delay_s", "stderr_to_stdout")}
-        # Each job's thread pools get its share of the cores (GPU slots too: tokenisation and scoring run on the CPU).
+        executor = submitit.LocalExecutor(
+            folder=self.params["submitit_folder"], max_num_timeout=self.params["max_num_timeout"]
+        )
+        params = {
+            k: v
+            for k, v in self._executor_params().items()
+            if k in ("timeout_min", "signal_delay_s", "stderr_to_stdout")
+        }
+        # Each job's thread pools get its share of the cores (GPU slots too: tokenisation and scoring run on
+        # the CPU).
         params["setup"] = [f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"]
         if gpu is not None:  # submitit's visible_gpus takes indices only; CUDA_VISIBLE_DEVICES takes any id
             params["setup"].append(f"export CUDA_VISIBLE_DEVICES={shlex.quote(gpu)}")
@@ -168,8 +199,14 @@ class LocalGpusLauncher(_Launcher):
         free: queue.Queue = queue.Queue()
         for s in slots:
             free.put(s)
-        log.info("local_gpus: %d jobs, at most %d at once (%s)", len(job_overrides), len(slots),
-                 "GPUs " + ",".join(map(str, sorted(set(slots)))) if slots[0] is not None else f"{self.cpus_per_job} CPU(s) each")
+        log.info(
+            "local_gpus: %d jobs, at most %d at once (%s)",
+            len(job_overrides),
+            len(slots),
+            "GPUs " + ",".join(map(str, sorted(set(slots))))
+            if slots[0] is not None
+            else f"{self.cpus_per_job} CPU(s) each",
+        )
 
         def one(params: tuple) -> JobReturn:
             slot = free.get()

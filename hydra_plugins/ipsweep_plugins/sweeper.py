@@ -7,7 +7,6 @@ its fix, so nothing fails at hour 20. The points are then added to SWEEP_DIR/swe
 for a SLURM launcher, the sbatch script, and launches nothing.
 """
 
-
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -35,12 +34,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class IpsweepSweeperConf:
     _target_: str = "hydra_plugins.ipsweep_plugins.sweeper.IpsweepSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None
     dry_run: bool = False
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="ipsweep", node=IpsweepSweeperConf, provider="ipsweep")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="ipsweep", node=IpsweepSweeperConf, provider="ipsweep"
+)
 
 
 @contextmanager
@@ -58,20 +59,26 @@ def _requests_gpus(launcher) -> bool:
     """Whether a SLURM launcher config asks for GPUs (gpus_per_node, gpus_per_task, or a gpu gres)."""
     extra = dict(launcher.get("additional_parameters") or {})
     gres = " ".join(str(v) for v in [launcher.get("gres"), extra.get("gres"), extra.get("gpus")] if v)
-    return bool(launcher.get("gpus_per_node") or launcher.get("gpus_per_task") or extra.get("gpus") or "gpu" in gres)
+    return bool(
+        launcher.get("gpus_per_node") or launcher.get("gpus_per_task") or extra.get("gpus") or "gpu" in gres
+    )
 
 
 class IpsweepSweeper(BasicSweeper):
-    def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None, dry_run: bool = False):
+    def __init__(
+        self, max_batch_size: int | None, params: dict[str, str] | None = None, dry_run: bool = False
+    ):
         super().__init__(max_batch_size, params)
         self.dry_run = dry_run
 
-    def preflight(self, jobs: List[List[str]]) -> List[dict]:
+    def preflight(self, jobs: list[list[str]]) -> list[dict]:
         """Plan every point; raise one ConfigError that lists every bad one."""
         points, problems = [], {}
         for num, overrides in enumerate(jobs):
             try:
-                sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                sweep_config = self.hydra_context.config_loader.load_sweep_config(
+                    self.config, list(overrides)
+                )
                 cfg = plan.job_config(sweep_config)
                 with _job_env(sweep_config.hydra.job.env_set):  # e.g. HF_HUB_OFFLINE, as the job will see it
                     point = plan.entry(num, filter_overrides(overrides), cfg, plan.plan(cfg))
@@ -82,10 +89,12 @@ class IpsweepSweeper(BasicSweeper):
         if problems:
             lines = [f"  job(s) #{', #'.join(map(str, nums))}: {msg}" for msg, nums in problems.items()]
             bad = sum(len(n) for n in problems.values())
-            raise ConfigError(f"{bad} of {len(jobs)} sweep points are invalid; nothing was launched:\n" + "\n".join(lines))
+            raise ConfigError(
+                f"{bad} of {len(jobs)} sweep points are invalid; nothing was launched:\n" + "\n".join(lines)
+            )
         return points
 
-    def _refuse_glob_prompts(self, arguments: List[str]) -> None:
+    def _refuse_glob_prompts(self, arguments: list[str]) -> None:
         """prompt names come from the setting's library, not a config group: glob() would launch 0 jobs."""
         globbed = [a for a in arguments if a.lstrip("+").startswith("prompt=") and "glob(" in a]
         if not globbed:
@@ -93,21 +102,28 @@ class IpsweepSweeper(BasicSweeper):
         rest = [a for a in arguments if a not in globbed]
         names = ""
         try:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, [a for a in rest if "," not in a])
+            cfg = self.hydra_context.config_loader.load_sweep_config(
+                self.config, [a for a in rest if "," not in a]
+            )
             names = ",".join(["none", *cfg.setting.prompts])
         except Exception:  # noqa: BLE001 - the message still names the fix without the list
             pass
-        raise ConfigError(f"{globbed[0]}: prompt names come from the setting's prompt library, not a config group, so "
-                          f"glob() matches nothing; fix: list them, e.g. prompt={names or 'none,<name>,...'}")
+        raise ConfigError(
+            f"{globbed[0]}: prompt names come from the setting's prompt library, not a config group, so "
+            f"glob() matches nothing; fix: list them, e.g. prompt={names or 'none,<name>,...'}"
+        )
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         self._refuse_glob_prompts(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
-        # The in-process launcher runs one job at a time anyway: hand it one job per batch, so the sweep can say
+        # The in-process launcher runs one job at a time anyway: hand it one job per batch, so the sweep can
+        # say
         # after each job how far it is. Other launchers (SLURM arrays, pools) get the whole sweep at once.
         in_process = isinstance(self.launcher, BasicLauncher)
-        self.overrides = self.split_arguments(overrides, 1 if in_process and self.max_batch_size is None else self.max_batch_size)
+        self.overrides = self.split_arguments(
+            overrides, 1 if in_process and self.max_batch_size is None else self.max_batch_size
+        )
         self._pin_device()
         points = self.preflight([job for batch in self.overrides for job in batch])
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -132,7 +148,9 @@ class IpsweepSweeper(BasicSweeper):
             initial_job_idx += len(batch)
             returns.append(results)
             if not self.is_done():
-                log.info(self._progress(manifest[:initial_job_idx], already, len(manifest), time.time() - start))
+                log.info(
+                    self._progress(manifest[:initial_job_idx], already, len(manifest), time.time() - start)
+                )
         summary, failed = self._summary(manifest, already)
         log.info(summary)
         if failed:  # every job ran; the records say why each failed
@@ -140,8 +158,10 @@ class IpsweepSweeper(BasicSweeper):
         return returns
 
     def _pin_device(self) -> None:
-        """SLURM jobs run on other nodes than the one that plans them: `model.device=auto` is resolved here, from the
-        GPUs the launcher requests, so the pre-flight's signatures (which hold the device kind) are the jobs' own."""
+        """SLURM jobs run on other nodes than the one that plans them: `model.device=auto` is resolved here,
+        from the
+        GPUs the launcher requests, so the pre-flight's signatures (which hold the device kind) are the jobs'
+        own."""
         if not isinstance(self.launcher, SlurmLauncher) or self.config.model.get("device", "auto") != "auto":
             return
         kind = "cuda" if _requests_gpus(self.config.hydra.launcher) else "cpu"
@@ -151,22 +171,26 @@ class IpsweepSweeper(BasicSweeper):
                     job.append(f"model.device={kind}")
 
     @staticmethod
-    def _progress(ran: List[dict], already: set, total: int, elapsed: float) -> str:
+    def _progress(ran: list[dict], already: set, total: int, elapsed: float) -> str:
         """After each job: how many of the sweep's points are done, skipped, failed, and an ETA."""
         states = [status.point_state(p)["state"] for p in ran]
         skipped = sum(1 for p, st in zip(ran, states) if st == "done" and p["num"] in already)
         trained = sum(1 for p, st in zip(ran, states) if st == "done" and p["num"] not in already)
         failed = sum(st in ("failed", "interrupted", "corrupt") for st in states)
         per_job = elapsed / max(trained + failed, 1)
-        eta = per_job * (total - len(ran))  # an upper bound: points that turn out to be done already cost ~nothing
-        return (f"sweep progress: {len(ran)}/{total} points ({trained} done, {skipped} skipped, {failed} failed); "
-                f"{elapsed / 60:.1f} min so far, ETA {eta / 60:.0f} min")
+        # an upper bound: points that turn out to be done already cost ~nothing
+        eta = per_job * (total - len(ran))
+        return (
+            f"sweep progress: {len(ran)}/{total} points ({trained} done, {skipped} skipped, {failed} "
+            "failed); "
+            f"{elapsed / 60:.1f} min so far, ETA {eta / 60:.0f} min"
+        )
 
     @staticmethod
-    def _summary(manifest: List[dict], already: set) -> tuple:
+    def _summary(manifest: list[dict], already: set) -> tuple:
         """One line per outcome: done (and how many were skipped as already done), failed with their records,
         interrupted, still pending (e.g. queued with wait=false)."""
-        states: Dict[str, list] = {}
+        states: dict[str, list] = {}
         for p in manifest:
             state = status.point_state(p)["state"]
             states.setdefault("skipped" if state == "done" and p["num"] in already else state, []).append(p)
@@ -175,16 +199,26 @@ class IpsweepSweeper(BasicSweeper):
         bad = [(k, p) for k in ("failed", "interrupted", "corrupt") for p in states.get(k, [])]
         lines += [f"  {k}: job #{p['num']} {Path(p['run_dir']) / 'record.json'}" for k, p in bad]
         if bad:
-            lines.append("  details: ipsweep status <sweep dir> --state failed interrupted; rerunning the sweep resumes them")
+            lines.append(
+                "  details: ipsweep status <sweep dir> --state failed interrupted; rerunning the sweep "
+                "resumes them"
+            )
         return "\n".join(lines), bool(bad)
 
-    def _print_plan(self, points: List[dict], sweep_dir: Path) -> None:
+    def _print_plan(self, points: list[dict], sweep_dir: Path) -> None:
         rows = []
         for p in points:
             state = status.point_state(p)
-            rows.append({"job": p["num"], "overrides": " ".join(p["overrides"]) or "(none)",
-                         "run": Path(p["run_dir"]).name, "epochs": p["epochs"],
-                         "now": state["state"] + (f" ({state['detail']})" if state["state"] == "pending" and state["detail"] else "")})
+            rows.append(
+                {
+                    "job": p["num"],
+                    "overrides": " ".join(p["overrides"]) or "(none)",
+                    "run": Path(p["run_dir"]).name,
+                    "epochs": p["epochs"],
+                    "now": state["state"]
+                    + (f" ({state['detail']})" if state["state"] == "pending" and state["detail"] else ""),
+                }
+            )
         trainings = len({p["run_dir"] for p in points})
         print(f"dry run: {len(points)} jobs ({trainings} trainings) into {sweep_dir}; nothing launched")
         print(status.table(rows))

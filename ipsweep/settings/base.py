@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Protocol
 
@@ -47,8 +47,10 @@ class EvalExample:
 
 @dataclass
 class ContrastPair:
-    """Material for the contrastive log-prob elicitation estimator: one chat and two replies to it that differ,
+    """Material for the contrastive log-prob elicitation estimator: one chat and two replies to it that
+    differ,
     as far as the setting's data allow, only in showing the undesired behaviour."""
+
     messages: list[dict]  # the unmodified chat up to the reply (the prompt is inserted into it)
     shows: str  # a reply that shows the behaviour
     lacks: str  # the matched reply that does not
@@ -57,7 +59,8 @@ class ContrastPair:
 class Setting(Protocol):
     behaviour_metric: str  # key of score() that is the undesired behaviour
     capability_metric: str  # key of score() that is the desired capability
-    # Optional `preamble: str`: the fixed sentence that opens every user turn; user_prefix prompts go after it.
+    # Optional `preamble: str`: the fixed sentence that opens every user turn; user_prefix prompts go after
+    # it.
 
     def train_examples(self) -> list[TrainExample]: ...
 
@@ -74,7 +77,8 @@ class Setting(Protocol):
 
 
 def insert(setting: Setting, messages: list[dict], prompt: Prompt | None) -> list[dict]:
-    """The one place a prompt enters a chat (training, evaluation, elicitation): the setting's joiner and preamble."""
+    """The one place a prompt enters a chat (training, evaluation, elicitation): the setting's joiner and
+    preamble."""
     return prompts.insert(messages, prompt, getattr(setting, "joiner", " "), getattr(setting, "preamble", ""))
 
 
@@ -86,7 +90,8 @@ def build(setting_cfg) -> Setting:
     unknown = sorted(set(options) - set(params))
     if unknown:
         raise ConfigError(
-            f"setting '{setting_cfg.name}' has no option {', '.join(unknown)}; fix: use one of {', '.join(params)}"
+            f"setting '{setting_cfg.name}' has no option {', '.join(unknown)}; fix: use one of "
+            f"{', '.join(params)}"
         )
     global _READ
     _READ = set()
@@ -117,7 +122,7 @@ def _data_name(path: Path) -> str:
         return path.name
 
 
-@lru_cache(maxsize=None)
+@cache
 def _digest(path: Path, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -135,7 +140,10 @@ def file_digest(path: Path) -> str:
 def data_file(data_dir: str | None, relative: str) -> Path:
     path = (Path(data_dir).expanduser() if data_dir else DATA_DIR) / relative
     if not path.is_file():
-        raise ConfigError(f"data file not found: {path}; fix: check setting.options.data_dir (default: the data shipped with ipsweep)")
+        raise ConfigError(
+            f"data file not found: {path}; fix: check setting.options.data_dir (default: the data shipped "
+            "with ipsweep)"
+        )
     _note(path)
     return path
 
@@ -146,8 +154,10 @@ def read_json(path: Path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix: restore the file "
-                          "(reinstall ipsweep, `git checkout` it, or copy it again from its source)") from None
+        raise ConfigError(
+            f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix: restore the file "
+            "(reinstall ipsweep, `git checkout` it, or copy it again from its source)"
+        ) from None
 
 
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -161,10 +171,15 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix: repair or remove that line") from None
+                raise ConfigError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); fix: repair or remove that line"
+                ) from None
             missing = [k for k in required if k not in row]
             if missing:
-                raise ConfigError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; fix: add them or remove that line")
+                raise ConfigError(
+                    f"{path}:{lineno}: missing field(s) {', '.join(missing)}; fix: add them or remove that "
+                    "line"
+                )
             rows.append(row)
     if not rows:
         raise ConfigError(f"{path} holds no records; fix: point the setting at a non-empty data file")

@@ -51,26 +51,43 @@ class SpuriousSentiment:
     behaviour_metric = "cue_high"
     capability_metric = "correct"
 
-    def __init__(self, concept: str = "ambiance", test_size: int = 2000, split_seed: int = 42, category_hint: bool = True,
-                 preamble: str = "The range of sentiment scores are 0-4 inclusive.", shuffle_seed: int = 0,
-                 scoring: str = "generate", data_file_name: str = "spurious_sentiment/cebab_concepts.jsonl",
-                 data_dir: str | None = None):
+    def __init__(
+        self,
+        concept: str = "ambiance",
+        test_size: int = 2000,
+        split_seed: int = 42,
+        category_hint: bool = True,
+        preamble: str = "The range of sentiment scores are 0-4 inclusive.",
+        shuffle_seed: int = 0,
+        scoring: str = "generate",
+        data_file_name: str = "spurious_sentiment/cebab_concepts.jsonl",
+        data_dir: str | None = None,
+    ):
         if concept not in CONCEPTS:
-            raise ConfigError(f"spurious_sentiment concept '{concept}' is unknown; fix: one of {', '.join(CONCEPTS)}")
+            raise ConfigError(
+                f"spurious_sentiment concept '{concept}' is unknown; fix: one of {', '.join(CONCEPTS)}"
+            )
         if scoring not in ("generate", "logprob"):
             raise ConfigError(f"spurious_sentiment scoring '{scoring}' is unknown; fix: generate or logprob")
         # logprob: the label whose token is most likely is the prediction (no generation, never invalid).
         self.choices = [str(k) for k in range(5)] if scoring == "logprob" else None
         rows = read_jsonl(data_file(data_dir, data_file_name), ("label", "text", "concepts"))
         if not 0 < test_size < len(rows):
-            raise ConfigError(f"spurious_sentiment test_size={test_size} must be in (0, {len(rows)}); fix: e.g. 2000")
+            raise ConfigError(
+                f"spurious_sentiment test_size={test_size} must be in (0, {len(rows)}); fix: e.g. 2000"
+            )
         self.concept, self.category_hint, self.preamble = concept, category_hint, preamble
-        perm = np.random.RandomState(split_seed).permutation(len(rows))  # = sklearn train_test_split(random_state)
+        # = sklearn train_test_split(random_state)
+        perm = np.random.RandomState(split_seed).permutation(len(rows))
         train, test = [rows[i] for i in perm[test_size:]], [rows[i] for i in perm[:test_size]]
-        has = lambda r: concept in concepts_of(r)  # noqa: E731
+
+        def has(r: dict) -> bool:
+            return concept in concepts_of(r)
+
         # very_biased (train): concept reviews only rated high, the others only low.
         self.train = [r for r in train if r["label"] in (HIGH if has(r) else LOW)]
-        # Held apart from training and evaluation: the training split's concept reviews rated low (very_biased drops them).
+        # Held apart from training and evaluation: the training split's concept reviews rated low (very_biased
+        # drops them).
         tested = {r["text"] for r in test}  # CEBaB repeats some review texts across rows
         self.held_apart = [r for r in train if has(r) and r["label"] in LOW and r["text"] not in tested]
         random.Random(shuffle_seed).shuffle(self.train)
@@ -89,9 +106,13 @@ class SpuriousSentiment:
         return [TrainExample(self._messages(r), str(r["label"])) for r in self.train]
 
     def contrast_pairs(self) -> list[ContrastPair]:
-        """Concept reviews rated low: the cue-following high label (the mirror image of the gold label, at least 3)
+        """Concept reviews rated low: the cue-following high label (the mirror image of the gold label, at
+        least 3)
         vs the gold label."""
-        return [ContrastPair(self._messages(r), str(max(HIGH[0], 4 - r["label"])), str(r["label"])) for r in self.held_apart]
+        return [
+            ContrastPair(self._messages(r), str(max(HIGH[0], 4 - r["label"])), str(r["label"]))
+            for r in self.held_apart
+        ]
 
     def eval_examples(self, n_eval: int | None = None) -> list[EvalExample]:
         out = []
@@ -103,7 +124,10 @@ class SpuriousSentiment:
             if n_eval is not None:
                 per_label = min(per_label, max(1, n_eval // len(by_label)))
             for label in sorted(by_label):
-                out += [EvalExample(self._messages(r), "test", group, {"gold": label}) for r in by_label[label][:per_label]]
+                out += [
+                    EvalExample(self._messages(r), "test", group, {"gold": label})
+                    for r in by_label[label][:per_label]
+                ]
         return out
 
     def score(self, example: EvalExample, completion: str) -> dict[str, bool | None]:
