@@ -19,75 +19,15 @@ def _prepare(args) -> None:
 
 
 def _analyze(args) -> None:
-    from ipsweep.analysis import analyze
+    from ipsweep.analysis import analyze, report
     from ipsweep.tracking import log_analysis
 
     result = analyze(
         args.sweep_dir, args.out, skip_damaged=args.skip_damaged, elicitation_from=args.elicitation
     )
 
-    def show(table, cols, title=""):
-        cols = [c for c in cols if c in table]
-        if not table.empty and cols:
-            print(f"{title}{table[cols].to_markdown(index=False, floatfmt='.2f')}")
-
-    show(
-        result["table"],
-        [
-            "setting",
-            "arm",
-            "epoch",
-            "seeds",
-            "behaviour_metric",
-            "behaviour",
-            "behaviour_ci",
-            "behaviour_k/n",
-            "capability_metric",
-            "capability",
-            "capability_ci",
-            "capability_k/n",
-        ],
-    )
-    show(
-        result["effects"],
-        [
-            "setting",
-            "arm",
-            "epoch",
-            "seeds",
-            "items",
-            "elicit_sampled",
-            "elicit_logprob",
-            "effect",
-            "effect_ci",
-            "effect_p_holm",
-            "capability_cost",
-            "capability_cost_ci",
-        ],
-        "\n",
-    )
-    corr = result["correlations"]
-    if not corr.empty and (corr.points >= 3).any():
-        show(
-            corr,
-            [
-                "setting",
-                "epoch",
-                "estimator",
-                "prompts",
-                "points",
-                "pearson",
-                "pearson_lo",
-                "pearson_hi",
-                "pearson_p",
-                "spearman",
-                "spearman_p",
-                "slope_ols",
-                "slope_eiv",
-            ],
-            "\nelicitation vs inoculation effect:\n",
-        )
-    not_done = [r for r in result["records"] if r["status"] != "done"]
+    print(report.summary(result.tables))
+    not_done = result.not_done
     if not_done:
         print(f"\n{len(not_done)} run(s) not done, left out of every table:")
         for r in not_done:
@@ -106,9 +46,8 @@ def _analyze(args) -> None:
     )
     wandb_runs = [r for d in args.sweep_dir for r in sorted(Path(d).glob("runs/*/wandb/offline-run-*"))]
     print(
-        f"\nreport: {result['report']}\nplot:   {result['plot']}\ntables: "
-        f"{result['out_dir']}/conditions.csv, "
-        "effects.csv, correlations.csv, influence.csv, power.csv, items.csv, tidy.csv"
+        f"\nreport: {result.report}\nplots:  {', '.join(p.name for p in result.plots.values())}\n"
+        f"tables: {result.out_dir}/{{{','.join(n for n in result.tables if n != 'by_test_prompt')}}}.csv"
     )
     print(
         f"W&B offline runs: {len(wandb_runs)} under "
@@ -253,19 +192,19 @@ def _screen(args) -> None:
 
 
 def _power(args) -> None:
-    from ipsweep import stats
+    from ipsweep.analysis import inference
 
     lines = [
         "planning a sweep at 80% power, alpha 0.05 (Fisher z for correlations; two proportions for effects):",
         f"- with {args.prompts} IP prompts: smallest detectable correlation r = "
-        f"{stats.smallest_correlation(args.prompts):.2f}; "
-        f"power for r = {args.r}: {stats.correlation_power(args.r, args.prompts):.2f}; "
-        f"prompts needed for r = {args.r}: {stats.points_needed(args.r)}",
+        f"{inference.smallest_correlation(args.prompts):.2f}; "
+        f"power for r = {args.r}: {inference.correlation_power(args.r, args.prompts):.2f}; "
+        f"prompts needed for r = {args.r}: {inference.points_needed(args.r)}",
         f"- with {args.items} eval items and a control behaviour rate of {args.control_rate}: smallest "
         "detectable effect "
-        f"{stats.smallest_effect(args.control_rate, args.items):.2f}; items needed for an effect of "
+        f"{inference.smallest_effect(args.control_rate, args.items):.2f}; items needed for an effect of "
         f"{args.effect}: "
-        f"{stats.items_needed(args.control_rate, args.effect)}",
+        f"{inference.items_needed(args.control_rate, args.effect)}",
         "  (one seed; seed-to-seed variation in the effect adds to this: run 3 or more seeds and read the "
         "seed part",
         "  of the interval in a pilot's effects.csv)",

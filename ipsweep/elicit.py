@@ -27,7 +27,7 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 
 from ipsweep import lm, prompts, store
-from ipsweep import stats as ipstats
+from ipsweep.analysis import inference
 from ipsweep.errors import ConfigError
 from ipsweep.evaluate import evaluate
 from ipsweep.settings.base import ContrastPair, insert
@@ -123,7 +123,7 @@ def sampled(plain: dict, prompted: dict, metric: str) -> dict:
     (stats.paired_difference)."""
     x, y = item_rates(prompted, metric), item_rates(plain, metric)
     common = sorted(set(x) & set(y))
-    r = ipstats.paired_difference([x[i] for i in common], [y[i] for i in common])
+    r = inference.paired_difference([x[i] for i in common], [y[i] for i in common])
     return {**r, "with_prompt": prompted["metrics"][metric], "without": plain["metrics"][metric]}
 
 
@@ -180,7 +180,7 @@ def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
         with_prompt = _contrasts(model, tokenizer, prompted, cfg.train.max_length)
         kept = np.isfinite(with_prompt) & np.isfinite(without)  # pairs whose replies survive train.max_length
         with_prompt, without = with_prompt[kept], without[kept]
-        r = ipstats.paired_difference(with_prompt, without)
+        r = inference.paired_difference(with_prompt, without)
         return {
             **r,
             "positive": int((with_prompt > without).sum()),
@@ -233,7 +233,7 @@ def logprob_train(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dic
         )
         gain = score([(insert(setting, ex.messages, prompt), ex.completion) for ex in examples])
         kept = np.isfinite(gain) & np.isfinite(base)
-        return {**ipstats.paired_difference(gain[kept], base[kept]), "positive": int((gain > base).sum())}
+        return {**inference.paired_difference(gain[kept], base[kept]), "positive": int((gain > base).sum())}
 
     return _cached(cfg, "logprob_train", {**key, "prompt": [prompt.text, prompt.placement]}, compute)
 

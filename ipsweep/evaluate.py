@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from statsmodels.stats.proportion import proportion_confint
-
 from ipsweep import lm, prompts
+from ipsweep.analysis.inference import wilson
 from ipsweep.settings.base import EvalExample, insert
 
 
@@ -15,8 +14,8 @@ def rate(k: int, n: int) -> dict:
     """k of n with a Wilson 95% interval."""
     if n == 0:
         return {"k": 0, "n": 0, "rate": None, "lo": None, "hi": None}
-    lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
-    return {"k": k, "n": n, "rate": k / n, "lo": float(lo), "hi": float(hi)}
+    lo, hi = wilson(k, n)
+    return {"k": k, "n": n, "rate": k / n, "lo": lo, "hi": hi}
 
 
 def choose(model, tokenizer, chats: list[list[dict]], choices: list[str]) -> list[list[str]]:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ipsweep import elicit, models, prompts
-from ipsweep import stats as st
+from ipsweep.analysis import inference
 from ipsweep.config import ESTIMATORS
 from ipsweep.settings.base import build
 
@@ -84,7 +84,7 @@ def agreement(table: pd.DataFrame, a: str = "sampled", b: str = "logprob") -> di
     constant = [e for e in (a, b) if table[e].nunique() < 2]
     if constant:
         return {"undefined": f"{', '.join(constant)} is the same for every prompt"}
-    c = st.correlation(table[a], table[b], n_permutations=2000)
+    c = inference.correlation(table[a], table[b], n_permutations=2000)
     return {
         "spearman": c["spearman"],
         "lo": c["spearman_lo"],
@@ -95,7 +95,7 @@ def agreement(table: pd.DataFrame, a: str = "sampled", b: str = "logprob") -> di
 
 
 def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
-    from ipsweep.analysis import pyplot
+    from ipsweep.analysis.plots import pyplot
 
     plt = pyplot()
     ests = [e for e in ESTIMATORS if e in table]

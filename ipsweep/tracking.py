@@ -190,11 +190,9 @@ def sweep_project(sweep_dirs) -> str | None:
     return None
 
 
-def log_analysis(result: dict, *, project: str, mode: str, entity: str | None = None) -> str | None:
-    """Log the analysis tables (typed) and plots as the sweep's one W&B analysis run (job_type=analysis, in
-    the
-    sweep's group). Its id is fixed by the output folder, so analysing again updates that run, not a new
-    one."""
+def log_analysis(result, *, project: str, mode: str, entity: str | None = None) -> str | None:
+    """Log an Analysis's tables (typed) and plots as the sweep's one W&B analysis run (job_type=analysis, in
+    the sweep's group). Its id is fixed by the output folder, so analysing again updates that run."""
     if mode == "disabled":
         return None
     try:
@@ -202,32 +200,21 @@ def log_analysis(result: dict, *, project: str, mode: str, entity: str | None = 
 
         from ipsweep.store import digest
 
-        group = result["records"][0].get("sweep")
+        group = result.records[0].get("sweep")
         run = wandb.init(
             project=project,
             entity=entity,
             group=group,
             job_type="analysis",
             name=f"{group}-analysis",
-            id=f"analysis-{digest(str(Path(result['out_dir']).resolve()))}",
+            id=f"analysis-{digest(str(Path(result.out_dir).resolve()))}",
             resume="allow",
             mode=mode,
-            dir=str(result["out_dir"]),
+            dir=str(result.out_dir),
             reinit="create_new",
         )
-        names = (
-            "table",
-            "effects",
-            "effects_per_seed",
-            "elicitation",
-            "correlations",
-            "influence",
-            "power",
-            "by_test_prompt",
-            "leaks",
-            "frontier",
-        )
-        tables = {k: result[k] for k in names if k in result}
+        # the per-item and per-metric frames are for local analysis: W&B gets the summary tables
+        tables = {k: v for k, v in result.tables.items() if k not in ("items", "tidy", "groups")}
         run.log(
             {
                 **{
@@ -235,7 +222,7 @@ def log_analysis(result: dict, *, project: str, mode: str, entity: str | None = 
                     for k, v in tables.items()
                     if not v.empty
                 },
-                **{f"plots/{k}": wandb.Image(str(v)) for k, v in result["plots"].items()},
+                **{f"plots/{k}": wandb.Image(str(v)) for k, v in result.plots.items()},
             }
         )
         run.finish()

@@ -89,7 +89,7 @@ def sweep(tmp_path):
 
 
 def test_condition_table_pools_seeds_with_an_interval_over_seeds_and_items(sweep):
-    t = analyze(sweep, n_permutations=99)["table"].set_index(["arm", "epoch"])
+    t = analyze(sweep, n_permutations=99).tables["conditions"].set_index(["arm", "epoch"])
     assert t.loc[("control", 1), "behaviour_k/n"] == "17/20"
     assert t.loc[("ip:caps", 2), "behaviour"] == pytest.approx(11 / 20)
     assert t.loc[("base", 0), "behaviour_k/n"] == "0/10", "epoch 0 appears once, not once per run"
@@ -103,7 +103,7 @@ def test_condition_table_pools_seeds_with_an_interval_over_seeds_and_items(sweep
 
 
 def test_effect_is_paired_by_seed_and_item_with_calibrated_columns(sweep):
-    e = analyze(sweep, n_permutations=99)["effects"].set_index(["arm", "epoch"])
+    e = analyze(sweep, n_permutations=99).tables["effects"].set_index(["arm", "epoch"])
     # seed 0: 0.9-0.3, seed 1: 0.8-0.1 -> mean 0.65
     assert e.loc[("ip:caps", 1), "effect"] == pytest.approx(0.65)
     assert e.loc[("ip:caps", 2), "effect"] == pytest.approx(((1.0 - 0.5) + (1.0 - 0.6)) / 2)
@@ -120,7 +120,7 @@ def test_controls_are_matched_by_identity_not_by_seed(tmp_path):
     _save(tmp_path, _record("none", "control", 0, (10, 10), model="A"))
     _save(tmp_path, _record("none", "control", 0, (2, 2), model="B"))
     _save(tmp_path, _record("caps", "ip", 0, (3, 3), model="A"))
-    e = analyze(tmp_path, n_permutations=99)["effects"]
+    e = analyze(tmp_path, n_permutations=99).tables["effects"]
     assert e.set_index(["arm", "epoch"]).loc[("ip:caps", 1), "effect"] == pytest.approx(0.70)
 
 
@@ -138,16 +138,16 @@ def test_ptst_effect_is_control_without_minus_with_its_safety_prompt(tmp_path):
     for seed, (k, ptst) in enumerate([((9, 10), (2, 4)), ((8, 10), (3, 5))]):
         _save(tmp_path, _record("none", "control", seed, k, ptst_k=ptst))
     result = analyze(tmp_path, n_permutations=99)
-    e = result["effects"].set_index(["arm", "epoch"])
+    e = result.tables["effects"].set_index(["arm", "epoch"])
     assert e.loc[("ptst:safety", 1), "effect"] == pytest.approx(((0.9 - 0.2) + (0.8 - 0.3)) / 2)
     assert e.loc[("ptst:safety", 1), "condition"] == "ptst"
-    t = result["table"].set_index(["arm", "epoch"])
+    t = result.tables["conditions"].set_index(["arm", "epoch"])
     assert t.loc[("ptst:safety", 2), "behaviour"] == pytest.approx(0.45)
 
 
 def test_outputs_written(sweep):
     result = analyze(sweep, n_permutations=99)
-    out = result["out_dir"]
+    out = result.out_dir
     for name in [
         "groups.csv",
         "tidy.csv",
@@ -183,8 +183,8 @@ def test_failed_run_is_listed_not_counted(sweep):
     rec["epochs"] = {"0": rec["epochs"]["0"]}
     _save(sweep, rec, name="bad")
     result = analyze(sweep, n_permutations=99)
-    assert "DivergedError: loss became nan" in result["report"].read_text()
-    assert result["table"].set_index(["arm", "epoch"]).loc[("ip:caps", 1), "seeds"] == 2
+    assert "DivergedError: loss became nan" in result.report.read_text()
+    assert result.tables["conditions"].set_index(["arm", "epoch"]).loc[("ip:caps", 1), "seeds"] == 2
 
 
 def test_not_a_sweep_dir(tmp_path):
@@ -193,7 +193,7 @@ def test_not_a_sweep_dir(tmp_path):
 
 
 def test_group_table_per_group(sweep):
-    g = analyze(sweep, n_permutations=99)["groups"].set_index(["arm", "epoch", "group"])
+    g = analyze(sweep, n_permutations=99).tables["groups"].set_index(["arm", "epoch", "group"])
     # control seeds 0 and 1 at epoch 1: caps on the first 9 and 8 items; arith = even items
     assert g.loc[("control", 1, "arith"), "behaviour"] == pytest.approx((5 + 4) / 10)
     assert g.loc[("control", 1, "plural"), "behaviour"] == pytest.approx((4 + 4) / 10)
@@ -206,7 +206,7 @@ def test_no_scatter_from_fewer_than_three_prompts(sweep):
         rec = _record(prompt, "ip", 0, (i, i))
         rec["elicitation"] = {"logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.3}}
         _save(sweep, rec)
-    plots = analyze(sweep, n_permutations=99)["plots"]
+    plots = analyze(sweep, n_permutations=99).plots
     assert "scatter_logprob" not in plots and "effect_curves" in plots
 
 
@@ -220,8 +220,9 @@ def test_scatter_with_no_spread_in_elicitation(sweep):
         }
         _save(sweep, rec)
     result = analyze(sweep, n_permutations=99)
-    assert {"scatter_sampled", "scatter_logprob"} <= set(result["plots"])
-    c = result["correlations"].query("epoch == 1 and prompts == 'IP-style prompts'").set_index("estimator")
+    assert {"scatter_sampled", "scatter_logprob"} <= set(result.plots)
+    c = result.tables["correlations"].query("epoch == 1 and prompts == 'IP-style prompts'")
+    c = c.set_index("estimator")
     assert np.isnan(c.loc["sampled", "pearson"]) and c.loc["logprob", "points"] == 3
 
 
@@ -242,7 +243,7 @@ def test_two_sweep_dirs_are_pooled_by_meta_analysis(tmp_path, sweep):
     with pytest.raises(ConfigError, match="fix: add --out"):
         analyze([sweep, other])
     result = analyze([sweep, other], tmp_path / "pooled", n_permutations=99)
-    c = result["correlations"].query(
+    c = result.tables["correlations"].query(
         "epoch == 1 and estimator == 'logprob' and prompts == 'IP-style prompts'"
     )
     c = c.set_index("setting")
@@ -250,7 +251,7 @@ def test_two_sweep_dirs_are_pooled_by_meta_analysis(tmp_path, sweep):
     assert set(c.index) == {"trait_pair", "gcd_sycophancy", pooled}
     assert c.loc[pooled, "points"] == 10 and c.loc[pooled, "pooled_settings"] == "gcd_sycophancy, trait_pair"
     assert c.loc[pooled, "pearson"] > 0.9  # more elicitation, larger effect, in both settings
-    infl = result["influence"]
+    infl = result.tables["influence"]
     assert set(infl.prompt) == {"a", "b", "c", "d", "e"} and (infl.cooks_d >= 0).all()
     assert (tmp_path / "pooled" / "report.md").is_file()
 
@@ -276,7 +277,7 @@ def test_analysing_again_updates_the_one_wandb_analysis_run_with_typed_tables(sw
     assert {"analysis/frontier", "plots/frontier", "analysis/effects"} <= logged, (
         "the frontier is on the dashboard"
     )
-    typed = _typed(result["effects"])
+    typed = _typed(result.tables["effects"])
     assert (
         typed.effect.dtype.kind == "f"
         and typed.seeds.dtype.kind == "i"
@@ -306,7 +307,7 @@ def test_elicitation_from_a_screen_table_replaces_the_recorded_estimates(sweep, 
         }
     )
     screen.to_csv(tmp_path / "elicitation.csv", index=False)
-    recorded = analyze(sweep, tmp_path / "a", n_permutations=99)["correlations"]
+    recorded = analyze(sweep, tmp_path / "a", n_permutations=99).tables["correlations"]
     screened = analyze(
         sweep, tmp_path / "b", n_permutations=99, elicitation_from=[tmp_path / "elicitation.csv"]
     )
@@ -314,8 +315,8 @@ def test_elicitation_from_a_screen_table_replaces_the_recorded_estimates(sweep, 
     def pick(c):
         return c.query("epoch == 1 and estimator == 'logprob' and prompts == 'IP-style prompts'").iloc[0]
 
-    assert pick(recorded).pearson < -0.9 and pick(screened["correlations"]).pearson > 0.9
-    eff = screened["effects"].query("epoch == 1").set_index("prompt")
+    assert pick(recorded).pearson < -0.9 and pick(screened.tables["correlations"]).pearson > 0.9
+    eff = screened.tables["effects"].query("epoch == 1").set_index("prompt")
     assert eff.at["b", "elicit_logprob"] == pytest.approx(0.1) and eff.at[
         "caps", "elicit_logprob"
     ] == pytest.approx(0.4)
@@ -336,9 +337,9 @@ def test_records_before_v4_report_their_logprob_as_logprob_train(tmp_path):
         rec["config"]["signature_version"] = 3
         _save(tmp_path, rec)
     result = analyze(tmp_path, n_permutations=99)
-    eff = result["effects"].query("epoch == 1").set_index("prompt")
+    eff = result.tables["effects"].query("epoch == 1").set_index("prompt")
     assert eff.at["c", "elicit_logprob_train"] == pytest.approx(0.2) and pd.isna(
         eff.at["c", "elicit_logprob"]
     )
-    assert set(result["correlations"].estimator) == {"logprob_train"}
-    assert "scatter_logprob_train" in result["plots"]
+    assert set(result.tables["correlations"].estimator) == {"logprob_train"}
+    assert "scatter_logprob_train" in result.plots

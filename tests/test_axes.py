@@ -9,6 +9,7 @@ import pytest
 from conftest import TINY, launch
 
 from ipsweep import analysis, prompts
+from ipsweep.analysis import tables
 from ipsweep.errors import ConfigError
 from ipsweep.plan import plan
 from ipsweep.settings.base import insert
@@ -106,7 +107,7 @@ def test_frontier_marks_the_arms_no_other_arm_beats_on_both_axes():
             for a, e, b, c in rows
         ]
     )
-    f = analysis.frontier_table(t)
+    f = tables.frontier_table(t)
     # base (the untrained model) is the reference, not a candidate: it does not push ip:c off the frontier
     assert dict(zip(f.arm, f.on_frontier)) == {
         "base": False,
@@ -135,14 +136,14 @@ def test_a_sweep_over_the_axes_reports_leaks_and_the_frontier(tmp_path):
     assert len(set(mixed["prompt_draws"]["per_example"])) > 1
     assert len([r for r in recs if r["condition"] == "control"]) == 1, "both modes share one control run"
     result = analysis.analyze(sweep)
-    leaks = result["leaks"]
+    leaks = result.tables["leaks"]
     assert set(leaks.leak) == {"negation", "keywords", "heldout"}
     assert {"control", "ip:caps_strong", "ip:caps_strong[mixed]", "base"} <= set(leaks.arm)
     assert leaks.behaviour.between(0, 1).all() and (leaks.behaviour_lo <= leaks.behaviour_hi).all()
-    assert "on_frontier" in result["frontier"] and result["plots"]["frontier"].is_file()
-    report = result["report"].read_text()
+    assert "on_frontier" in result.tables["frontier"] and result.plots["frontier"].is_file()
+    report = result.report.read_text()
     assert "## Leak tests" in report and "## Capability vs behaviour: the frontier" in report
-    assert set(result["correlations"].get("variant", pd.Series(dtype=str))) <= {"", "[mixed]"}
+    assert set(result.tables["correlations"].get("variant", pd.Series(dtype=str))) <= {"", "[mixed]"}
     json.dumps(mixed["prompt_draws"])  # recorded as plain data
 
 

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats as sps
 from scipy.special import expit
 
-from ipsweep import stats as st
+from ipsweep.analysis import inference
 
 # (intercept, IP shift, item spread, seed spread) on the logit scale: a strong and a weak effect, items that
 # differ a lot or little, seeds that matter a lot (like the README demo: per-seed effects 0.35 and 0.20) or
@@ -37,7 +37,7 @@ def _coverage(regime, seeds, items, reps=800):
         b = rng.normal(0, ti, items)  # the eval items drawn, shared by control and arm (paired)
         control = rng.random((seeds, items)) < expit(alpha + b + rng.normal(0, ts, (seeds, 1)))
         arm = rng.random((seeds, items)) < expit(alpha - delta + b + rng.normal(0, ts, (seeds, 1)))
-        r = st.difference_interval(control.astype(float), arm.astype(float))
+        r = inference.difference_interval(control.astype(float), arm.astype(float))
         hits += r["lo"] <= truth <= r["hi"]
     return hits / reps
 
@@ -75,7 +75,8 @@ def test_correlation_interval_covers_at_small_designs(rho, prompts, seeds):
         mu = sd_mu * (rho * x + np.sqrt(1 - rho**2) * rng.normal(0, 1, prompts))
         control = rng.normal(0, sd_seed / np.sqrt(2), seeds)
         y = (mu[:, None] + rng.normal(0, sd_seed / np.sqrt(2), (prompts, seeds)) - control).mean(1)
-        lo, hi = st.fisher_ci(sps.pearsonr(x + rng.normal(0, np.sqrt(x_err), prompts), y).statistic, prompts)
+        r = sps.pearsonr(x + rng.normal(0, np.sqrt(x_err), prompts), y).statistic
+        lo, hi = inference.fisher_ci(r, prompts)
         hits += lo <= truth <= hi
     assert 0.93 <= hits / reps <= 0.97, (
         f"correlation CI coverage {hits / reps:.3f} (rho {rho}, {prompts} prompts, {seeds} seeds)"
@@ -93,7 +94,7 @@ def test_paired_elicitation_interval_covers():
         down = rng.random(60) < 0.05  # and a few "yes" into "no"
         with_prompt = np.where(base, ~down, up)
         truth = (1 - p_without) * lift / (1 - p_without) - p_without * 0.05
-        r = st.paired_difference(with_prompt.astype(float), base.astype(float))
+        r = inference.paired_difference(with_prompt.astype(float), base.astype(float))
         hits += r["lo"] <= truth <= r["hi"]
     assert 0.93 <= hits / reps <= 0.97, f"paired CI coverage {hits / reps:.3f}"
 
@@ -103,7 +104,7 @@ def test_paired_interval_is_narrower_than_the_independent_one_when_items_agree()
 
     x = np.r_[np.ones(20), np.zeros(40)]
     y = np.r_[np.ones(14), np.zeros(46)]  # the prompt adds 6 items, takes none away
-    r = st.paired_difference(x, y)
+    r = inference.paired_difference(x, y)
     lo, hi = confint_proportions_2indep(20, 60, 14, 60, method="newcomb", compare="diff")
     assert r["method"] == "newcombe paired" and r["estimate"] == pytest.approx(0.1)
     assert r["hi"] - r["lo"] < hi - lo and r["lo"] > 0 > lo
@@ -111,30 +112,31 @@ def test_paired_interval_is_narrower_than_the_independent_one_when_items_agree()
 
 def test_one_seed_is_items_only_and_equals_a_t_interval():
     m = np.random.default_rng(0).random((1, 30)).round()
-    r = st.crossed_mean(m)
+    r = inference.crossed_mean(m)
     lo, hi = sps.t.interval(0.95, 29, loc=m.mean(), scale=sps.sem(m.ravel()))
     assert r["method"].startswith("items only (1 seed") and (r["lo"], r["hi"]) == pytest.approx((lo, hi))
 
 
 def test_degenerate_data_are_flagged_and_rates_never_zero_width():
-    r = st.difference_interval(np.ones((2, 40)), np.zeros((2, 40)))
+    r = inference.difference_interval(np.ones((2, 40)), np.zeros((2, 40)))
     assert r["estimate"] == 1 and "degenerate" in r["method"] and r["lo"] < 1 - 0.05
     assert r["p"] == pytest.approx(2 * 0.5**40)  # McNemar exact: 40 of 40 items go one way
-    assert st.difference_interval(np.ones((2, 40)), np.ones((2, 40)))["p"] == 1.0
-    rate = st.rate_interval(np.ones((3, 40)))
+    assert inference.difference_interval(np.ones((2, 40)), np.ones((2, 40)))["p"] == 1.0
+    rate = inference.rate_interval(np.ones((3, 40)))
     assert (
         rate["hi"] == 1
-        and rate["lo"] == pytest.approx(st.wilson(40, 40)[0])
+        and rate["lo"] == pytest.approx(inference.wilson(40, 40)[0])
         and "wilson on 40 items" in rate["method"]
     )
 
 
 def test_power_matches_the_closed_forms():
-    assert st.points_needed(0.57) == 22
-    assert st.correlation_power(0.57, 8) == pytest.approx(0.30, abs=0.01)
-    assert st.items_needed(0.85, 0.22) == 60
-    assert st.smallest_effect(0.85, 60) == pytest.approx(0.22, abs=0.005)
-    assert st.correlation_power(st.smallest_correlation(11), 11) == pytest.approx(0.80, abs=1e-6)
+    assert inference.points_needed(0.57) == 22
+    assert inference.correlation_power(0.57, 8) == pytest.approx(0.30, abs=0.01)
+    assert inference.items_needed(0.85, 0.22) == 60
+    assert inference.smallest_effect(0.85, 60) == pytest.approx(0.22, abs=0.005)
+    smallest = inference.smallest_correlation(11)
+    assert inference.correlation_power(smallest, 11) == pytest.approx(0.80, abs=1e-6)
 
 
 def test_deming_slope_is_ols_when_x_is_exact_and_steeper_when_x_is_noisy():
@@ -142,24 +144,24 @@ def test_deming_slope_is_ols_when_x_is_exact_and_steeper_when_x_is_noisy():
     x = rng.normal(0, 1, 200)
     y = 2 * x + rng.normal(0, 0.5, 200)
     ols = sps.linregress(x, y).slope
-    assert st.deming_slope(x, y, 1e9) == pytest.approx(ols, rel=1e-4)
+    assert inference.deming_slope(x, y, 1e9) == pytest.approx(ols, rel=1e-4)
     xn = x + rng.normal(0, 0.7, 200)  # elicitation measured with error attenuates OLS; Deming undoes it
-    s = st.slopes(xn, y, np.full(200, 0.7), np.full(200, 0.5))
+    s = inference.slopes(xn, y, np.full(200, 0.7), np.full(200, 0.5))
     assert s["slope_ols"] < 1.6 and s["slope_eiv"] == pytest.approx(2.0, abs=0.25)
 
 
 def test_meta_analysis_of_equal_correlations_is_that_correlation():
-    m = st.meta_correlation([0.5, 0.5, 0.5], [11, 11, 11])
+    m = inference.meta_correlation([0.5, 0.5, 0.5], [11, 11, 11])
     assert m["pearson"] == pytest.approx(0.5) and m["tau2"] == 0
-    lo, hi = st.fisher_ci(0.5, 3 * 8 + 3)  # fixed-effect with three settings' information
+    lo, hi = inference.fisher_ci(0.5, 3 * 8 + 3)  # fixed-effect with three settings' information
     assert (m["pearson_lo"], m["pearson_hi"]) == pytest.approx((lo, hi))
-    assert st.meta_correlation([0.9, -0.9], [11, 11])["tau2"] > 0
+    assert inference.meta_correlation([0.9, -0.9], [11, 11])["tau2"] > 0
 
 
 def test_influence_finds_the_point_that_carries_r():
     x = np.r_[np.zeros(7) + np.arange(7) * 0.01, 1.0]
     y = np.r_[np.random.default_rng(5).normal(0, 0.05, 7), 1.0]
-    infl = st.influence(x, y, [f"p{i}" for i in range(8)]).set_index("prompt")
+    infl = inference.influence(x, y, [f"p{i}" for i in range(8)]).set_index("prompt")
     assert infl.cooks_d.idxmax() == "p7" and infl.loc["p7", "cooks_d"] > 1
     assert abs(infl.loc["p7", "r_without"]) < sps.pearsonr(x, y).statistic
 
@@ -169,7 +171,7 @@ def test_holm_matches_statsmodels():
     from statsmodels.stats.multitest import multipletests
 
     p = pd.Series([0.01, 0.04, np.nan, 0.03])
-    out = st.holm(p)
+    out = inference.holm(p)
     assert np.isnan(out[2]) and list(out.dropna()) == pytest.approx(
         multipletests([0.01, 0.04, 0.03], method="holm")[1]
     )

@@ -1,0 +1,393 @@
+"""The statistical tables of an analysis, each from the frames: conditions, effects, leaks, frontier,
+correlations, behaviour per test prompt, power."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ipsweep import prompts
+from ipsweep.analysis import inference
+from ipsweep.analysis.frames import (
+    ARM_ORDER,
+    arm_name,
+    by_evaluation,
+    design_key,
+    outcomes,
+    seeds_by_items,
+    shared_items,
+)
+from ipsweep.config import ESTIMATORS
+
+
+def fmt_ci(lo, hi) -> str:
+    return f"[{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+
+
+def arm_order(a: str) -> int:
+    return -1 if a == "base" else ARM_ORDER.get(a.split(":")[0], len(ARM_ORDER))
+
+
+def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Behaviour and capability per setting, design, arm and epoch (and per `by`, e.g. eval_set and group):
+    the mean over seeds x items with a 95% CI that counts both (stats.rate_interval). Epoch 0 is the
+    untrained model, once, as arm `base`."""
+    if arms.empty:
+        return pd.DataFrame()
+    evals = by_evaluation(its)
+    # the untrained model under the unmodified prompt: the same in every run of a design (any arm holds it)
+    base = arms[(arms.epoch == 0) & (arms.test_prompt == prompts.NONE)].drop_duplicates(["setting", "design"])
+    groups = [((s, d, "base", 0), g.iloc[:1]) for (s, d), g in base.groupby(["setting", "design"])]
+    groups += list(arms[arms.epoch > 0].groupby(["setting", "design", "arm", "epoch"]))
+    cells: dict[tuple, dict] = {}
+    for (setting, design, a, epoch), g in groups:
+        head = {
+            "setting": setting,
+            "model": g.model.iloc[0],
+            "design": design,
+            "arm": a,
+            "epoch": epoch,
+            "seeds": g.seed.nunique() if a != "base" else 0,
+        }
+        for kind in ("behaviour", "capability"):
+            part = shared_items(evals, g, kind)
+            if part is None:
+                continue
+            for sub_key, sub in part.groupby(list(by)) if by else [((), part)]:
+                sub_key = sub_key if isinstance(sub_key, tuple) else (sub_key,)
+                row = cells.setdefault(
+                    (setting, design, a, epoch, *sub_key), {**head, **dict(zip(by, sub_key))}
+                )
+                r = inference.rate_interval(seeds_by_items(sub, sorted(set(sub.item))))
+                row.update(
+                    {
+                        f"{kind}_metric": sub.metric.iloc[0],
+                        kind: r["estimate"],
+                        f"{kind}_lo": r["lo"],
+                        f"{kind}_hi": r["hi"],
+                        f"{kind}_ci": fmt_ci(r["lo"], r["hi"]),
+                        f"{kind}_k/n": f"{int(sub.k.sum())}/{int(sub.n.sum())}",
+                        f"{kind}_items": sub.item.nunique(),
+                        f"{kind}_method": r["method"],
+                    }
+                )
+    table = pd.DataFrame(list(cells.values()))
+    return (
+        table.assign(_o=table.arm.map(arm_order))
+        .sort_values(["setting", "design", "_o", "arm", "epoch", *by])
+        .drop(columns="_o")
+        .reset_index(drop=True)
+    )
+
+
+def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per arm and epoch: effect = b(control) - b(arm) and capability cost = c(control) - c(arm), paired by
+    seed (the control with the arm's identity) and item; crossed seeds x items 95% CI, p-value, Holm-adjusted
+    p within (setting, design, epoch), and the seed-level t-interval beside it. Also returns per-seed
+    values."""
+    if arms.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    evals = by_evaluation(its)
+    control_eval = {(r.control_run, r.epoch): r for r in arms[arms.condition == "control"].itertuples()}
+    out, per_seed = [], []
+    for (setting, design, a, epoch), g in arms[(arms.condition != "control") & (arms.epoch > 0)].groupby(
+        ["setting", "design", "arm", "epoch"]
+    ):
+        row = {
+            "setting": setting,
+            "model": g.model.iloc[0],
+            "design": design,
+            "arm": a,
+            "condition": g.condition.iloc[0],
+            "prompt": g.prompt.iloc[0],
+            "role": g.role.iloc[0],
+            "epoch": epoch,
+            "variant": g.variant.iloc[0],
+            **{f"elicit_{e}": g[f"elicit_{e}"].iloc[0] for e in ESTIMATORS},
+        }
+        pairs = [(ev, control_eval.get((ev.control_run, ev.epoch))) for ev in g.itertuples()]
+        pairs = [(ev, c) for ev, c in pairs if c is not None]
+        row["seeds"] = len(pairs)
+        if not pairs:
+            out.append(row)  # no matched control: effect unknown
+            continue
+        shared = {
+            k: row[k]
+            for k in (
+                "setting",
+                "design",
+                "arm",
+                "condition",
+                "prompt",
+                "role",
+                "epoch",
+                *(f"elicit_{e}" for e in ESTIMATORS),
+            )
+        }
+        seed_rows = {ev.seed: {**shared, "seed": ev.seed} for ev, _ in pairs}
+        for kind, name in (("behaviour", "effect"), ("capability", "capability_cost")):
+            sides = [
+                (ev, c_out, a_out)
+                for ev, c in pairs
+                if (c_out := outcomes(evals, c, kind)) is not None
+                and (a_out := outcomes(evals, ev, kind)) is not None
+            ]
+            if not sides:
+                continue
+            ids = sorted(set.intersection(*(set(c.item) & set(x.item) for _, c, x in sides)))
+            ctrl = seeds_by_items(pd.concat([c for _, c, _ in sides]), ids)
+            armm = seeds_by_items(pd.concat([x for _, _, x in sides]), ids)
+            r = inference.difference_interval(ctrl, armm)
+            seeds = (ctrl - armm).mean(axis=1)
+            slo, shi = inference.seed_t_interval(seeds)
+            row.update(
+                {
+                    name: r["estimate"],
+                    f"{name}_lo": r["lo"],
+                    f"{name}_hi": r["hi"],
+                    f"{name}_ci": fmt_ci(r["lo"], r["hi"]),
+                    f"{name}_se": r.get("se"),
+                    f"{name}_p": r.get("p"),
+                    f"{name}_method": r["method"],
+                    f"{name}_seed_ci": fmt_ci(slo, shi),
+                    "items": len(ids),
+                }
+            )
+            for (ev, _, _), v in zip(sides, seeds):
+                seed_rows[ev.seed][name] = float(v)
+        out.append(row)
+        per_seed += list(seed_rows.values())
+    table = pd.DataFrame(out)
+    if table.empty:  # only controls: nothing to compare
+        return table, pd.DataFrame(per_seed)
+    if "effect_p" in table:
+        by_epoch = table.groupby(["setting", "design", "epoch"])
+        table["effect_p_holm"] = by_epoch.effect_p.transform(inference.holm)
+    table = table.assign(_o=table.arm.map(arm_order)).sort_values(["setting", "design", "_o", "arm", "epoch"])
+    return table.drop(columns="_o").reset_index(drop=True), pd.DataFrame(per_seed)
+
+
+def leak_table(records: list[dict], its: pd.DataFrame) -> pd.DataFrame:
+    """Behaviour of each arm under the leak test prompts (`<prompt>~negation`, `~keywords`, `~heldout`):
+    per setting, design, arm, test prompt and epoch, mean over seeds x items with the 95% CI of the
+    condition table; the untrained model once per design (`base`, epoch 0); the control under the same
+    prompts is each leak's baseline. Does the inoculated behaviour come back under a related prompt?"""
+    rows = []
+    for r in records:
+        for epoch, entry in r["epochs"].items():
+            for test_prompt in entry["evals"]:
+                if prompts.LEAK in test_prompt:
+                    rows.append(
+                        {
+                            "setting": r["setting"],
+                            "model": r["model"],
+                            "design": design_key(r),
+                            "arm": "base" if epoch == "0" else arm_name(r),
+                            "test_prompt": test_prompt,
+                            "seed": r["seed"] if epoch != "0" else -1,
+                            "epoch": int(epoch),
+                            "run": Path(r["run_dir"]).name,
+                        }
+                    )
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).drop_duplicates(["setting", "design", "arm", "test_prompt", "epoch", "seed"])
+    evals, out = by_evaluation(its), []
+    for (setting, design, a, test_prompt, epoch), g in frame.groupby(
+        ["setting", "design", "arm", "test_prompt", "epoch"]
+    ):
+        part = shared_items(evals, g, "behaviour")
+        if part is None:
+            continue
+        ids = sorted(set(part.item))
+        r = inference.rate_interval(seeds_by_items(part, ids))
+        prompt, _, kind = test_prompt.partition(prompts.LEAK)
+        kind = kind.partition("@")[0]  # a moved prompt's leak tests: the arm's name says where
+        out.append(
+            {
+                "setting": setting,
+                "model": g.model.iloc[0],
+                "design": design,
+                "arm": a,
+                "epoch": epoch,
+                "leak_of": prompt,
+                "leak": kind,
+                "test_prompt": test_prompt,
+                "seeds": g.seed.nunique() if a != "base" else 0,
+                "behaviour_metric": part.metric.iloc[0],
+                "behaviour": r["estimate"],
+                "behaviour_lo": r["lo"],
+                "behaviour_hi": r["hi"],
+                "behaviour_ci": fmt_ci(r["lo"], r["hi"]),
+                "items": len(ids),
+            }
+        )
+    table = pd.DataFrame(out)
+    return (
+        table.assign(_o=table.arm.map(arm_order))
+        .sort_values(["setting", "design", "leak_of", "leak", "_o", "arm", "epoch"])
+        .drop(columns="_o")
+        .reset_index(drop=True)
+    )
+
+
+def frontier_table(conditions: pd.DataFrame) -> pd.DataFrame:
+    """The condition table with `on_frontier`: per setting, design and epoch, a trained arm (control, IP,
+    PTST) is on the capability vs behaviour frontier when no other trained arm of that epoch has both less
+    behaviour and more capability, one of them strictly. The untrained model (`base`) is shown beside them
+    as the reference, not a candidate: no fine-tuning recipe yields it. Point estimates; CIs beside them."""
+    if conditions.empty or "capability" not in conditions or "behaviour" not in conditions:
+        return pd.DataFrame()
+    out = []
+    for _, g in conditions.groupby(["setting", "design"]):
+        base = g[g.arm == "base"]
+        for epoch in sorted(e for e in g.epoch.unique() if e > 0):
+            arms = g[g.epoch == epoch].dropna(subset=["behaviour", "capability"])
+            b, c = arms.behaviour.to_numpy(float), arms.capability.to_numpy(float)
+            arms = arms.assign(
+                on_frontier=[
+                    not any((b <= b[i]) & (c >= c[i]) & ((b < b[i]) | (c > c[i]))) for i in range(len(arms))
+                ]
+            )
+            out.append(pd.concat([base.assign(on_frontier=False), arms]).assign(panel=epoch))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def se_from_ci(lo, hi) -> float:
+    return (
+        (hi - lo) / (2 * inference.Z95)
+        if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
+        else np.nan
+    )
+
+
+def correlation_table(
+    effects: pd.DataFrame, elicitation: pd.DataFrame, n_permutations: int = 9999, reference_r: float = 0.57
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Elicitation vs inoculation effect, one point per IP-style prompt, per setting, epoch and estimator,
+    for every IP-style prompt and for the inoculation-role ones alone; then pooled across settings as a
+    random-effects meta-analysis of Fisher z. Returns (correlations, leave-one-prompt-out influence)."""
+    ip = (
+        effects[(effects.condition == "ip")].dropna(subset=["effect"])
+        if "effect" in effects
+        else pd.DataFrame()
+    )
+    rows, infl = [], []
+    if ip.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    for est in ESTIMATORS:
+        col = f"elicit_{est}"
+        if ip[col].isna().all():
+            continue
+        for (epoch, subset), e in [
+            ((ep, sub), g[g.role == "inoculation"] if sub == "inoculation prompts" else g)
+            for ep, g in ip.groupby("epoch")
+            for sub in ("IP-style prompts", "inoculation prompts")
+        ]:
+            per_setting = []
+            for (setting, design, var), s in e.dropna(subset=[col]).groupby(["setting", "design", "variant"]):
+                el = (
+                    elicitation[(elicitation.setting == setting) & (elicitation.get("variant", "") == var)]
+                    .drop_duplicates("prompt")
+                    .set_index("prompt")
+                    if not elicitation.empty
+                    else None
+                )
+                sx = [
+                    (
+                        se_from_ci(el.at[p, f"{est}_lo"], el.at[p, f"{est}_hi"])
+                        if el is not None and p in el.index
+                        else np.nan
+                    )
+                    for p in s.prompt
+                ]
+                c = inference.correlation(s[col], s.effect, n_permutations=n_permutations)
+                row = {
+                    "setting": setting,
+                    "design": design,
+                    "variant": var,
+                    "epoch": epoch,
+                    "estimator": est,
+                    "prompts": subset,
+                    **c,
+                    **inference.slopes(s[col], s.effect, sx, s.effect_se),
+                    f"power_at_r{reference_r}": inference.correlation_power(reference_r, c["points"]),
+                    "smallest_r_80pct": inference.smallest_correlation(c["points"]),
+                }
+                rows.append(row)
+                if not var:  # pooled across settings: each setting's prompts as the library places them, once
+                    per_setting.append(row)
+                if subset == "IP-style prompts":
+                    i = inference.influence(s[col], s.effect, list(s.prompt))
+                    if not i.empty:
+                        infl.append(i.assign(setting=setting, design=design, epoch=epoch, estimator=est))
+            if len(per_setting) > 1:
+                m = inference.meta_correlation(
+                    [r["pearson"] for r in per_setting], [r["points"] for r in per_setting]
+                )
+                rows.append(
+                    {
+                        "setting": "pooled (random-effects, Fisher z)",
+                        "epoch": epoch,
+                        "estimator": est,
+                        "prompts": subset,
+                        "points": sum(r["points"] for r in per_setting),
+                        "pooled_settings": ", ".join(
+                            sorted(r["setting"] for r in per_setting if np.isfinite(r["pearson"]))
+                        ),
+                        **m,
+                    }
+                )
+    return pd.DataFrame(rows), (pd.concat(infl, ignore_index=True) if infl else pd.DataFrame())
+
+
+def test_prompt_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Behaviour of every trained arm under each test-time prompt (does the behaviour come back on
+    request?)."""
+    b = df[(df.kind == "behaviour") & (df.epoch > 0)]
+    if b.test_prompt.nunique() < 2:
+        return pd.DataFrame()
+    g = (
+        b.groupby(["setting", "arm", "epoch", "test_prompt"])
+        .agg(k=("k", "sum"), n=("n", "sum"))
+        .reset_index()
+    )
+    g["behaviour"] = g.k / g.n
+    return g.pivot_table(
+        index=["setting", "arm", "epoch"], columns="test_prompt", values="behaviour"
+    ).reset_index()
+
+
+def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: float = 0.57) -> pd.DataFrame:
+    """What this sweep could detect at 80% power: the smallest effect given its items and the control's rate,
+    and the smallest correlation given its prompts; and its power for the paper's r (0.57)."""
+    rows = []
+    if conditions.empty or "behaviour" not in conditions:
+        return pd.DataFrame()
+    ctrl = conditions[conditions.arm == "control"]
+    for (setting, design, epoch), c in ctrl.groupby(["setting", "design", "epoch"]):
+        e = (
+            effects[(effects.setting == setting) & (effects.design == design) & (effects.epoch == epoch)]
+            if not effects.empty
+            else effects
+        )
+        prompts_n = int((e.condition == "ip").sum()) if not e.empty else 0
+        items = int(c.behaviour_items.iloc[0])
+        rate = float(c.behaviour.iloc[0])
+        rows.append(
+            {
+                "setting": setting,
+                "design": design,
+                "epoch": epoch,
+                "items": items,
+                "control_rate": rate,
+                "smallest_effect_80pct": inference.smallest_effect(rate, items) if 0 < rate else np.nan,
+                "ip_prompts": prompts_n,
+                "smallest_r_80pct": inference.smallest_correlation(prompts_n),
+                f"power_at_r{reference_r}": inference.correlation_power(reference_r, prompts_n),
+                f"prompts_for_r{reference_r}": inference.points_needed(reference_r),
+            }
+        )
+    return pd.DataFrame(rows)
