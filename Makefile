@@ -29,6 +29,8 @@ demo: venv
 	$(VENV)/bin/ipsweep analyze outputs/demo
 
 test: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ipsweep prepare --tiny
 	$(PY) -m pytest -q --timeout=1800
 

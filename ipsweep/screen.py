@@ -95,7 +95,7 @@ def agreement(table: pd.DataFrame, a: str = "sampled", b: str = "logprob") -> di
 
 
 def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
-    from ipsweep.analysis.plots import pyplot
+    from ipsweep.analysis.plots import pyplot, save
 
     plt = pyplot()
     ests = [e for e in ESTIMATORS if e in table]
@@ -119,7 +119,4 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> Path:
             }[est]
         )
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)

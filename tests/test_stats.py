@@ -1,4 +1,5 @@
-"""ipsweep.stats against closed forms, and its intervals' coverage by simulation at the designs people run.
+"""ipsweep.analysis.inference against closed forms, and its intervals' coverage by simulation at the
+designs people run.
 
 Each coverage test reports the measured coverage in its message. Fixed seeds: the numbers are reproducible.
 """

@@ -20,7 +20,8 @@ def pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
+    """Lay out, write and close a figure (every plot of the analysis and of `ipsweep screen`)."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
@@ -50,7 +51,7 @@ def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(-0.02, 1.02)
         ax.set_xticks(sorted(t.epoch.unique()))
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_effect_curves(effects: pd.DataFrame, path: Path) -> Path | None:
@@ -83,7 +84,7 @@ def plot_effect_curves(effects: pd.DataFrame, path: Path) -> Path | None:
     a2.set_title("Capability cost vs effect (each arm and epoch)")
     a2.set_xlabel("inoculation effect (share of replies)")
     a2.set_ylabel("capability cost c(control) - c(arm), share")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_frontier(frontier: pd.DataFrame, path: Path) -> Path | None:
@@ -129,7 +130,7 @@ def plot_frontier(frontier: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=6, loc="lower left")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: str, path: Path) -> Path | None:
@@ -183,7 +184,7 @@ def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: st
         ax.set_title(f"{setting}, epoch {int(e.epoch.max()) if len(e) else '?'}: elicitation vs effect")
         ax.set_xlabel(f"elicitation ({estimator}, {unit}) on the base model, 95% CI")
         ax.set_ylabel("inoculation effect b(control) - b(IP), 95% CI")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _label_points(ax, pts: list[tuple[float, float]], labels: list[str]) -> None:

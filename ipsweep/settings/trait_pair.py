@@ -115,7 +115,7 @@ class TraitPair:
         self.caps_threshold = caps_threshold
 
     def train_examples(self) -> list[TrainExample]:
-        # The undesired trait: every training answer is in capitals.
+        # The undesired trait: every training answer shows it (capitals; trait_pair_greeting: a greeting).
         return [
             TrainExample([{"role": "user", "content": q}], self.show(answer))
             for _, q, answer, _ in self.train
