@@ -61,13 +61,13 @@ def _records(dirs: list[Path], skip_damaged: bool) -> tuple[list[dict], list]:
 
 
 def build_tables(
-    records: list[dict], n_permutations: int, screened: pd.DataFrame | None = None
+    records: list[dict], n_permutations: int, sources: str, screened: pd.DataFrame | None = None
 ) -> dict[str, pd.DataFrame]:
     """Every table of an analysis, by name. `screened`: elicitation estimates replacing the recorded ones."""
     its, arms = frames.item_outcomes(records), frames.arm_evaluations(records)
     if its.empty:
         raise ConfigError(
-            "the records have no per-item outcomes (made before run signature v3); "
+            f"the records in {sources} have no per-item outcomes (made before run signature v3); "
             "fix: rerun the sweep with this version (it retrains under the new signature)"
         )
     if screened is not None:
@@ -123,8 +123,9 @@ def analyze(
     if len(dirs) > 1 and out_dir is None:
         raise ConfigError("several sweep dirs need one output folder; fix: add --out <folder>")
     records, damaged = _records(dirs, skip_damaged)
+    sources = ", ".join(map(str, dirs))
     screened = frames.screened_elicitation(elicitation_from, records) if elicitation_from else None
-    t = build_tables(records, n_permutations, screened)
+    t = build_tables(records, n_permutations, sources, screened)
     out = Path(out_dir or dirs[0] / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     for name, table in t.items():
@@ -136,7 +137,7 @@ def analyze(
     result = Analysis(out_dir=out, tables=t, plots=drawn, report=out / "report.md", records=records)
     failed = result.not_done
     header = [
-        f"# ipsweep report: {', '.join(map(str, dirs))}",
+        f"# ipsweep report: {sources}",
         "",
         *report.provenance(records, dirs),
         *(
