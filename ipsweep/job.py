@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from ipsweep import elicit, lm, models, prompts, store
 from ipsweep.evaluate import evaluate
 from ipsweep.plan import plan
+from ipsweep.record import Attempt, Epoch, Evaluation, Record
 from ipsweep.settings.base import TrainExample, insert
 from ipsweep.tracking import Tracker
 
@@ -33,54 +34,96 @@ def _versions() -> dict:
     }
 
 
-def _summary(eval_result: dict) -> dict:
-    return {
-        "metrics": eval_result["metrics"],
-        "by_group": eval_result["by_group"],
-        "items": eval_result["items"],
-    }
-
-
-def _attempt() -> dict:
-    """Where this attempt runs and logs: a requeued or rerun job adds one more to the record."""
+def _attempt() -> Attempt:
+    """This attempt: where it runs, with what, and where it logs (submitit's log, else Hydra's job log)."""
     import torch
 
-    out = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "start_s": round(time.time(), 3),
-        "host": platform.node(),
-        "pid": os.getpid(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "torch_threads": torch.get_num_threads(),
-        "device": models.device_info(),
-    }
+    where = {"torch_threads": torch.get_num_threads(), "device": models.device_info()}
     try:
         import submitit
 
         env = submitit.JobEnvironment()
-        out.update(job_id=env.job_id, log=str(env.paths.stdout))
-    except (RuntimeError, KeyError):  # not a submitit job: Hydra's job log
+        where.update(job_id=env.job_id, log=str(env.paths.stdout))
+    except (RuntimeError, KeyError):  # not a submitit job
         from hydra.core.hydra_config import HydraConfig
 
         if HydraConfig.initialized():
-            out["log"] = str(Path(HydraConfig.get().runtime.output_dir) / f"{HydraConfig.get().job.name}.log")
-    return out
+            hydra = HydraConfig.get()
+            where["log"] = str(Path(hydra.runtime.output_dir) / f"{hydra.job.name}.log")
+    return Attempt.here(**where)
+
+
+def _new_record(cfg, point) -> Record:
+    prompt = point.run_prompt
+    return Record(
+        signature=point.signature,
+        setting=cfg.setting.name,
+        prompt=prompt.name,
+        prompt_text=prompt.text,
+        role=prompt.role,
+        condition=prompt.condition,
+        seed=cfg.train.seed,
+        model=cfg.model.name,
+        prompt_mode=prompt.mode,
+        placement=prompt.placement,
+        placement_override=prompt.placement if prompt.moved else None,
+        sweep=cfg.name,
+        behaviour_metric=point.setting.behaviour_metric,
+        capability_metric=point.setting.capability_metric,
+        config=store.semantic_config(cfg, prompt, point.inputs),
+        epochs={},
+        status="new",
+    )
+
+
+def _existing_record(run_dir: store.Run) -> Record | None:
+    try:
+        return run_dir.load()
+    except store.DamagedRecord as e:
+        kept = run_dir.set_aside()
+        log.warning("damaged run record (%s); kept as %s, the run starts again", e.reason, kept)
+        return None
+
+
+@contextmanager
+def _recording(record: Record, run_dir: store.Run, tracker: Tracker):
+    """The record's lifetime in a job: saved as running, then as done, interrupted or failed, whatever
+    happens in between; the W&B run is finished each way."""
+    run_dir.save(record)
+    try:
+        yield
+    except (SystemExit, KeyboardInterrupt) as e:
+        # preempted or timed out (submitit requeues, then exits), or Ctrl-C: a rerun resumes
+        record.interrupt(e)
+        run_dir.save(record)
+        tracker.finish(exit_code=1)
+        log.warning(
+            "run %s is recorded as interrupted after epoch %s; to resume it, run the same command again "
+            "(or let the scheduler requeue it)",
+            run_dir.dir.name,
+            max(record.trained_epochs(), default=0),
+        )
+        raise
+    except BaseException as e:
+        record.fail(e)
+        run_dir.save(record)
+        tracker.finish(exit_code=1)
+        log.error("run %s failed: %s (record: %s)", run_dir.dir.name, e, run_dir.record_path)
+        release(e)
+        raise
+    record.finish()
+    run_dir.save(record)
 
 
 def run(cfg) -> list[dict]:
     """Run (or reuse) one point; returns the headline rates per epoch. Raises after recording a failure."""
     point = plan(cfg)
-    prompt, run_dir, signature, epochs = point.run_prompt, point.run, point.signature, cfg.train.epochs
-    wanted = [tp.name for tp in point.test_prompts]
+    run_dir, epochs = point.run, cfg.train.epochs
+    wanted = [t.name for t in point.test_prompts]
 
     with run_dir.lock():
-        try:
-            record = run_dir.load()
-        except store.DamagedRecord as e:
-            kept = run_dir.set_aside()
-            log.warning("damaged run record (%s); kept as %s, the run starts again", e.reason, kept)
-            record = None
-        if record and not store.missing_evals(record, epochs, wanted, cfg.eval.base):
+        record = _existing_record(run_dir)
+        if record and not record.missing_evals(epochs, wanted, cfg.eval.base):
             log.info(
                 "skip: %s already has epochs 1..%d tested with %s (%s)",
                 run_dir.dir.name,
@@ -88,79 +131,22 @@ def run(cfg) -> list[dict]:
                 ", ".join(wanted),
                 run_dir.record_path,
             )
-            return headline_rates(record, epochs, point.headline)
-        record = record or {
-            "signature": signature,
-            "setting": cfg.setting.name,
-            "prompt": prompt.name,
-            "prompt_text": prompt.text,
-            "role": prompt.role,
-            "condition": prompt.condition,
-            "seed": cfg.train.seed,
-            "model": cfg.model.name,
-            "prompt_mode": prompt.mode,
-            "placement": prompt.placement,
-            "placement_override": prompt.placement if prompt.moved else None,
-            "sweep": cfg.name,
-            "behaviour_metric": point.setting.behaviour_metric,
-            "capability_metric": point.setting.capability_metric,
-            "config": store.semantic_config(cfg, prompt, point.inputs),
-            "epochs": {},
-        }
-        attempt = {
-            **_attempt(),
-            "resumed_from_epoch": max((int(k) for k in record["epochs"] if k != "0"), default=0),
-        }
-        record.setdefault("attempts", []).append(attempt)
-        # roles of the test prompts evaluated: a control tested with a safety prompt is the PTST arm
-        record.setdefault("test_prompt_roles", {}).update({tp.name: tp.role for tp in point.test_prompts})
-        record.update(
-            status="running",
-            error=None,
-            target_epochs=max(epochs, record.get("target_epochs", 0)),
+            return record.headline_rates(epochs, point.headline)
+        record = record or _new_record(cfg, point)
+        record.start_attempt(
+            _attempt(),
+            {t.name: t.role for t in point.test_prompts},
+            epochs,
             versions=_versions(),
             run_dir=str(run_dir.dir),
         )
-        run_dir.save(record)
-        tracker = Tracker(cfg, signature=signature, prompt=prompt, run_dir=run_dir.dir, epochs=epochs)
-        try:
-            _train_and_evaluate(cfg, point.setting, prompt, point.test_prompts, record, run_dir, tracker)
-        except (SystemExit, KeyboardInterrupt) as e:
-            # Preempted or timed out (submitit requeues, then exits), or Ctrl-C: not a failure; a rerun
-            # resumes.
-            record.update(
-                status="interrupted",
-                error={"type": type(e).__name__, "message": "interrupted", "log": attempt.get("log")},
-            )
-            run_dir.save(record)
-            tracker.finish(exit_code=1)
-            log.warning(
-                "run %s is recorded as interrupted after epoch %s; to resume it, run the same command again "
-                "(or let the scheduler requeue it)",
-                run_dir.dir.name,
-                max((int(k) for k in record["epochs"]), default=0),
-            )
-            raise
-        except BaseException as e:
-            record.update(
-                status="failed",
-                error={
-                    "type": type(e).__name__,
-                    "message": str(e),
-                    "traceback": traceback.format_exc(limit=20),
-                    "log": attempt.get("log"),
-                },
-            )
-            run_dir.save(record)
-            tracker.finish(exit_code=1)
-            log.error("run %s failed: %s (record: %s)", run_dir.dir.name, e, run_dir.record_path)
-            release(e)
-            raise
-        record["status"] = "done"
-        attempt["end_s"] = round(time.time(), 3)
-        run_dir.save(record)
-        result = headline_rates(record, epochs, point.headline)
-        tracker.summary({"signature": signature, **{f"final/{k}": v for k, v in result[-1].items()}})
+        tracker = Tracker(
+            cfg, signature=point.signature, prompt=point.run_prompt, run_dir=run_dir.dir, epochs=epochs
+        )
+        with _recording(record, run_dir, tracker):
+            _Work(cfg, point, record, tracker)()
+        result = record.headline_rates(epochs, point.headline)
+        tracker.summary({"signature": point.signature, **{f"final/{k}": v for k, v in result[-1].items()}})
         tracker.finish()
         return result
 
@@ -185,148 +171,144 @@ def release(error: BaseException) -> None:
         torch.cuda.empty_cache()
 
 
-def _train_and_evaluate(cfg, setting, prompt, test_prompts, record, run_dir, tracker) -> None:
-    from ipsweep.train import dataset, finetune
+class _Work:
+    """A point's work on its record: the base model loaded once and evaluated (epoch 0, elicitation),
+    then fine-tuned epoch by epoch, each epoch evaluated under every test prompt and saved as it ends."""
 
-    t0 = time.time()
-    model, tokenizer = models.load(cfg.model)
-    record.setdefault("timings", {})["model_load_s"] = round(time.time() - t0, 3)
-    # where generation ends a reply (lm.generate)
-    record["stop_token_ids"] = lm.stop_token_ids(model, tokenizer)
-    train = _training_examples(cfg, setting, prompt, record)
-    # fails here, before any work
-    rows, cut = dataset(tokenizer, train, cfg.train.max_length, cfg.train.max_cut_share)
-    record["train_cut"] = cut.as_dict()
-    examples = setting.eval_examples(cfg.eval.n_eval)
-    missing = store.missing_evals(record, cfg.train.epochs, [tp.name for tp in test_prompts], cfg.eval.base)
-    if 0 in missing:
-        evals = record["epochs"].setdefault("0", {"evals": {}})["evals"]
-        for tp in [tp for tp in test_prompts if tp.name in missing[0]]:
-            result = elicit.base_eval(cfg, setting, model, tokenizer, examples, tp)
-            run_dir.write_samples(0, tp.name, result["samples"])
-            evals[tp.name] = _summary(result)
-        run_dir.save(record)
-    for epoch in sorted(e for e in missing if e > 0 and str(e) in record["epochs"]):
-        _evaluate_checkpoint(
-            cfg,
-            setting,
-            tokenizer,
-            examples,
-            record,
-            run_dir,
-            epoch,
-            [tp for tp in test_prompts if tp.name in missing[epoch]],
+    def __init__(self, cfg, point, record: Record, tracker: Tracker):
+        self.cfg, self.point, self.record, self.tracker = cfg, point, record, tracker
+        self.setting, self.run_dir = point.setting, point.run
+        self.examples = self.setting.eval_examples(cfg.eval.n_eval)
+        self.epoch_start = time.time()
+
+    def __call__(self) -> None:
+        from ipsweep.train import dataset, finetune
+
+        cfg, record = self.cfg, self.record
+        t0 = time.time()
+        model, tokenizer = models.load(cfg.model)
+        record.add_timing(model_load_s=time.time() - t0)
+        self.tokenizer = tokenizer
+        # where generation ends a reply (lm.generate)
+        record.stop_token_ids = lm.stop_token_ids(model, tokenizer)
+        # fails here, before any work
+        rows, cut = dataset(
+            tokenizer, self._training_examples(), cfg.train.max_length, cfg.train.max_cut_share
         )
-    if "elicitation" not in record:
-        record["elicitation"] = elicit.elicitation(cfg, setting, model, tokenizer, examples, prompt)
-        run_dir.save(record)
-    if "elicitation" in record:
-        tracker.summary(
+        record.train_cut = cut.as_dict()
+        self._evaluate_missing(model)
+        if record.elicitation is None:
+            record.elicitation = elicit.elicitation(
+                cfg, self.setting, model, tokenizer, self.examples, self.point.run_prompt
+            )
+            self.run_dir.save(record)
+        self.tracker.summary(
             {
                 f"elicitation/{est}/{k}": v[k]
-                for est, v in record["elicitation"].items()
+                for est, v in record.elicitation.items()
                 for k in ("estimate", "lo", "hi")
                 if k in v
             }
         )
-    for k in sorted(record["epochs"], key=int):  # epochs trained before but not yet on this W&B run
-        _log_once(tracker, record, int(k), record["epochs"][k], {})
+        for e in sorted(record.epochs, key=int):  # epochs trained before but not yet on this W&B run
+            self._log_once(int(e), record.epochs[e], {})
+        self.epoch_start = time.time()
+        done = record.checkpoints()
+        finetune(
+            model, tokenizer, rows, cfg.train, self.run_dir.dir / "checkpoints", done, self._on_epoch_end
+        )
 
-    epoch_start = time.time()
+    def _training_examples(self) -> list[TrainExample]:
+        """The run's training chats, its training prompt inserted (a mixed run's draws recorded)."""
+        cfg, setting = self.cfg, self.setting
+        train = setting.train_examples()[: cfg.train.n_train]
+        train_prompt = self.point.run_prompt.train_prompt
+        if train_prompt:
+            draws = prompts.draw(train_prompt, len(train), cfg.train.seed)
+            texts = train_prompt.training_texts
+            inserted = [replace(train_prompt, text=texts[i]) for i in draws]
+        else:
+            inserted = [None] * len(train)
+        train = [
+            TrainExample(insert(setting, ex.messages, p), ex.completion) for ex, p in zip(train, inserted)
+        ]
+        self.record.n_train = len(train)
+        if train_prompt and train_prompt.mode == "mixed":  # which text each example had (from train.seed)
+            self.record.prompt_draws = {"texts": list(texts), "per_example": draws}
+        return train
 
-    def on_epoch_end(ep, model) -> None:
-        nonlocal epoch_start
-        train_s = time.time() - epoch_start
+    def _evaluate_missing(self, model) -> None:
+        """Evaluations the record lacks for epochs it has: epoch 0 on the base model, trained epochs on
+        their saved adapters (e.g. a PTST point that reuses the control's run)."""
+        cfg, record = self.cfg, self.record
+        missing = record.missing_evals(
+            cfg.train.epochs, [t.name for t in self.point.test_prompts], cfg.eval.base
+        )
+        if 0 in missing:
+            for test_prompt in self._test_prompts(missing[0]):
+                result = elicit.base_eval(
+                    cfg, self.setting, model, self.tokenizer, self.examples, test_prompt
+                )
+                self._keep(0, test_prompt.name, result)
+            self.run_dir.save(record)
+        for epoch in sorted(e for e in missing if e > 0 and str(e) in record.epochs):
+            self._evaluate_checkpoint(epoch, self._test_prompts(missing[epoch]))
+
+    def _test_prompts(self, names: list[str]) -> list:
+        return [t for t in self.point.test_prompts if t.name in names]
+
+    def _evaluate(self, model, test_prompt) -> dict:
+        return evaluate(model, self.tokenizer, self.setting, self.examples, test_prompt, self.cfg.eval)
+
+    def _keep(self, epoch: int, test_prompt: str, result: dict) -> None:
+        self.run_dir.write_samples(epoch, test_prompt, result["samples"])
+        self.record.add_evaluation(epoch, test_prompt, Evaluation.of(result))
+
+    def _evaluate_checkpoint(self, epoch: int, test_prompts: list) -> None:
+        """Evaluate an epoch trained earlier: its saved adapter on a fresh copy of the base model, so
+        training state is untouched."""
+        from peft import PeftModel
+
+        base, _ = models.load(self.cfg.model)
+        model = PeftModel.from_pretrained(base, self.record.epochs[str(epoch)].checkpoint)
+        for test_prompt in test_prompts:
+            self._keep(epoch, test_prompt.name, self._evaluate(model, test_prompt))
+        self.run_dir.save(self.record)
+        del model, base
+
+    def _on_epoch_end(self, ep, model) -> None:
+        train_s = time.time() - self.epoch_start
         t = time.time()
         evals, samples = {}, {}
-        for tp in test_prompts:
-            result = evaluate(model, tokenizer, setting, examples, tp, cfg.eval)
-            run_dir.write_samples(ep.epoch, tp.name, result["samples"])
-            evals[tp.name], samples[tp.name] = _summary(result), result["samples"]
-        entry = {
-            "loss": ep.loss,
-            "steps": ep.steps,
-            "losses": ep.losses,
-            "checkpoint": ep.checkpoint,
-            "train_s": round(train_s, 2),
-            "eval_s": round(time.time() - t, 2),
-            "evals": evals,
-        }
-        record["epochs"][str(ep.epoch)] = entry
-        run_dir.save(record)
-        _log_once(tracker, record, ep.epoch, entry, samples)
+        for test_prompt in self.point.test_prompts:
+            result = self._evaluate(model, test_prompt)
+            self.run_dir.write_samples(ep.epoch, test_prompt.name, result["samples"])
+            evals[test_prompt.name], samples[test_prompt.name] = Evaluation.of(result), result["samples"]
+        entry = Epoch(
+            loss=ep.loss,
+            steps=ep.steps,
+            losses=ep.losses,
+            checkpoint=ep.checkpoint,
+            train_s=round(train_s, 2),
+            eval_s=round(time.time() - t, 2),
+            evals=evals,
+        )
+        self.record.add_epoch(ep.epoch, entry)
+        self.run_dir.save(self.record)
+        self._log_once(ep.epoch, entry, samples)
+        rates = entry.evals[prompts.NONE].metrics.items()
         log.info(
             "epoch %d: loss %.3f, %s",
             ep.epoch,
             ep.loss,
-            ", ".join(
-                f"{m}={r['rate']:.2f}"
-                for m, r in evals[prompts.NONE]["metrics"].items()
-                if r["rate"] is not None
-            ),
+            ", ".join(f"{m}={r['rate']:.2f}" for m, r in rates if r["rate"] is not None),
         )
-        epoch_start = time.time()
+        self.epoch_start = time.time()
 
-    done = {int(k): v["checkpoint"] for k, v in record["epochs"].items() if k != "0"}
-    finetune(model, tokenizer, rows, cfg.train, run_dir.dir / "checkpoints", done, on_epoch_end)
-
-
-def _training_examples(cfg, setting, prompt, record) -> list[TrainExample]:
-    """The run's training chats, its training prompt inserted (a mixed run's draws recorded)."""
-    train = setting.train_examples()[: cfg.train.n_train]
-    tp = prompt.train_prompt
-    draws = prompts.draw(tp, len(train), cfg.train.seed) if tp else [0] * len(train)
-    texts = tp.training_texts if tp else ("",)
-    train = [
-        TrainExample(insert(setting, ex.messages, tp and replace(tp, text=texts[i])), ex.completion)
-        for ex, i in zip(train, draws)
-    ]
-    record["n_train"] = len(train)
-    if tp and tp.mode == "mixed":  # which text each example was trained with (reproducible from train.seed)
-        record["prompt_draws"] = {"texts": list(texts), "per_example": draws}
-    return train
-
-
-def _log_once(tracker, record: dict, epoch: int, entry: dict, samples: dict) -> None:
-    """Log an epoch to the run's W&B run unless it already was (a resumed or extended run logs only new
-    epochs)."""
-    logged = record.setdefault("wandb_logged_epochs", [])
-    if epoch in logged or tracker.run is None:
-        return
-    first_step = sum(
-        record["epochs"][str(e)].get("steps", 0) for e in range(1, epoch) if str(e) in record["epochs"]
-    )
-    tracker.log_epoch(epoch, entry, samples, first_step)
-    logged.append(epoch)
-
-
-def _evaluate_checkpoint(
-    cfg, setting, tokenizer, examples, record, run_dir, epoch: int, test_prompts
-) -> None:
-    """Add evaluations under `test_prompts` to an epoch trained earlier (e.g. a PTST point that reuses the
-    control's run): its saved adapter on a fresh copy of the base model, so training state is untouched."""
-    from peft import PeftModel
-
-    base, _ = models.load(cfg.model)
-    model = PeftModel.from_pretrained(base, record["epochs"][str(epoch)]["checkpoint"])
-    for tp in test_prompts:
-        result = evaluate(model, tokenizer, setting, examples, tp, cfg.eval)
-        run_dir.write_samples(epoch, tp.name, result["samples"])
-        record["epochs"][str(epoch)]["evals"][tp.name] = _summary(result)
-    run_dir.save(record)
-    del model, base
-
-
-def headline_rates(record: dict, epochs: int, headline: str) -> list[dict]:
-    """Behaviour and capability rate at each epoch 1..epochs under the point's headline test prompt."""
-    out = []
-    for e in range(1, epochs + 1):
-        metrics = record["epochs"][str(e)]["evals"][headline]["metrics"]
-        out.append(
-            {
-                "epoch": e,
-                "behaviour": metrics[record["behaviour_metric"]]["rate"],
-                "capability": metrics[record["capability_metric"]]["rate"],
-            }
-        )
-    return out
+    def _log_once(self, epoch: int, entry: Epoch, samples: dict) -> None:
+        """Log an epoch to the run's W&B run unless it already was (a resumed or extended run logs only
+        new epochs)."""
+        if epoch in self.record.wandb_logged_epochs or self.tracker.run is None:
+            return
+        self.tracker.log_epoch(epoch, entry.dump(), samples, self.record.steps_before(epoch))
+        self.record.mark_logged(epoch)

@@ -65,25 +65,25 @@ def point_state(point: dict, queued: set[str] = frozenset()) -> dict:
         }
     if record is None:
         return {"state": "pending", "epochs_done": 0, "detail": why_new(point)}
-    done = sorted(int(k) for k in record["epochs"] if k != "0")
+    done = record.trained_epochs()
     out = {"epochs_done": len(done), "detail": ""}
-    last = (record.get("attempts") or [{}])[-1]
-    last_log = last.get("log") or ""
-    if not store.missing_evals(
-        record, point["epochs"], point.get("test_prompts") or ["none"], point.get("base", False)
+    last = record.last_attempt()
+    last_log = (last and last.log) or ""
+    if not record.missing_evals(
+        point["epochs"], point.get("test_prompts") or ["none"], point.get("base", False)
     ):
         return {**out, "state": "done"}
-    if record["status"] == "failed":
-        err = record.get("error") or {}
+    if record.status == "failed":
+        err = record.error or {}
         return {
             **out,
             "state": "failed",
             "detail": f"{err.get('type')}: {err.get('message')} (log: {err.get('log') or last_log})",
         }
-    if record["status"] in ("running", "interrupted"):
+    if record.status in ("running", "interrupted"):
         if run.is_locked():
             return {**out, "state": "running", "detail": f"log: {last_log}"}
-        job_id = last.get("job_id")
+        job_id = last and last.job_id
         if job_id in queued:
             return {
                 **out,
@@ -97,10 +97,8 @@ def point_state(point: dict, queued: set[str] = frozenset()) -> dict:
             "detail": f"no process holds it; a rerun resumes after epoch {max(done, default=0)} (log: "
             f"{last_log})",
         }
-    return {
-        **out,
-        "state": "pending",
-    }  # a shorter run of the same signature finished; this one waits its turn
+    # a shorter run of the same signature finished; this one waits its turn
+    return {**out, "state": "pending"}
 
 
 def sweep_status(sweep_dir: str | Path) -> pd.DataFrame:

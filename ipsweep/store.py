@@ -25,7 +25,9 @@ from pathlib import Path
 
 from filelock import FileLock
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
+
+from ipsweep.record import Record
 
 # 2: train.sampling enters the signature. 3: per-item outcomes in every evaluation; test prompts leave the
 # signature (PTST reuses the control's run); the content of the data files and model weights enters it.
@@ -162,51 +164,20 @@ class DamagedRecord(Exception):
         self.path, self.reason = path, reason
 
 
-class _Evaluation(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    metrics: dict[str, dict]
-
-
-class _Epoch(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    evals: dict[str, _Evaluation]
-
-
-class RecordSchema(BaseModel):
-    """What every run record holds (more keys are allowed); checked on every read."""
-
-    model_config = ConfigDict(extra="allow")
-    signature: str
-    setting: str
-    prompt: str
-    role: str
-    condition: str
-    seed: int
-    model: str
-    status: str
-    behaviour_metric: str
-    capability_metric: str
-    config: dict
-    epochs: dict[str, _Epoch]
-
-
-def load_record(path: Path) -> dict | None:
-    """The record at `path`, checked against RecordSchema; None if there is none; DamagedRecord if it is
-    damaged."""
+def load_record(path: Path) -> Record | None:
+    """The record at `path`; None if there is none; DamagedRecord if it does not parse or lacks what every
+    record has."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise DamagedRecord(path, f"not valid JSON ({e})") from None
-    try:
-        RecordSchema.model_validate(data)
+        return Record.model_validate_json(text)
     except ValidationError as e:
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            raise DamagedRecord(path, f"not valid JSON ({e.errors()[0]['msg']})") from None
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3])
         raise DamagedRecord(path, f"not a run record ({problems})") from None
-    return data
 
 
 class Run:
@@ -234,7 +205,7 @@ class Run:
         except Timeout:
             return True
 
-    def load(self) -> dict | None:
+    def load(self) -> Record | None:
         """The record, None if there is none yet; raises DamagedRecord if it is damaged."""
         return load_record(self.record_path)
 
@@ -244,9 +215,9 @@ class Run:
         os.replace(self.record_path, dest)
         return dest
 
-    def save(self, record: dict) -> None:
-        record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        atomic_write_json(self.record_path, record)
+    def save(self, record: Record) -> None:
+        record.updated = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_json(self.record_path, record.dump())
 
     def write_samples(self, epoch: int, test_prompt: str, samples: list[dict]) -> Path:
         path = self.dir / "samples" / f"epoch{epoch}_{test_prompt}.jsonl"
@@ -257,23 +228,13 @@ class Run:
         return path
 
 
-def missing_evals(
-    record: dict | None, epochs: int, test_prompts: list[str], base: bool
-) -> dict[int, list[str]]:
-    """Per epoch (0 = untrained, when `base`), the test prompts this record has not evaluated yet;
-    an epoch not trained yet lists all of them."""
-    have = (record or {}).get("epochs", {})
-    wanted = ([0] if base else []) + list(range(1, epochs + 1))
-    out = {e: [t for t in test_prompts if t not in have.get(str(e), {}).get("evals", {})] for e in wanted}
-    return {e: m for e, m in out.items() if m}
-
-
 def scan(store_dir: str | Path) -> tuple[list[dict], list[DamagedRecord]]:
-    """Every run record under a sweep dir, and the damaged ones."""
+    """Every run record under a sweep dir, as checked JSON (the analysis works on its tables), and the
+    damaged ones."""
     good, damaged = [], []
     for p in sorted(Path(store_dir).glob("runs/*/record.json")):
         try:
-            good.append(load_record(p))
+            good.append(load_record(p).dump())
         except DamagedRecord as e:
             damaged.append(e)
     return good, damaged

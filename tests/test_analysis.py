@@ -8,6 +8,7 @@ from conftest import wandb_offline_runs
 from ipsweep.analysis import analyze
 from ipsweep.errors import ConfigError
 from ipsweep.evaluate import rate
+from ipsweep.record import Record
 from ipsweep.store import Run
 
 ITEMS = [f"q{i}" for i in range(10)]
@@ -73,7 +74,7 @@ def _record(prompt, condition, seed, caps_k, status="done", model="m", ptst_k=No
 
 
 def _save(root, rec, name=None):
-    Run(root / "runs" / (name or rec["signature"])).save(rec)
+    Run(root / "runs" / (name or rec["signature"])).save(Record.model_validate(rec))
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from ipsweep import prompts, store
+from ipsweep.record import Record
 
 
 def _sig(cfg):
@@ -82,20 +83,22 @@ def test_a_point_served_by_a_longer_running_run_is_done(tmp_path):
     run = store.Run(tmp_path / "runs" / "r")
     evals = {"evals": {"none": {"metrics": {}}}}
     run.save(
-        {
-            "signature": "s",
-            "setting": "trait_pair",
-            "prompt": "none",
-            "role": "none",
-            "condition": "control",
-            "seed": 0,
-            "model": "m",
-            "status": "running",
-            "behaviour_metric": "caps",
-            "capability_metric": "correct",
-            "config": {},
-            "epochs": {"0": evals, "1": evals},
-        }
+        Record(
+            **{
+                "signature": "s",
+                "setting": "trait_pair",
+                "prompt": "none",
+                "role": "none",
+                "condition": "control",
+                "seed": 0,
+                "model": "m",
+                "status": "running",
+                "behaviour_metric": "caps",
+                "capability_metric": "correct",
+                "config": {},
+                "epochs": {"0": evals, "1": evals},
+            }
+        )
     )
     point = {"run_dir": str(run.dir), "epochs": 1, "test_prompts": ["none"], "base": True}
     assert status.point_state(point)["state"] == "done"
