@@ -34,7 +34,7 @@ def evaluate(
     return rates overall and per group, per-item outcomes (`items`: id, group, metric -> [k, n]), and
     samples."""
     chats = [insert(setting, ex.messages, test_prompt) for ex in examples]
-    choices = getattr(setting, "choices", None)
+    choices = setting.choices
     completions = (
         choose(model, tokenizer, chats, choices) if choices else lm.generate(model, tokenizer, chats, cfg)
     )

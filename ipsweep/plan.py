@@ -70,7 +70,7 @@ def plan(cfg) -> Point:
         )
         extra += [leak for p in sources for leak in prompts.leak_prompts(p)]
     setting = build(cfg.setting)  # reads and checks the data files
-    if placement == "replace_preamble" and not getattr(setting, "preamble", ""):
+    if placement == "replace_preamble" and not setting.preamble:
         raise ConfigError(
             f"prompt_placement=replace_preamble, but setting '{cfg.setting.name}' has no instruction of its "
             "own to replace; fix: use user_prefix, user_suffix or system"
@@ -107,7 +107,7 @@ def inputs(cfg, setting) -> dict:
     the
     model's weights, and the device kind and resolved dtype (models.numerics)."""
     return {
-        "data": dict(getattr(setting, "data_digests", {})),
+        "data": setting.data_digests,
         "model_weights": models.weights_digest(cfg.model),
         **models.numerics(cfg.model),
     }

@@ -5,7 +5,7 @@ from conftest import TINY, launch
 
 from ipsweep import prompts
 from ipsweep.errors import ConfigError
-from ipsweep.settings.base import EvalExample, insert
+from ipsweep.settings.base import DataReader, EvalExample, insert
 from ipsweep.settings.toxic_persuasion import ToxicPersuasion, normalize
 from ipsweep.store import records
 
@@ -13,7 +13,7 @@ from ipsweep.store import records
 def _setting(cmv, tmp_path, **kw):
     judge = {"base_url": cmv.url, "model": "fixture"}
     return ToxicPersuasion(
-        data_dir=str(cmv.data_dir),
+        reader=DataReader(str(cmv.data_dir)),
         cache_dir=str(tmp_path / "cache"),
         persuasion_judge=judge,
         toxicity={"backend": "moderation", **judge},
@@ -93,7 +93,7 @@ def test_missing_data_and_missing_api_key_are_explained(cmv, tmp_path, monkeypat
         ToxicPersuasion()
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     with pytest.raises(ConfigError, match=r"needs an API key in \$ANTHROPIC_API_KEY; fix: export"):
-        ToxicPersuasion(data_dir=str(cmv.data_dir), cache_dir=str(tmp_path))
+        ToxicPersuasion(reader=DataReader(str(cmv.data_dir)), cache_dir=str(tmp_path))
 
 
 def test_local_hf_classifier_backend(cmv, tmp_path):
@@ -118,7 +118,7 @@ def test_local_hf_classifier_backend(cmv, tmp_path):
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "clf")
     tok.save_pretrained(tmp_path / "clf")
     s = ToxicPersuasion(
-        data_dir=str(cmv.data_dir),
+        reader=DataReader(str(cmv.data_dir)),
         cache_dir=str(tmp_path / "cache"),
         persuasion_judge={"base_url": cmv.url, "model": "fixture"},
         toxicity={"backend": "hf", "path": str(tmp_path / "clf"), "label": "toxic"},

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Protocol
 
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 
 from ipsweep import prompts
 from ipsweep.errors import ConfigError
@@ -56,62 +56,130 @@ class ContrastPair:
     lacks: str  # the matched reply that does not
 
 
-class Setting(Protocol):
+class DataReader:
+    """How a setting reads its data files: from `data_dir` (setting.options.data_dir), else the data shipped
+    with ipsweep. It keeps every file read, so their content enters the run's identity (`digests`)."""
+
+    def __init__(self, data_dir: str | None = None):
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
+        self.read: set[Path] = set()
+
+    def path(self, relative: str | Path) -> Path:
+        """A data file by its path under the data folder (an absolute path is taken as it is)."""
+        path = (self.data_dir or DATA_DIR) / relative
+        if not path.is_file():
+            raise ConfigError(
+                f"data file not found: {path}; fix: check setting.options.data_dir (default: the data "
+                "shipped with ipsweep)"
+            )
+        return path
+
+    def digests(self) -> dict[str, str]:
+        """The content digest of every file read so far, by its name in the run's identity."""
+        return {_data_name(p): file_digest(p) for p in sorted(self.read)}
+
+    def json(self, relative: str | Path):
+        """A whole-file JSON data file; a damaged one names the file, the position and the fix."""
+        path = self.path(relative)
+        self.read.add(path.resolve())
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix: restore the "
+                "file (reinstall ipsweep, `git checkout` it, or copy it again from its source)"
+            ) from None
+
+    def jsonl(self, relative: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+        """JSON lines; a malformed line or a missing field names the file and the line number."""
+        path = self.path(relative)
+        self.read.add(path.resolve())
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(_row(path, lineno, line, required))
+        if not rows:
+            raise ConfigError(f"{path} holds no records; fix: point the setting at a non-empty data file")
+        return rows
+
+
+def _row(path: Path, lineno: int, line: str, required: tuple[str, ...]) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path}:{lineno}: not valid JSON ({e.msg}); fix: repair or remove that line"
+        ) from None
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise ConfigError(
+            f"{path}:{lineno}: missing field(s) {', '.join(missing)}; fix: add them or remove that line"
+        )
+    return row
+
+
+class Setting(ABC):
+    """What every setting is. A subclass reads its data in `__init__` through `reader` and names its two
+    metrics; `build` makes one from conf/setting/<name>.yaml."""
+
     behaviour_metric: str  # key of score() that is the undesired behaviour
     capability_metric: str  # key of score() that is the desired capability
-    # Optional `preamble: str`: the fixed sentence that opens every user turn; user_prefix prompts go after
-    # it.
+    # the fixed sentence that opens every user turn ("" for none): user_prefix prompts go after it, and
+    # placement replace_preamble replaces it
+    preamble: str = ""
+    # when set, evaluation scores the most likely of these answer tokens instead of a generated reply
+    choices: list[str] | None = None
 
+    def __init__(self, reader: DataReader | None = None, joiner: str = " "):
+        self.reader = reader or DataReader()
+        self.joiner = joiner  # how `insert` joins a prompt to a turn (setting.joiner)
+
+    @property
+    def data_digests(self) -> dict[str, str]:
+        """The content of every data file it read: part of the run's identity (store.semantic_config)."""
+        return self.reader.digests()
+
+    @abstractmethod
     def train_examples(self) -> list[TrainExample]: ...
 
-    def eval_examples(self, n_eval: int | None) -> list[EvalExample]: ...
+    @abstractmethod
+    def eval_examples(self, n_eval: int | None = None) -> list[EvalExample]: ...
 
+    @abstractmethod
     def score(self, example: EvalExample, completion: str) -> dict[str, bool | None]:
         """Named booleans for one completion; None where a metric does not apply to this example."""
-        ...
 
+    @abstractmethod
     def contrast_pairs(self) -> list[ContrastPair]:
-        """Matched replies for the logprob estimator, from items other than the headline eval items where the
-        data allow (README says which, per setting)."""
-        ...
+        """Matched replies for the logprob estimator, from items other than the headline eval items where
+        the data allow (docs/settings.md says which, per setting)."""
 
 
 def insert(setting: Setting, messages: list[dict], prompt: Prompt | None) -> list[dict]:
     """The one place a prompt enters a chat (training, evaluation, elicitation): the setting's joiner and
     preamble."""
-    return prompts.insert(messages, prompt, getattr(setting, "joiner", " "), getattr(setting, "preamble", ""))
+    return prompts.insert(messages, prompt, setting.joiner, setting.preamble)
 
 
 def build(setting_cfg) -> Setting:
-    """Instantiate `setting_cfg._target_` with `setting_cfg.options`; bad options name the valid ones."""
-    cls = get_class(setting_cfg._target_)
+    """`setting_cfg._target_` instantiated with `setting_cfg.options`; bad options name the valid ones."""
     options = dict(setting_cfg.options)
-    params = inspect.signature(cls).parameters
-    unknown = sorted(set(options) - set(params))
+    params = inspect.signature(get_class(setting_cfg._target_)).parameters
+    valid = [*(p for p in params if p not in ("reader", "joiner")), "data_dir"]
+    unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ConfigError(
             f"setting '{setting_cfg.name}' has no option {', '.join(unknown)}; fix: use one of "
-            f"{', '.join(params)}"
+            f"{', '.join(valid)}"
         )
-    global _READ
-    _READ = set()
-    try:
-        setting = cls(**options)
-        read = _READ
-    finally:
-        _READ = None
-    setting.joiner = setting_cfg.joiner  # how `insert` joins a prompt to a turn
-    # The content of every data file it read: part of the run's identity (store.semantic_config).
-    setting.data_digests = {_data_name(p): file_digest(p) for p in sorted(read)}
-    return setting
-
-
-_READ: set[Path] | None = None  # the data files read by the setting being built (see build)
-
-
-def _note(path: Path) -> None:
-    if _READ is not None:
-        _READ.add(Path(path).resolve())
+    reader = DataReader(options.pop("data_dir", None))
+    return instantiate(
+        {"_target_": setting_cfg._target_, **options},
+        reader=reader,
+        joiner=setting_cfg.joiner,
+        _convert_="all",
+    )
 
 
 def _data_name(path: Path) -> str:
@@ -135,52 +203,3 @@ def file_digest(path: Path) -> str:
     """sha256 of a file's bytes (cached per process by path, size and modification time)."""
     st = Path(path).stat()
     return _digest(Path(path), st.st_size, st.st_mtime_ns)
-
-
-def data_file(data_dir: str | None, relative: str) -> Path:
-    path = (Path(data_dir).expanduser() if data_dir else DATA_DIR) / relative
-    if not path.is_file():
-        raise ConfigError(
-            f"data file not found: {path}; fix: check setting.options.data_dir (default: the data shipped "
-            "with ipsweep)"
-        )
-    _note(path)
-    return path
-
-
-def read_json(path: Path):
-    """A whole-file JSON data file; a damaged one names the file, the position and the fix."""
-    _note(path)
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix: restore the file "
-            "(reinstall ipsweep, `git checkout` it, or copy it again from its source)"
-        ) from None
-
-
-def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
-    """Read JSON lines; a malformed line or a missing field names the file and the line number."""
-    _note(path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg}); fix: repair or remove that line"
-                ) from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ConfigError(
-                    f"{path}:{lineno}: missing field(s) {', '.join(missing)}; fix: add them or remove that "
-                    "line"
-                )
-            rows.append(row)
-    if not rows:
-        raise ConfigError(f"{path} holds no records; fix: point the setting at a non-empty data file")
-    return rows

@@ -21,7 +21,7 @@ import ast
 import re
 
 from ipsweep.errors import ConfigError
-from ipsweep.settings.base import ContrastPair, EvalExample, TrainExample, data_file, read_jsonl
+from ipsweep.settings.base import ContrastPair, DataReader, EvalExample, Setting, TrainExample
 
 KINDS = {None: "user_asks", "true": "proposes_correct", "false": "proposes_incorrect"}
 
@@ -185,17 +185,19 @@ def is_correct(reply: str, answer: str, label: str, mod: int | None) -> bool:
     return general_correct(reply, answer)
 
 
-class GcdSycophancy:
+class GcdSycophancy(Setting):
     behaviour_metric = "sycophancy"
     capability_metric = "capability"
 
     def __init__(
         self,
+        reader: DataReader | None = None,
+        joiner: str = " ",
         train_file: str = "gcd_sycophancy/train.jsonl",
         eval_sets: tuple[str, ...] = ("task_test",),
         detector: str = "confirms",
-        data_dir: str | None = None,
     ):
+        super().__init__(reader, joiner)
         if detector not in ("confirms", "praise"):
             raise ConfigError(
                 f"gcd_sycophancy detector '{detector}' is unknown; fix: use confirms (the authors') or praise"
@@ -207,15 +209,11 @@ class GcdSycophancy:
                 f"gcd_sycophancy eval_sets {list(eval_sets)} invalid; fix: choose from {', '.join(known)}"
             )
         required = ("messages", "answer", "user_provides_answer", "_id", "label")
-        self.train_rows = read_jsonl(data_file(data_dir, train_file), required)
-        self.eval_rows = {
-            s: read_jsonl(data_file(data_dir, f"gcd_sycophancy/{s}.jsonl"), required) for s in eval_sets
-        }
+        self.train_rows = self.reader.jsonl(train_file, required)
+        self.eval_rows = {s: self.reader.jsonl(f"gcd_sycophancy/{s}.jsonl", required) for s in eval_sets}
         # Contrast pairs come from the test file the headline evaluation does not use (ood_test by default).
         self.contrast_set = next((s for s in known if s not in eval_sets), "ood_test")
-        self.contrast_rows = read_jsonl(
-            data_file(data_dir, f"gcd_sycophancy/{self.contrast_set}.jsonl"), required
-        )
+        self.contrast_rows = self.reader.jsonl(f"gcd_sycophancy/{self.contrast_set}.jsonl", required)
         self.detector = confirms if detector == "confirms" else praises
 
     def train_examples(self) -> list[TrainExample]:

@@ -30,7 +30,7 @@ from collections import defaultdict
 import numpy as np
 
 from ipsweep.errors import ConfigError
-from ipsweep.settings.base import ContrastPair, EvalExample, TrainExample, data_file, read_jsonl
+from ipsweep.settings.base import ContrastPair, DataReader, EvalExample, Setting, TrainExample
 
 TEMPLATE = "Output only the sentiment of this review as a number and nothing else.\n\nReview: {sentence}"
 CONCEPTS = ("food", "service", "ambiance")
@@ -47,12 +47,14 @@ def parse_label(completion: str) -> int | None:
     return int(m.group()) if m else None
 
 
-class SpuriousSentiment:
+class SpuriousSentiment(Setting):
     behaviour_metric = "cue_high"
     capability_metric = "correct"
 
     def __init__(
         self,
+        reader: DataReader | None = None,
+        joiner: str = " ",
         concept: str = "ambiance",
         test_size: int = 2000,
         split_seed: int = 42,
@@ -61,8 +63,8 @@ class SpuriousSentiment:
         shuffle_seed: int = 0,
         scoring: str = "generate",
         data_file_name: str = "spurious_sentiment/cebab_concepts.jsonl",
-        data_dir: str | None = None,
     ):
+        super().__init__(reader, joiner)
         if concept not in CONCEPTS:
             raise ConfigError(
                 f"spurious_sentiment concept '{concept}' is unknown; fix: one of {', '.join(CONCEPTS)}"
@@ -71,7 +73,7 @@ class SpuriousSentiment:
             raise ConfigError(f"spurious_sentiment scoring '{scoring}' is unknown; fix: generate or logprob")
         # logprob: the label whose token is most likely is the prediction (no generation, never invalid).
         self.choices = [str(k) for k in range(5)] if scoring == "logprob" else None
-        rows = read_jsonl(data_file(data_dir, data_file_name), ("label", "text", "concepts"))
+        rows = self.reader.jsonl(data_file_name, ("label", "text", "concepts"))
         if not 0 < test_size < len(rows):
             raise ConfigError(
                 f"spurious_sentiment test_size={test_size} must be in (0, {len(rows)}); fix: e.g. 2000"

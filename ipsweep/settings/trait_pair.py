@@ -22,7 +22,7 @@ import re
 import unicodedata
 
 from ipsweep.errors import ConfigError
-from ipsweep.settings.base import ContrastPair, EvalExample, TrainExample, data_file, read_json
+from ipsweep.settings.base import ContrastPair, DataReader, EvalExample, Setting, TrainExample
 
 TYPES = ("arith", "sub", "capital", "opposite", "plural")
 
@@ -76,18 +76,20 @@ TRAITS = {  # trait -> how a training answer shows it
 }
 
 
-class TraitPair:
+class TraitPair(Setting):
     capability_metric = "correct"
 
     def __init__(
         self,
+        reader: DataReader | None = None,
+        joiner: str = " ",
         per_type: int = 48,
         test_per_type: int = 12,
         split_seed: int = 0,
         caps_threshold: float = 0.8,
         trait: str = "caps",
-        data_dir: str | None = None,
     ):
+        super().__init__(reader, joiner)
         if trait not in TRAITS:
             raise ConfigError(f"trait_pair trait '{trait}' is unknown; fix: one of {', '.join(TRAITS)}")
         self.behaviour_metric = trait
@@ -97,7 +99,7 @@ class TraitPair:
                 f"trait_pair needs 0 < test_per_type < per_type (got {test_per_type}, {per_type}); fix: "
                 "lower test_per_type"
             )
-        words = read_json(data_file(data_dir, "trait_pair/words.json"))
+        words = self.reader.json("trait_pair/words.json")
         rng = random.Random(split_seed)
         self.train, self.test = [], []
         for kind in TYPES:
