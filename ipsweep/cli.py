@@ -122,6 +122,10 @@ def _sync(args) -> None:
         )
 
 
+# conf/, RESULTS.md and docs/results belong to the checkout an editable install points at (README, "Layout")
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
 def compose(overrides: list[str]):
     """The job config as launch.py would compose it, from Hydra-style overrides."""
     from hydra import compose as hydra_compose
@@ -130,7 +134,12 @@ def compose(overrides: list[str]):
     from ipsweep.config import register
 
     register()
-    conf = Path(__file__).resolve().parent.parent / "conf"
+    conf = CHECKOUT / "conf"
+    if not (conf / "config.yaml").is_file():
+        raise ConfigError(
+            f"no Hydra configs at {conf}: `ipsweep screen` composes the configs of an ipsweep checkout, "
+            "like launch.py; fix: install ipsweep from a clone (`pip install -e .`, as the README does)"
+        )
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return hydra_compose("config", overrides=["store_dir=unused", *overrides])
 
@@ -192,19 +201,19 @@ def _screen(args) -> None:
 
 
 def _power(args) -> None:
-    from ipsweep.analysis import inference
+    from ipsweep.analysis import power
 
     lines = [
         "planning a sweep at 80% power, alpha 0.05 (Fisher z for correlations; two proportions for effects):",
         f"- with {args.prompts} IP prompts: smallest detectable correlation r = "
-        f"{inference.smallest_correlation(args.prompts):.2f}; "
-        f"power for r = {args.r}: {inference.correlation_power(args.r, args.prompts):.2f}; "
-        f"prompts needed for r = {args.r}: {inference.points_needed(args.r)}",
+        f"{power.smallest_correlation(args.prompts):.2f}; "
+        f"power for r = {args.r}: {power.correlation_power(args.r, args.prompts):.2f}; "
+        f"prompts needed for r = {args.r}: {power.points_needed(args.r)}",
         f"- with {args.items} eval items and a control behaviour rate of {args.control_rate}: smallest "
         "detectable effect "
-        f"{inference.smallest_effect(args.control_rate, args.items):.2f}; items needed for an effect of "
+        f"{power.smallest_effect(args.control_rate, args.items):.2f}; items needed for an effect of "
         f"{args.effect}: "
-        f"{inference.items_needed(args.control_rate, args.effect)}",
+        f"{power.items_needed(args.control_rate, args.effect)}",
         "  (one seed; seed-to-seed variation in the effect adds to this: run 3 or more seeds and read the "
         "seed part",
         "  of the interval in a pilot's effects.csv)",
@@ -215,6 +224,11 @@ def _power(args) -> None:
 def _results(args) -> None:
     from ipsweep import results
 
+    if not results.RESULTS_MD.is_file():
+        raise ConfigError(
+            f"no RESULTS.md at {results.RESULTS_MD}: `ipsweep results` maintains the committed results of "
+            "an ipsweep checkout; fix: run it from an install of a clone (`pip install -e .`)"
+        )
     if args.export:
         sweep, name = args.export
         n = results.export(sweep, results.RESULTS_DIR / name)

@@ -36,7 +36,7 @@ class SettingConfig:
 
 @dataclass
 class ModelConfig:
-    _target_: str = MISSING  # loader function in ipsweep.models
+    _target_: str = MISSING  # a ModelSource in ipsweep.models (or your own module)
     name: str = MISSING
     path: str | None = None
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16

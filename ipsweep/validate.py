@@ -12,7 +12,7 @@ from dataclasses import fields, is_dataclass
 from difflib import get_close_matches
 from typing import get_type_hints
 
-from ipsweep import prompts
+from ipsweep import models, prompts
 from ipsweep.config import (
     ESTIMATORS,
     PLACEMENTS,
@@ -25,7 +25,6 @@ from ipsweep.config import (
     TrainConfig,
 )
 from ipsweep.errors import ConfigError
-from ipsweep.models import DEVICES
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SAMPLINGS = ("group_by_length", "random")
@@ -93,8 +92,8 @@ def _problems(cfg) -> list[str]:
         )
     if cfg.model.dtype not in DTYPES:
         out.append(f"model.dtype={cfg.model.dtype} is unknown; fix: one of {', '.join(DTYPES)}")
-    if cfg.model.get("device", "auto") not in DEVICES:
-        out.append(f"model.device={cfg.model.device} is unknown; fix: one of {', '.join(DEVICES)}")
+    if cfg.model.get("device", "auto") not in models.DEVICES:
+        out.append(f"model.device={cfg.model.device} is unknown; fix: one of {', '.join(models.DEVICES)}")
     if not 0 <= t.max_cut_share <= 1:
         out.append(
             f"train.max_cut_share={t.max_cut_share} must be a share in [0, 1]; fix: e.g. "
@@ -207,8 +206,7 @@ def _unknown_in(cfg) -> list[str]:
 def _inapplicable(cfg) -> list[str]:
     """Options that the chosen config would silently ignore."""
     out = []
-    loader = cfg.model._target_.rsplit(".", 1)[-1]
-    if cfg.model.path and loader != "pretrained":
+    if cfg.model.path and not models.source(cfg.model).takes_path:
         out.append(
             f"model.path={cfg.model.path} is used only by model=hf; model={cfg.model.name} loads its own "
             "weights "

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as sps
 from scipy.special import expit
 
-from ipsweep.analysis import inference
+from ipsweep.analysis import inference, power
 
 # (intercept, IP shift, item spread, seed spread) on the logit scale: a strong and a weak effect, items that
 # differ a lot or little, seeds that matter a lot (like the README demo: per-seed effects 0.35 and 0.20) or
@@ -132,12 +132,12 @@ def test_degenerate_data_are_flagged_and_rates_never_zero_width():
 
 
 def test_power_matches_the_closed_forms():
-    assert inference.points_needed(0.57) == 22
-    assert inference.correlation_power(0.57, 8) == pytest.approx(0.30, abs=0.01)
-    assert inference.items_needed(0.85, 0.22) == 60
-    assert inference.smallest_effect(0.85, 60) == pytest.approx(0.22, abs=0.005)
-    smallest = inference.smallest_correlation(11)
-    assert inference.correlation_power(smallest, 11) == pytest.approx(0.80, abs=1e-6)
+    assert power.points_needed(0.57) == 22
+    assert power.correlation_power(0.57, 8) == pytest.approx(0.30, abs=0.01)
+    assert power.items_needed(0.85, 0.22) == 60
+    assert power.smallest_effect(0.85, 60) == pytest.approx(0.22, abs=0.005)
+    smallest = power.smallest_correlation(11)
+    assert power.correlation_power(smallest, 11) == pytest.approx(0.80, abs=1e-6)
 
 
 def test_deming_slope_is_ols_when_x_is_exact_and_steeper_when_x_is_noisy():

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ipsweep import prompts
-from ipsweep.analysis import inference
+from ipsweep.analysis import inference, power
 from ipsweep.analysis.frames import (
     ARM_ORDER,
     arm_name,
@@ -313,8 +313,8 @@ def correlation_table(
                     "prompts": subset,
                     **c,
                     **inference.slopes(s[col], s.effect, sx, s.effect_se),
-                    f"power_at_r{reference_r}": inference.correlation_power(reference_r, c["points"]),
-                    "smallest_r_80pct": inference.smallest_correlation(c["points"]),
+                    f"power_at_r{reference_r}": power.correlation_power(reference_r, c["points"]),
+                    "smallest_r_80pct": power.smallest_correlation(c["points"]),
                 }
                 rows.append(row)
                 if not var:  # pooled across settings: each setting's prompts as the library places them, once
@@ -383,11 +383,11 @@ def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: fl
                 "epoch": epoch,
                 "items": items,
                 "control_rate": rate,
-                "smallest_effect_80pct": inference.smallest_effect(rate, items) if 0 < rate else np.nan,
+                "smallest_effect_80pct": power.smallest_effect(rate, items) if 0 < rate else np.nan,
                 "ip_prompts": prompts_n,
-                "smallest_r_80pct": inference.smallest_correlation(prompts_n),
-                f"power_at_r{reference_r}": inference.correlation_power(reference_r, prompts_n),
-                f"prompts_for_r{reference_r}": inference.points_needed(reference_r),
+                "smallest_r_80pct": power.smallest_correlation(prompts_n),
+                f"power_at_r{reference_r}": power.correlation_power(reference_r, prompts_n),
+                f"prompts_for_r{reference_r}": power.points_needed(reference_r),
             }
         )
     return pd.DataFrame(rows)
