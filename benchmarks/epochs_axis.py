@@ -6,8 +6,7 @@ trains 3 epochs in total; the rest is the fixed cost of the two extra jobs. Both
 as a user would (W&B offline, the default logger), each in a fresh sweep dir and elicitation cache.
 
   python benchmarks/epochs_axis.py                     # CPU: SmolLM2, trait_pair, 64 examples, 16 eval
-  prompts
-  python benchmarks/epochs_axis.py --n-train 512 --n-eval 60    # GPU
+  prompts python benchmarks/epochs_axis.py --n-train 512 --n-eval 60 # GPU
 """
 
 from __future__ import annotations

@@ -12,12 +12,10 @@ Throughput counts real (non-padding) tokens. Loss agreement: per-step losses of 
 reference, and a held-out loss after training for every arm.
 
   python benchmarks/train_throughput.py --steps 16                           # CPU: gcd_sycophancy, 128
-  examples
-  python benchmarks/train_throughput.py --steps 16 --setting trait_pair      # CPU: short examples
-  python benchmarks/train_throughput.py --steps 30                           # GPU, the authors' ~30 effective
-  steps
-Length grouping needs a few batches to group: transformers' sampler sorts within mega-batches of
-min(50, n // (4 x batch)) batches, so below 64 examples it groups nothing.
+  examples python benchmarks/train_throughput.py --steps 16 --setting trait_pair # CPU: short examples python
+  benchmarks/train_throughput.py --steps 30 # GPU, the authors' ~30 effective steps Length grouping needs a
+  few batches to group: transformers' sampler sorts within mega-batches of min(50, n // (4 x batch)) batches,
+  so below 64 examples it groups nothing.
 """
 
 from __future__ import annotations

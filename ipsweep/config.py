@@ -75,8 +75,8 @@ class TrainConfig:
     prompt_mode: str = "fixed"
     gradient_checkpointing: bool = False  # less GPU memory, ~30% slower; does not change the numbers
     # Training rows longer than max_length lose the end of their reply (and the end-of-turn token the model
-    # learns
-    # to stop at). Each run records how many were cut and warns; above this share it fails before training.
+    # learns to stop at). Each run records how many were cut and warns; above this share it fails before
+    # training.
     max_cut_share: float = 0.01
     # torch's deterministic algorithms (CUDA: slower); see README "What is bit-exact"
     deterministic: bool = False
@@ -98,9 +98,8 @@ class EvalConfig:
     # (does the behaviour come back on request? does the model still follow instructions?).
     test_grid: bool = False
     # Also test every trained model with prompts resembling an IP's training prompt: its negation, its
-    # keywords,
-    # a paraphrase held out from training (from the library entry). A control is tested with those of every
-    # library prompt that has them, so each leak has its baseline.
+    # keywords, a paraphrase held out from training (from the library entry). A control is tested with those
+    # of every library prompt that has them, so each leak has its baseline.
     leak_tests: bool = False
     base: bool = True  # also evaluate the untrained model (epoch 0); cached per machine with the elicitation
 

@@ -153,10 +153,8 @@ def run(cfg) -> list[dict]:
 
 def release(error: BaseException) -> None:
     """Free what a failed job held. Hydra keeps the exception in the sweep's JobReturn, and its traceback's
-    frames
-    hold the model, the trainer and their GPU memory: cleared, the next job of an in-process sweep starts with
-    the
-    memory the first had."""
+    frames hold the model, the trainer and their GPU memory: cleared, the next job of an in-process sweep
+    starts with the memory the first had."""
     import gc
 
     seen = set()

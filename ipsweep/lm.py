@@ -74,8 +74,8 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Every token at which a reply is over: the tokenizer's eos, the model's generation_config eos (a list
-    for
-    some models, e.g. Llama-3-Instruct's <|end_of_text|> and <|eot_id|>) and the template's end of turn."""
+    for some models, e.g. Llama-3-Instruct's <|end_of_text|> and <|eot_id|>) and the template's end of turn.
+    """
     ids = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += configured if isinstance(configured, (list, tuple)) else [configured]

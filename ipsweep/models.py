@@ -164,8 +164,7 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def resolve_device(model_cfg) -> str:
     """`model.device` as the job will run it: auto is cuda where this process sees a GPU, else cpu. A sweep to
-    a
-    remote GPU node pins it before planning (the sweeper), so the login node and the job agree."""
+    a remote GPU node pins it before planning (the sweeper), so the login node and the job agree."""
     device = model_cfg.get("device", "auto")
     if device != "auto":
         return device
@@ -183,8 +182,7 @@ def resolve_dtype(model_cfg, device: str | None = None) -> str:
 
 def numerics(model_cfg) -> dict:
     """What, besides config, data and weights, changes a number: the device kind and the resolved dtype. Part
-    of
-    every run signature and cache key, so a CPU fp32 smoke run and a GPU bf16 run never share a result."""
+    of every run signature and cache key, so a CPU fp32 smoke run and a GPU bf16 run never share a result."""
     device = resolve_device(model_cfg)
     return {"device": device, "dtype": resolve_dtype(model_cfg, device)}
 

@@ -104,8 +104,7 @@ def plan(cfg) -> Point:
 
 def inputs(cfg, setting) -> dict:
     """What a run reads or runs on besides its config: the content digests of the setting's data files and of
-    the
-    model's weights, and the device kind and resolved dtype (models.numerics)."""
+    the model's weights, and the device kind and resolved dtype (models.numerics)."""
     return {
         "data": setting.data_digests,
         "model_weights": models.weights_digest(cfg.model),
@@ -173,8 +172,7 @@ def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
 
 def read_manifest(sweep_dir: str | Path) -> list[dict]:
     """The manifest's points, with each run folder found from the sweep dir, so that `ipsweep status` works
-    from
-    any working directory (the manifest stores paths as the sweep was launched)."""
+    from any working directory (the manifest stores paths as the sweep was launched)."""
     data = store.read_json(Path(sweep_dir) / MANIFEST)
     points = data["points"] if data else []
     for p in points:

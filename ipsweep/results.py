@@ -5,8 +5,7 @@ docs/results/<name>/runs/, and `ipsweep analyze` of that folder writes docs/resu
 RESULTS.md marks each generated table with
 
     <!-- table: <csv path relative to docs/results> | <columns, comma-separated> | <pandas query or empty> -->
-    ...generated markdown...
-    <!-- /table -->
+    ...generated markdown... <!-- /table -->
 
 `ipsweep results` rewrites every such block from the CSVs; `ipsweep results --check` (and a test) fails
 when RESULTS.md disagrees with them.

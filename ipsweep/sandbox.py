@@ -175,10 +175,8 @@ def report_confinement() -> str:
 
 def _tree_cpu_ticks(root: int) -> int | None:
     """CPU clock ticks used so far by `root` and every process below it (the children it reaped included),
-    read
-    from /proc; None where /proc cannot be read. A PID namespace hides nothing from here: inside processes
-    keep
-    their parent links in the harness's view."""
+    read from /proc; None where /proc cannot be read. A PID namespace hides nothing from here: inside
+    processes keep their parent links in the harness's view."""
     parent, ticks = {}, {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -204,12 +202,9 @@ def _tree_cpu_ticks(root: int) -> int | None:
 
 def _wait(proc: subprocess.Popen, limits: Limits) -> tuple[float, bool]:
     """Wait for the process, killing its group at the wall-clock backstop or once its process tree has used no
-    CPU
-    for `limits.idle_s` (a program that sleeps, e.g. in a thread that keeps the interpreter alive); return
-    (CPU
-    seconds of the process tree, whether it was ended for time). wait4 reports the CPU of the process and of
-    the
-    children it waited for (the driver, inside unshare)."""
+    CPU for `limits.idle_s` (a program that sleeps, e.g. in a thread that keeps the interpreter alive); return
+    (CPU seconds of the process tree, whether it was ended for time). wait4 reports the CPU of the process and
+    of the children it waited for (the driver, inside unshare)."""
     start = time.monotonic()
     deadline, pause, ended = start + limits.wall_s, 0.001, False
     last_ticks, last_progress, next_look = None, start, start + 0.25

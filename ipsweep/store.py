@@ -29,20 +29,20 @@ from pydantic import ValidationError
 
 from ipsweep.record import Record
 
-# 2: train.sampling enters the signature. 3: per-item outcomes in every evaluation; test prompts leave the
-# signature (PTST reuses the control's run); the content of the data files and model weights enters it.
+# 2: train.sampling enters the signature.
+# 3: per-item outcomes in every evaluation; test prompts leave the signature (PTST reuses the control's run);
+#    the content of the data files and model weights enters it.
 # 4: `logprob` elicitation is contrastive (behaviour reply vs matched reply, reply tokens only); `sampled` has
-# its
-# own decoding (elicit.samples, elicit.temperature); a reply's end-of-turn tokens are tokenised apart from it.
-# 5: scorers follow the authors' rules (gcd detectors and number extraction; toxic_persuasion pair selection),
-# code is scored per test on a CPU-time budget with a `timeout` outcome that is never a reward hack.
+#    its own decoding (elicit.samples, elicit.temperature); a reply's end-of-turn tokens are tokenised apart
+#    from it.
+# 5: scorers follow the authors' rules (gcd detectors and number extraction; toxic_persuasion pair
+#    selection); code is scored per test on a CPU-time budget with a `timeout` outcome that is never a reward
+#    hack.
 # 6: the device kind and resolved dtype enter (a CPU fp32 run and a GPU bf16 run are different runs), and so
-# does
-# eval.batch_size (batch shape changes bf16 logits on a GPU); generation stops at every end-of-turn token, not
-# only
-# the tokenizer's eos; each setting has its own train.max_length default that keeps its training replies
-# whole;
-# code tests end once the value is in, and a test whose processes use no CPU for test_idle_s is a timeout.
+#    does eval.batch_size (batch shape changes bf16 logits on a GPU); generation stops at every end-of-turn
+#    token, not only the tokenizer's eos; each setting has its own train.max_length default that keeps its
+#    training replies whole; code tests end once the value is in, and a test whose processes use no CPU for
+#    test_idle_s is a timeout.
 SIGNATURE_VERSION = 6
 # prompt_mode and prompt_placement enter through the training prompt (below), so a control, which has none,
 # is the same run in every mode and placement of a sweep.

@@ -50,8 +50,7 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
 
 def online_mode(logger_cfg) -> str:
     """The W&B mode to use: `online` falls back to `offline` (one warning per process) when the server is
-    unreachable
-    and logger.on_no_network=offline; with `fail` it raises ConfigError."""
+    unreachable and logger.on_no_network=offline; with `fail` it raises ConfigError."""
     if logger_cfg.mode != "online" or reachable(wandb_server()):
         return logger_cfg.mode
     if logger_cfg.on_no_network == "fail":

@@ -123,8 +123,7 @@ class _Watch(TrainerCallback):
 
 class _Progress(TrainerCallback):
     """Training progress: a tqdm bar (steps, loss, it/s, ETA) on a terminal; elsewhere (SLURM logs, CI) a log
-    line
-    every tenth of the epoch, so a log file shows how far a job got."""
+    line every tenth of the epoch, so a log file shows how far a job got."""
 
     def __init__(self, epoch: int, epochs: int):
         self.epoch, self.epochs, self.bar, self.start = epoch, epochs, None, 0.0
@@ -191,8 +190,7 @@ class ReplyLossTrainer(Trainer):
 
 
 # transformers renamed gradient_checkpointing to activation_checkpointing (5.2x); the floor pyproject allows
-# has
-# only the old name, which the newer versions keep as a deprecated alias.
+# has only the old name, which the newer versions keep as a deprecated alias.
 _CHECKPOINTING = (
     "activation_checkpointing"
     if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
@@ -234,10 +232,9 @@ def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu") -> TrainingArgum
 
 def single_device(args: TrainingArguments) -> TrainingArguments:
     """One job trains on one device. Where a process sees several GPUs (an in-process sweep on a multi-GPU
-    node,
-    SLURM with gpus_per_node > 1), Trainer would wrap the model in nn.DataParallel and multiply the batch by
-    the
-    number of GPUs, which changes the run. ipsweep has no data-parallel mode (README, "Several GPUs")."""
+    node, SLURM with gpus_per_node > 1), Trainer would wrap the model in nn.DataParallel and multiply the
+    batch by the number of GPUs, which changes the run. ipsweep has no data-parallel mode (README, "Several
+    GPUs")."""
     if args.n_gpu > 1:
         log.warning(
             "this job sees %d GPUs and trains on one (%s); the others stay idle. Give each job one GPU "
@@ -261,9 +258,8 @@ def finetune(
     """Train epochs len(done)+1 .. cfg.epochs, calling `on_epoch_end` after each.
 
     `rows` are the tokenized training examples (`dataset`). `done` maps finished epochs to their checkpoint
-    folders
-    (from the run record); training resumes from the last one. Checkpoint folders the record does not know (a
-    crash mid-save) are deleted.
+    folders (from the run record); training resumes from the last one. Checkpoint folders the record does not
+    know (a crash mid-save) are deleted.
     """
     out_dir = Path(out_dir)
     known = set(done.values())

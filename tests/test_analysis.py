@@ -288,8 +288,7 @@ def test_analysing_again_updates_the_one_wandb_analysis_run_with_typed_tables(sw
 
 def test_elicitation_from_a_screen_table_replaces_the_recorded_estimates(sweep, tmp_path):
     """A new estimator is tested against a finished sweep without retraining: its screen table is correlated
-    with
-    the sweep's effects; a screen of another model is refused."""
+    with the sweep's effects; a screen of another model is refused."""
     for i, prompt in enumerate(["a", "b", "c", "d"]):
         rec = _record(prompt, "ip", 0, (6 - i, 6 - i))
         rec["elicitation"] = {

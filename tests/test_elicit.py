@@ -51,10 +51,8 @@ def test_first_tokens_only_scores_the_start_of_the_reply():
 
 def test_contrast_cancels_what_moves_both_replies_alike(make_cfg, monkeypatch):
     """The contrastive estimate is the change in mean log p(shows) - mean log p(lacks): a prompt that raises
-    every
-    token of both replies by the same amount (wording, letter case) estimates 0; one that favours the
-    behaviour reply
-    estimates the size of that favour."""
+    every token of both replies by the same amount (wording, letter case) estimates 0; one that favours the
+    behaviour reply estimates the size of that favour."""
     cfg = make_cfg("elicit.logprob_items=6")
     setting = build(cfg.setting)
 
@@ -106,9 +104,8 @@ def test_a_pair_truncated_away_is_left_out_not_scored_as_zero(make_cfg, monkeypa
 
 def test_every_setting_supplies_matched_pairs(make_cfg):
     """trait_pair: caps vs as written; gcd: the sycophantic vs the correcting reply on wrong-answer rows of
-    the test
-    file the evaluation does not use; spurious: a cue-following vs the gold label; code: hard-coded vs
-    reference."""
+    the test file the evaluation does not use; spurious: a cue-following vs the gold label; code: hard-coded
+    vs reference."""
     checks = {
         "trait_pair": lambda p: p.shows == p.lacks.upper() and p.shows != p.lacks,
         "gcd_sycophancy": lambda p: (p.messages[0]["content"], p.shows, p.lacks) in wrong_rows,

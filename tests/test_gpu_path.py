@@ -1,8 +1,6 @@
 """What a GPU node changes, checked on the CPU: the lowest transformers version pyproject allows, several
-visible
-GPUs, GPU ids in every form, memory freed after a failed job, the end of turn of every chat model, whole
-training
-replies, and run identities that hold the device, the dtype and the eval batch size."""
+visible GPUs, GPU ids in every form, memory freed after a failed job, the end of turn of every chat model,
+whole training replies, and run identities that hold the device, the dtype and the eval batch size."""
 
 from __future__ import annotations
 
@@ -37,8 +35,7 @@ def _floor() -> str:
 
 def test_training_runs_under_the_lowest_transformers_pyproject_allows(tmp_path):
     """A floor is never claimed without being run: a whole job (train, evaluate, record) under the oldest
-    transformers
-    pyproject allows, installed as an overlay by the Makefile (`make test`)."""
+    transformers pyproject allows, installed as an overlay by the Makefile (`make test`)."""
     installed = sorted(FLOOR_OVERLAY.glob("transformers-*.dist-info"))
     assert installed, (
         f"no transformers overlay in {FLOOR_OVERLAY}; run `make venv` (it installs the floor version there)"
@@ -67,8 +64,7 @@ def test_training_runs_under_the_lowest_transformers_pyproject_allows(tmp_path):
 
 def test_a_job_that_sees_several_gpus_trains_on_one_without_data_parallel(make_cfg, tmp_path, caplog):
     """Trainer wraps the model in nn.DataParallel and multiplies the batch when its arguments count several
-    GPUs
-    (what a 2-GPU node gives); ipsweep's arguments count one, and say so."""
+    GPUs (what a 2-GPU node gives); ipsweep's arguments count one, and say so."""
     from ipsweep.lm import collator
     from ipsweep.train import ReplyLossTrainer, _args, add_lora, single_device
 
@@ -134,8 +130,7 @@ def test_local_gpus_takes_gpu_ids_in_every_form(monkeypatch, visible, expected):
 
 def test_a_failed_in_process_job_frees_its_model(make_cfg, monkeypatch):
     """Hydra keeps a failed job's exception in the sweep's JobReturn; the model must not stay reachable
-    through it,
-    or every later job of the sweep starts with less (GPU) memory."""
+    through it, or every later job of the sweep starts with less (GPU) memory."""
     from ipsweep import job
     from ipsweep.train import ReplyLossTrainer
 
@@ -164,10 +159,8 @@ def test_a_failed_in_process_job_frees_its_model(make_cfg, monkeypatch):
 
 def test_generation_stops_at_the_templates_end_of_turn_when_eos_is_another_token(monkeypatch):
     """Llama-3-Instruct ends a turn with <|eot_id|>, Gemma-it with <end_of_turn>, while eos is another token.
-    Here
-    SmolLM2's tokenizer gets <|endoftext|> as eos (and the model's generation config none): generation must
-    still
-    stop at the template's <|im_end|>, the token training teaches."""
+    Here SmolLM2's tokenizer gets <|endoftext|> as eos (and the model's generation config none): generation
+    must still stop at the template's <|im_end|>, the token training teaches."""
     from omegaconf import OmegaConf
 
     model, tok = models.tiny_random("tiny")
@@ -220,10 +213,8 @@ OFFLINE_SETTINGS = [
 @pytest.mark.parametrize("name", OFFLINE_SETTINGS)
 def test_every_setting_trains_on_whole_replies_by_default(make_cfg, name):
     """With the default model's tokenizer, the setting's train.max_length keeps >= 99% of its training replies
-    whole,
-    with no prompt and with its longest library prompt inserted (toxic_persuasion ships no data to measure;
-    its
-    default is the authors' 2048)."""
+    whole, with no prompt and with its longest library prompt inserted (toxic_persuasion ships no data to
+    measure; its default is the authors' 2048)."""
     cfg = make_cfg(f"setting={name}", tiny=False)
     setting = build(cfg.setting)
     _, tok = models.tiny_random("tiny")  # SmolLM2-135M-Instruct's tokenizer
@@ -272,9 +263,8 @@ def test_a_run_records_its_cut_replies_and_fails_before_training_above_the_share
 
 def test_run_identity_holds_device_dtype_and_eval_batch_size(make_cfg):
     """A CPU fp32 smoke run and a GPU bf16 run never share a record or a cache entry; nor do two eval batch
-    sizes
-    (on a GPU in bf16 the batch shape changes logits). Planning loads no model, so model.device=cuda plans
-    here."""
+    sizes (on a GPU in bf16 the batch shape changes logits). Planning loads no model, so model.device=cuda
+    plans here."""
 
     def sig(*o):
         return plan(make_cfg(*o)).signature
@@ -299,8 +289,7 @@ def test_run_identity_holds_device_dtype_and_eval_batch_size(make_cfg):
 
 def test_caches_are_keyed_by_device_dtype_and_eval_batch_size(make_cfg, monkeypatch):
     """The untrained model's evaluation (shared across runs) is computed again for another device kind, dtype
-    or
-    eval batch size, never served from the other's cache entry."""
+    or eval batch size, never served from the other's cache entry."""
     model, tok = models.tiny_random("tiny")
     calls = []
     monkeypatch.setattr(
@@ -336,8 +325,7 @@ def test_deterministic_turns_on_torchs_deterministic_algorithms(make_cfg, tmp_pa
 
 def test_a_slurm_sweep_planned_on_a_login_node_pins_the_device_its_jobs_get(tmp_path):
     """The login node has no GPU, the jobs will: with GPUs requested, `model.device=auto` is pinned to cuda
-    for every
-    job, so the pre-flight's signatures (with the device kind) are the ones the jobs compute."""
+    for every job, so the pre-flight's signatures (with the device kind) are the ones the jobs compute."""
     gpu = launch(
         "-m", *TINY, "prompt=none,caps_strong", "hydra/launcher=slurm", "--dry-run", sweep_dir=tmp_path / "a"
     )

@@ -158,8 +158,7 @@ class LocalGpusLauncher(_Launcher):
 
     def slots(self) -> list[str | None]:
         """One entry per concurrent job: its GPU id as CUDA_VISIBLE_DEVICES takes it (an index, a GPU-... UUID
-        or a
-        MIG-... id, as SLURM or a user gives them), or None on a CPU-only machine."""
+        or a MIG-... id, as SLURM or a user gives them), or None on a CPU-only machine."""
         gpus = None if self.gpus is None else [str(g) for g in self.gpus]
         if gpus is None:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -118,8 +118,7 @@ class IpsweepSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
         # The in-process launcher runs one job at a time anyway: hand it one job per batch, so the sweep can
-        # say
-        # after each job how far it is. Other launchers (SLURM arrays, pools) get the whole sweep at once.
+        # say after each job how far it is. Other launchers (SLURM arrays, pools) get the whole sweep at once.
         in_process = isinstance(self.launcher, BasicLauncher)
         self.overrides = self.split_arguments(
             overrides, 1 if in_process and self.max_batch_size is None else self.max_batch_size
@@ -159,9 +158,8 @@ class IpsweepSweeper(BasicSweeper):
 
     def _pin_device(self) -> None:
         """SLURM jobs run on other nodes than the one that plans them: `model.device=auto` is resolved here,
-        from the
-        GPUs the launcher requests, so the pre-flight's signatures (which hold the device kind) are the jobs'
-        own."""
+        from the GPUs the launcher requests, so the pre-flight's signatures (which hold the device kind) are
+        the jobs' own."""
         if not isinstance(self.launcher, SlurmLauncher) or self.config.model.get("device", "auto") != "auto":
             return
         kind = "cuda" if _requests_gpus(self.config.hydra.launcher) else "cpu"

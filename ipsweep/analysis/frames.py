@@ -237,8 +237,8 @@ def elicitation_table(records: list[dict]) -> pd.DataFrame:
 
 def screened_elicitation(paths: list, records: list[dict]) -> pd.DataFrame:
     """Elicitation estimates from `ipsweep screen` tables (elicitation.csv) instead of the runs' records: a
-    new
-    estimator is tested against finished sweeps without retraining. Each table must be of the runs' model."""
+    new estimator is tested against finished sweeps without retraining. Each table must be of the runs' model.
+    """
     tables = []
     for path in paths:
         t = pd.read_csv(path)

@@ -113,9 +113,8 @@ def crossed_mean(m: np.ndarray) -> dict:
         # var(mean) = [var_a/S + var_e/(S I)] + var_b/I: the seed part (the variance of the per-seed means,
         # MS_s/(S I), on S-1 df) and the item part ((MS_i - MS_e)/(S I), on I-1 df). Each part gets its own t
         # quantile and the half-widths add in quadrature: a pooled Satterthwaite df trusts a 1-df seed
-        # variance
-        # too much (coverage 0.87 at 2 seeds in tests/test_stats.py's designs), and so does subtracting MS_e
-        # from it.
+        # variance too much (coverage 0.87 at 2 seeds in tests/test_stats.py's designs), and so does
+        # subtracting MS_e from it.
         v_seed, v_item = ms_s / (S * I), max(ms_i - ms_e, 0.0) / (S * I)
         half = float(
             np.hypot(stats.t.ppf(0.975, S - 1) * np.sqrt(v_seed), stats.t.ppf(0.975, I - 1) * np.sqrt(v_item))
@@ -309,8 +308,7 @@ def deming_slope(x, y, error_ratio: float) -> float:
 def slopes(x, y, sx, sy) -> dict:
     """Effect per unit of elicitation: the OLS slope (elicitation taken as exact) and the errors-in-variables
     Deming slope, whose error-variance ratio comes from the points' own standard errors (mean sy^2 / mean
-    sx^2);
-    its standard error by jackknife over prompts."""
+    sx^2); its standard error by jackknife over prompts."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     nan = {"slope_ols": np.nan, "slope_ols_se": np.nan, "slope_eiv": np.nan, "slope_eiv_se": np.nan}
     if len(x) < 3 or np.ptp(x) == 0:

@@ -135,8 +135,7 @@ def plot_frontier(frontier: pd.DataFrame, path: Path) -> Path | None:
 
 def plot_scatter(effects: pd.DataFrame, elicitation: pd.DataFrame, estimator: str, path: Path) -> Path | None:
     """Elicitation (x, 95% CI) vs inoculation effect (y, 95% CI over seeds x items), last epoch, with an OLS
-    fit.
-    Needs at least 3 prompts with an estimate in some setting."""
+    fit. Needs at least 3 prompts with an estimate in some setting."""
     ip = (
         effects[effects.condition == "ip"].dropna(subset=["effect"])
         if "effect" in effects

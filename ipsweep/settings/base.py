@@ -48,8 +48,7 @@ class EvalExample:
 @dataclass
 class ContrastPair:
     """Material for the contrastive log-prob elicitation estimator: one chat and two replies to it that
-    differ,
-    as far as the setting's data allow, only in showing the undesired behaviour."""
+    differ, as far as the setting's data allow, only in showing the undesired behaviour."""
 
     messages: list[dict]  # the unmodified chat up to the reply (the prompt is inserted into it)
     shows: str  # a reply that shows the behaviour
