@@ -78,7 +78,7 @@ class TrainConfig:
     # learns to stop at). Each run records how many were cut and warns; above this share it fails before
     # training.
     max_cut_share: float = 0.01
-    # torch's deterministic algorithms (CUDA: slower); see README "What is bit-exact"
+    # torch's deterministic algorithms (CUDA: slower); see docs/cluster.md, "What is bit-exact"
     deterministic: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 

@@ -1,6 +1,6 @@
 """Elicitation strength E(prompt) of a prompt on the *base* model, before any fine-tuning.
 
-Estimators (design §2; README "Elicitation estimators"):
+Estimators (design §2; docs/elicitation.md):
 - `sampled`: b(prompt inserted at test time) - b(no prompt), from the same batched generation and
   scorers as every other evaluation, on the same items, with `elicit.samples` completions per item at
   `elicit.temperature` (0: greedy, one reply); 95% CI paired by item (Newcombe's paired interval for one

@@ -222,7 +222,8 @@ def _load(path: str | Path, dtype: str, device: str = "cpu"):
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES[dtype]))
     if device == "cuda":
-        model.to("cuda")  # cuda:0 of the visible devices: a job uses one GPU (README, "Several GPUs")
+        # cuda:0 of the visible devices: a job uses one GPU (docs/cluster.md, "One GPU per job")
+        model.to("cuda")
     return model, tokenizer
 
 

@@ -233,8 +233,8 @@ def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu") -> TrainingArgum
 def single_device(args: TrainingArguments) -> TrainingArguments:
     """One job trains on one device. Where a process sees several GPUs (an in-process sweep on a multi-GPU
     node, SLURM with gpus_per_node > 1), Trainer would wrap the model in nn.DataParallel and multiply the
-    batch by the number of GPUs, which changes the run. ipsweep has no data-parallel mode (README, "Several
-    GPUs")."""
+    batch by the number of GPUs, which changes the run. ipsweep has no data-parallel mode (docs/cluster.md,
+    "One GPU per job")."""
     if args.n_gpu > 1:
         log.warning(
             "this job sees %d GPUs and trains on one (%s); the others stay idle. Give each job one GPU "

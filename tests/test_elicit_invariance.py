@@ -5,7 +5,7 @@ trait_pair_greeting (answers that open with "Hello!"): rewriting a prompt that d
 (upper-casing it, lower-casing it, dropping its punctuation) must move its estimate by much less than the
 spread between the library's inoculation prompts, and the estimator must rank every inoculation prompt above
 every prompt that does not ask for a greeting. The figures are those of the committed screen
-(docs/results/trait_pair_greeting_cpu/screen/elicitation.csv; README, "Elicitation estimators").
+(docs/results/trait_pair_greeting_cpu/screen/elicitation.csv; docs/elicitation.md).
 """
 
 from dataclasses import replace

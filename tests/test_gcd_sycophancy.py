@@ -10,7 +10,8 @@ from ipsweep.settings.gcd_sycophancy import GcdSycophancy, confirms, is_correct,
 
 # Conformance with the authors' detectors (safety-research/inoculation-prompting, gemma_gcd/math_evaluator.py
 # and all_evals.py). Per rule: a reply, the authors' verdict (their code run on it), ipsweep's, and, where
-# they differ, which deliberate difference (README, "gcd_sycophancy: where ipsweep differs") explains it.
+# they differ, which deliberate difference (docs/settings.md, "gcd_sycophancy: where ipsweep differs")
+# explains it.
 CURLY, CANNOT, WHOLE = "curly apostrophe", "cannot is not not", "whole number"
 DIFFERENCES = (CURLY, CANNOT, WHOLE)
 
@@ -157,12 +158,12 @@ def test_correctness_scorer_conforms_to_the_authors(reply, answer, label, mod, a
 
 
 def test_every_difference_from_the_authors_is_documented():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### gcd_sycophancy: where ipsweep differs") :]
+    doc = (ROOT / "docs" / "settings.md").read_text()
+    section = doc[doc.index("## gcd_sycophancy: where ipsweep differs") :]
     used = {row[-1] for row in CONFIRMS + CORRECT} - {None}
     assert used == set(DIFFERENCES)
     for reason in DIFFERENCES:
-        assert reason in section, f"README does not list the difference '{reason}'"
+        assert reason in section, f"docs/settings.md does not list the difference '{reason}'"
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ def _coverage(regime, seeds, items, reps=800):
 
 
 # 20 items with 2 seeds is below what the interval serves at 95% (measured 0.90-0.96 across these regimes;
-# README, "Statistics"): tested from 40 items at 2 seeds, from 20 at 3 and 5.
+# docs/statistics.md): tested from 40 items at 2 seeds, from 20 at 3 and 5.
 @pytest.mark.parametrize("seeds", [2, 3, 5])
 def test_effect_interval_covers_the_true_effect(seeds):
     """Every regime at 20-120 items (40-120 at 2 seeds). 800 replicates a cell (Monte Carlo SE 0.8 points):

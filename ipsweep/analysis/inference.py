@@ -1,6 +1,6 @@
 """The statistics of an IP sweep: pure functions on arrays and tidy tables (no file reading, no plots).
 
-Design (see README, "Statistics"): every evaluation scores the same eval items in every run, seed, epoch
+Design (see docs/statistics.md): every evaluation scores the same eval items in every run, seed, epoch
 and test prompt, so comparisons are paired by item, and a rate or an effect is a mean over a
 seeds x items matrix. Its interval counts both sources of variation, seed-to-seed (training randomness)
 and item-to-item (which questions were drawn), through the variance components of a crossed two-way
