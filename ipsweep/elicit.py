@@ -26,7 +26,7 @@ import numpy as np
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-from ipsweep import lm, prompts, store
+from ipsweep import lm, models, prompts, store
 from ipsweep.analysis import inference
 from ipsweep.errors import ConfigError
 from ipsweep.evaluate import evaluate
@@ -36,9 +36,7 @@ from ipsweep.settings.base import ContrastPair, insert
 def cache_root(cfg) -> Path:
     if cfg.elicit.cache_dir:
         return Path(cfg.elicit.cache_dir).expanduser()
-    from ipsweep.models import cache_dir
-
-    return cache_dir().parent / "elicitation"
+    return models.cache_dir().parent / "elicitation"
 
 
 def _plain(node) -> dict:
@@ -65,11 +63,9 @@ def _model_key(cfg) -> dict:
 def _setting_key(cfg, setting) -> dict:
     """The setting's config and the content of its data files and of the model's weights (edited data is a
     miss)."""
-    from ipsweep.plan import inputs
-
     return {
         **{k: v for k, v in _plain(cfg.setting).items() if k != "prompts"},
-        "inputs": inputs(cfg, setting),
+        "inputs": store.inputs(cfg, setting),
     }
 
 

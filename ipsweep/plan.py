@@ -84,7 +84,7 @@ def plan(cfg) -> Point:
     test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [headline]), *extra]}.values())
     # a PTST point is the control's run, tested with its prompt
     run_prompt = prompt.train_prompt or prompts.NO_PROMPT
-    digests = inputs(cfg, setting)
+    digests = store.inputs(cfg, setting)
     signature = store.digest(store.semantic_config(cfg, run_prompt, digests))
     run = store.Run(
         Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{run_prompt.name}-s{cfg.train.seed}-{signature}"
@@ -100,16 +100,6 @@ def plan(cfg) -> Point:
         run,
         setting,
     )
-
-
-def inputs(cfg, setting) -> dict:
-    """What a run reads or runs on besides its config: the content digests of the setting's data files and of
-    the model's weights, and the device kind and resolved dtype (models.numerics)."""
-    return {
-        "data": setting.data_digests,
-        "model_weights": models.weights_digest(cfg.model),
-        **models.numerics(cfg.model),
-    }
 
 
 def job_config(sweep_config):

@@ -27,6 +27,7 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from pydantic import ValidationError
 
+from ipsweep import models
 from ipsweep.record import Record
 
 # 2: train.sampling enters the signature.
@@ -91,6 +92,16 @@ def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
     data["inputs"] = inputs or {}
     data["signature_version"] = SIGNATURE_VERSION
     return data
+
+
+def inputs(cfg, setting) -> dict:
+    """What a run reads or runs on besides its config: the content digests of the setting's data files and of
+    the model's weights, and the device kind and resolved dtype (models.numerics)."""
+    return {
+        "data": setting.data_digests,
+        "model_weights": models.weights_digest(cfg.model),
+        **models.numerics(cfg.model),
+    }
 
 
 def code_version() -> dict:
