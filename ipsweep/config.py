@@ -13,9 +13,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+# The values each choice key takes (validate checks them, before any job starts).
 PLACEMENTS = ("system", "user_prefix", "user_suffix", "replace_preamble")
 ROLES = ("inoculation", "neutral", "placebo", "safety")
 PROMPT_MODES = ("fixed", "mixed")
+SAMPLINGS = ("group_by_length", "random")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass

@@ -158,7 +158,6 @@ def prepare_tiny_random() -> Path:
     return target
 
 
-DEVICES = ("auto", "cpu", "cuda")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 

@@ -14,9 +14,12 @@ from typing import get_type_hints
 
 from ipsweep import models, prompts
 from ipsweep.config import (
+    DEVICES,
+    DTYPES,
     ESTIMATORS,
     PLACEMENTS,
     PROMPT_MODES,
+    SAMPLINGS,
     ElicitConfig,
     EvalConfig,
     LoggerConfig,
@@ -25,9 +28,6 @@ from ipsweep.config import (
     TrainConfig,
 )
 from ipsweep.errors import ConfigError
-
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-SAMPLINGS = ("group_by_length", "random")
 
 
 def _problems(cfg) -> list[str]:
@@ -92,8 +92,8 @@ def _problems(cfg) -> list[str]:
         )
     if cfg.model.dtype not in DTYPES:
         out.append(f"model.dtype={cfg.model.dtype} is unknown; fix: one of {', '.join(DTYPES)}")
-    if cfg.model.get("device", "auto") not in models.DEVICES:
-        out.append(f"model.device={cfg.model.device} is unknown; fix: one of {', '.join(models.DEVICES)}")
+    if cfg.model.get("device", "auto") not in DEVICES:
+        out.append(f"model.device={cfg.model.device} is unknown; fix: one of {', '.join(DEVICES)}")
     if not 0 <= t.max_cut_share <= 1:
         out.append(
             f"train.max_cut_share={t.max_cut_share} must be a share in [0, 1]; fix: e.g. "
