@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ipsweep import elicit, models, prompts
-from ipsweep.analysis import inference
+from ipsweep.analysis import correlation
 from ipsweep.config import ESTIMATORS
 from ipsweep.settings.base import build
 
@@ -84,7 +84,7 @@ def agreement(table: pd.DataFrame, a: str = "sampled", b: str = "logprob") -> di
     constant = [e for e in (a, b) if table[e].nunique() < 2]
     if constant:
         return {"undefined": f"{', '.join(constant)} is the same for every prompt"}
-    c = inference.correlation(table[a], table[b], n_permutations=2000)
+    c = correlation.correlation(table[a], table[b], n_permutations=2000)
     return {
         "spearman": c["spearman"],
         "lo": c["spearman_lo"],

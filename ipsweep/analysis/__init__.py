@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from ipsweep import store
-from ipsweep.analysis import frames, plots, report, tables
+from ipsweep.analysis import frames, plots, prediction, report, tables
 from ipsweep.config import ESTIMATORS
 from ipsweep.errors import ConfigError
 
@@ -76,7 +76,7 @@ def build_tables(
     conditions = tables.condition_table(arms, its)
     effects, per_seed = tables.effect_table(arms, its)
     elicitation = frames.elicitation_table(records) if screened is None else screened
-    correlations, influence = tables.correlation_table(effects, elicitation, n_permutations)
+    correlations, influence = prediction.correlation_table(effects, elicitation, n_permutations)
     return {
         "tidy": metrics,
         "items": its,
@@ -87,7 +87,7 @@ def build_tables(
         "elicitation": elicitation,
         "correlations": correlations,
         "influence": influence,
-        "power": tables.power_table(conditions, effects),
+        "power": prediction.power_table(conditions, effects),
         "leaks": tables.leak_table(records, its),
         "frontier": tables.frontier_table(conditions),
         "by_test_prompt": tables.test_prompt_table(metrics),

@@ -17,8 +17,6 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
-Z95 = stats.norm.ppf(0.975)
-
 
 def wilson(k: int, n: int) -> tuple[float, float]:
     lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
@@ -65,13 +63,62 @@ def paired_difference(with_prompt: np.ndarray, without: np.ndarray) -> dict:
     return {"estimate": est, "lo": est - half, "hi": est + half, "n": n, "method": "t paired by item"}
 
 
-def crossed_mean(m: np.ndarray) -> dict:
+def _mean_squares(m: np.ndarray) -> tuple[float, float, float]:
+    """MS_seeds, MS_items, MS_resid of a seeds x items matrix (two-way ANOVA without replication)."""
+    S, I = m.shape  # noqa: E741 (S seeds, I items, as in the docstrings)
+    est, seed_means, item_means = m.mean(), m.mean(1), m.mean(0)
+    ms_s = I * ((seed_means - est) ** 2).sum() / (S - 1)
+    ms_i = S * ((item_means - est) ** 2).sum() / (I - 1)
+    resid = m - seed_means[:, None] - item_means[None, :] + est
+    return float(ms_s), float(ms_i), float((resid**2).sum() / ((S - 1) * (I - 1)))
+
+
+def slope(m: np.ndarray) -> float:
+    """How far a shift of one logit unit moves this matrix's mean rate: the mean over items of p(1 - p), p
+    the item's rate over seeds. Near 0 or 1 a run's seed effect moves the rate little."""
+    p = np.asarray(m, float).mean(0)
+    return float((p * (1 - p)).mean())
+
+
+def pooled_seed_variance(runs: list[np.ndarray]) -> dict | None:
+    """The seed-to-seed variance of a training run on the logit scale, pooled over the arms of one design
+    (the control and every arm with its seeds x items matrix of outcomes): every arm is trained the same way,
+    so one variance, scaled to each arm's rate by its `slope`, serves them all.
+
+    Per arm, the variance of its per-seed means less their item noise (MS_resid / I) estimates
+    slope^2 * var; the estimate is their ratio summed over arms (each weighted by its S - 1 df), and its df
+    the Satterthwaite df of that sum at the fitted variances. None with fewer than three arms of >= 2 seeds
+    (the per-arm interval is used then)."""
+    parts = []
+    for m in runs:
+        m = np.asarray(m, float)
+        S, I = m.shape  # noqa: E741
+        if S < 2 or I < 2:
+            continue
+        ms_s, _, ms_e = _mean_squares(m)
+        parts.append((S - 1, ms_s / I, ms_e / I, slope(m) ** 2))
+    scale = sum(k * g for k, _, _, g in parts)
+    if len(parts) < 3 or scale <= 0:
+        return None
+    var = max(sum(k * (s2 - e) for k, s2, e, _ in parts) / scale, 0.0)
+    # var(s2) = 2 f^2 / k at the fitted f = g var + e; the estimate is sum k (s2 - e) / scale, so its df is
+    # 2 E^2 / var = (sum k g var)^2 / sum k f^2 (small when the item noise e dominates)
+    spread = sum(k * (g * var + e) ** 2 for k, _, e, g in parts)
+    df = (scale * var) ** 2 / spread if spread > 0 else np.inf
+    return {"var": var, "df": float(max(df, 1e-3)), "arms": len(parts)}
+
+
+def crossed_mean(m: np.ndarray, pooled: dict | None = None, slope2: float | None = None) -> dict:
     """Mean of a seeds x items matrix with a 95% CI that counts seed and item variation.
 
     Variance of the grand mean in the crossed layout m[s, i] = mu + a_s + b_i + e_si is
-    var_a/S + var_b/I + var_e/(S I), estimated without bias by (MS_seeds + MS_items - MS_resid)/(S I)
-    (ANOVA mean squares), split into a seed part and an item part that each get their own t quantile
-    (see below). With one seed: items only (flagged). A matrix whose cells are all equal gives no
+    var_a/S + var_b/I + var_e/(S I), split into a seed part (var_a/S + var_e/(S I)) and an item part
+    (var_b/I) that each get their own t quantile, their half-widths added in quadrature (see below).
+    The seed part is the variance of the per-seed means (MS_s/(S I), S - 1 df; where it and the item part
+    are both estimated 0 on data that vary, the residual MS_e/(S I) on its own df instead). Given `pooled`
+    (pooled_seed_variance of the design's arms) and this matrix's `slope2` (the squared slope its seed
+    effect has on the rate scale), the seed part is slope2 * pooled var / S + MS_e/(S I) on the
+    pooled df instead. With one seed: items only (flagged). A matrix whose cells are all equal gives no
     variance to estimate: flagged `degenerate`. `df` is the t df equivalent to the interval (for p-values).
     """
     m = np.asarray(m, float)
@@ -104,43 +151,51 @@ def crossed_mean(m: np.ndarray) -> dict:
         method = (
             "items only (1 seed: seed-to-seed variation not estimable)" if S == 1 else "seeds only (1 item)"
         )
-    else:
-        seed_means, item_means = m.mean(1), m.mean(0)
-        ms_s = I * ((seed_means - est) ** 2).sum() / (S - 1)
-        ms_i = S * ((item_means - est) ** 2).sum() / (I - 1)
-        resid = m - seed_means[:, None] - item_means[None, :] + est
-        ms_e = (resid**2).sum() / ((S - 1) * (I - 1))
-        # var(mean) = [var_a/S + var_e/(S I)] + var_b/I: the seed part (the variance of the per-seed means,
-        # MS_s/(S I), on S-1 df) and the item part ((MS_i - MS_e)/(S I), on I-1 df). Each part gets its own t
-        # quantile and the half-widths add in quadrature: a pooled Satterthwaite df trusts a 1-df seed
-        # variance too much (coverage 0.87 at 2 seeds in tests/test_stats.py's designs), and so does
-        # subtracting MS_e from it.
-        v_seed, v_item = ms_s / (S * I), max(ms_i - ms_e, 0.0) / (S * I)
-        half = float(
-            np.hypot(stats.t.ppf(0.975, S - 1) * np.sqrt(v_seed), stats.t.ppf(0.975, I - 1) * np.sqrt(v_item))
-        )
-        se = float(np.sqrt(v_seed + v_item))
-
+        half = float(stats.t.ppf(0.975, df) * se)
         return {
             **out,
             "lo": est - half,
             "hi": est + half,
             "se": se,
-            "df": _equivalent_df(se, half),
-            "method": "crossed seeds x items",
+            "df": float(df),
+            "method": method,
             "degenerate": False,
-            "var_seed": float(v_seed),
-            "var_item": float(v_item),
         }
-    half = float(stats.t.ppf(0.975, df) * se)
+    ms_s, ms_i, ms_e = _mean_squares(m)
+    noise = ms_e / (S * I)
+    if pooled is not None and slope2 is not None:
+        shared = slope2 * pooled["var"] / S
+        v_seed = shared + noise
+        # Satterthwaite df of the two parts (the pooled variance's df, the residual's (S-1)(I-1))
+        spread = shared**2 / pooled["df"] + noise**2 / ((S - 1) * (I - 1))
+        df_seed = v_seed**2 / spread if spread > 0 else np.inf
+        method = f"crossed seeds x items, seed variance pooled over {pooled['arms']} arms"
+    else:
+        v_seed, df_seed = ms_s / (S * I), S - 1
+        method = "crossed seeds x items"
+    # Each part gets its own t quantile and the half-widths add in quadrature: a pooled Satterthwaite df
+    # trusts a 1-df seed variance too much (coverage 0.87 at 2 seeds in tests/test_stats.py's designs), and
+    # so does subtracting MS_e from it.
+    v_item = max(ms_i - ms_e, 0.0) / (S * I)
+    if v_seed == 0 and v_item == 0:
+        # equal per-seed means and an item part the ANOVA puts below 0, on data that are not degenerate:
+        # the residual alone, never a zero-width interval
+        v_seed, df_seed = noise, (S - 1) * (I - 1)
+        method += " (seed and item parts estimated 0: residual only)"
+    half = float(
+        np.hypot(stats.t.ppf(0.975, df_seed) * np.sqrt(v_seed), stats.t.ppf(0.975, I - 1) * np.sqrt(v_item))
+    )
+    se = float(np.sqrt(v_seed + v_item))
     return {
         **out,
         "lo": est - half,
         "hi": est + half,
         "se": se,
-        "df": float(df),
+        "df": _equivalent_df(se, half),
         "method": method,
         "degenerate": False,
+        "var_seed": float(v_seed),
+        "var_item": float(v_item),
     }
 
 
@@ -157,10 +212,11 @@ def _equivalent_df(se: float, half: float) -> float:
     return float(brentq(lambda d: stats.t.ppf(0.975, d) - q, 0.05, 1e7))
 
 
-def rate_interval(m: np.ndarray) -> dict:
-    """A rate (mean of 0/1 or k/n cells over seeds x items); a degenerate matrix (all 0 or all 1) falls back
-    to a Wilson interval on the number of items, not on seeds x items (the seeds score the same items)."""
-    r = crossed_mean(m)
+def rate_interval(m: np.ndarray, pooled: dict | None = None) -> dict:
+    """A rate (mean of 0/1 or k/n cells over seeds x items), its seed part pooled over the design's arms
+    when `pooled` is given; a degenerate matrix (all 0 or all 1) falls back to a Wilson interval on the
+    number of items, not on seeds x items (the seeds score the same items)."""
+    r = crossed_mean(m, pooled, slope(m) ** 2)
     if r["degenerate"]:
         k = int(round(r["estimate"] * r["items"]))
         r["lo"], r["hi"] = wilson(k, r["items"])
@@ -169,12 +225,13 @@ def rate_interval(m: np.ndarray) -> dict:
     return r
 
 
-def difference_interval(control: np.ndarray, arm: np.ndarray) -> dict:
-    """Effect = mean(control - arm) over matched seeds x items, crossed interval; t-test p-value.
-    If every difference is equal, the interval is Newcombe's paired one on the first seed's items
-    (flagged)."""
+def difference_interval(control: np.ndarray, arm: np.ndarray, pooled: dict | None = None) -> dict:
+    """Effect = mean(control - arm) over matched seeds x items, crossed interval (its seed part pooled over
+    the design's arms when `pooled` is given: the control's and the arm's training runs each add their
+    seed variance); t-test p-value. If every difference is equal, the interval is Newcombe's paired one on
+    the first seed's items (flagged)."""
     control, arm = np.asarray(control, float), np.asarray(arm, float)
-    r = crossed_mean(control - arm)
+    r = crossed_mean(control - arm, pooled, slope(control) ** 2 + slope(arm) ** 2)
     if r["degenerate"] and np.isin(control, (0, 1)).all() and np.isin(arm, (0, 1)).all():
         x, y = control[0] == 1, arm[0] == 1
         r["lo"], r["hi"] = newcombe_paired(x, y)
@@ -208,152 +265,3 @@ def holm(p: pd.Series) -> pd.Series:
     if ok.any():
         out[ok] = multipletests(p[ok], method="holm")[1]
     return out
-
-
-# --- correlation of elicitation and effect (one point per prompt) ---
-
-
-def fisher_ci(r: float, n: int) -> tuple[float, float]:
-    if n < 4 or not np.isfinite(r):
-        return np.nan, np.nan
-    z, se = np.arctanh(np.clip(r, -0.999999, 0.999999)), 1 / np.sqrt(n - 3)
-    return float(np.tanh(z - Z95 * se)), float(np.tanh(z + Z95 * se))
-
-
-def spearman_ci(rho: float, n: int) -> tuple[float, float]:
-    """Fisher z with the Bonett-Wright standard error sqrt((1 + rho^2/2)/(n - 3))."""
-    if n < 4 or not np.isfinite(rho):
-        return np.nan, np.nan
-    z, se = np.arctanh(np.clip(rho, -0.999999, 0.999999)), np.sqrt((1 + rho**2 / 2) / (n - 3))
-    return float(np.tanh(z - Z95 * se)), float(np.tanh(z + Z95 * se))
-
-
-def correlation(x, y, n_permutations: int = 9999, seed: int = 0) -> dict:
-    """Pearson (Fisher-z 95% CI) and Spearman (Bonett-Wright CI), each with a two-sided permutation
-    p-value."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    n = len(x)
-    nan = {
-        k: np.nan
-        for k in (
-            "pearson",
-            "pearson_lo",
-            "pearson_hi",
-            "pearson_p",
-            "spearman",
-            "spearman_lo",
-            "spearman_hi",
-            "spearman_p",
-        )
-    }
-    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return {"points": n, **nan}
-    out = {"points": n}
-    for name, fn, ci in (
-        ("pearson", lambda a, b: stats.pearsonr(a, b).statistic, fisher_ci),
-        ("spearman", lambda a, b: stats.spearmanr(a, b).statistic, spearman_ci),
-    ):
-        r = float(fn(x, y))
-        perm = stats.permutation_test(
-            (x, y),
-            fn,
-            permutation_type="pairings",
-            n_resamples=n_permutations,
-            alternative="two-sided",
-            random_state=np.random.default_rng(seed),
-        )
-        lo, hi = ci(r, n)
-        out.update({name: r, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_p": float(perm.pvalue)})
-    return out
-
-
-def influence(x, y, labels) -> pd.DataFrame:
-    """Leave-one-prompt-out: Pearson r without each point, its leverage and Cook's distance (OLS y ~ x)."""
-    import statsmodels.api as sm
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 4 or np.ptp(x) == 0:
-        return pd.DataFrame()
-    infl = sm.OLS(y, sm.add_constant(x)).fit().get_influence()
-    rows = []
-    for i, label in enumerate(labels):
-        keep = np.arange(len(x)) != i
-        r = (
-            stats.pearsonr(x[keep], y[keep]).statistic
-            if np.ptp(x[keep]) > 0 and np.ptp(y[keep]) > 0
-            else np.nan
-        )
-        rows.append(
-            {
-                "prompt": label,
-                "r_without": float(r),
-                "leverage": float(infl.hat_matrix_diag[i]),
-                "cooks_d": float(infl.cooks_distance[0][i]),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def deming_slope(x, y, error_ratio: float) -> float:
-    """Deming regression slope; `error_ratio` = var(error in y) / var(error in x)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    sxx, syy = x.var(ddof=1), y.var(ddof=1)
-    sxy = np.cov(x, y)[0, 1]
-    if sxy == 0:
-        return 0.0
-    d = syy - error_ratio * sxx
-    return float((d + np.sqrt(d**2 + 4 * error_ratio * sxy**2)) / (2 * sxy))
-
-
-def slopes(x, y, sx, sy) -> dict:
-    """Effect per unit of elicitation: the OLS slope (elicitation taken as exact) and the errors-in-variables
-    Deming slope, whose error-variance ratio comes from the points' own standard errors (mean sy^2 / mean
-    sx^2); its standard error by jackknife over prompts."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    nan = {"slope_ols": np.nan, "slope_ols_se": np.nan, "slope_eiv": np.nan, "slope_eiv_se": np.nan}
-    if len(x) < 3 or np.ptp(x) == 0:
-        return nan
-    fit = stats.linregress(x, y)
-    out = {**nan, "slope_ols": float(fit.slope), "slope_ols_se": float(fit.stderr)}
-    sx, sy = np.asarray(sx, float), np.asarray(sy, float)
-    if np.all(np.isfinite(sx)) and np.all(np.isfinite(sy)) and np.mean(sx**2) > 0:
-        ratio = float(np.mean(sy**2) / np.mean(sx**2))
-        out["slope_eiv"] = deming_slope(x, y, ratio)
-        n = len(x)
-        if n >= 4:
-            jack = np.array([deming_slope(np.delete(x, i), np.delete(y, i), ratio) for i in range(n)])
-            out["slope_eiv_se"] = float(np.sqrt((n - 1) / n * ((jack - jack.mean()) ** 2).sum()))
-    return out
-
-
-def meta_correlation(rs, ns) -> dict:
-    """Pool per-setting correlations as a DerSimonian-Laird random-effects meta-analysis of Fisher z
-    (each setting weighted by 1 / (1/(n - 3) + tau^2)). Written out because statsmodels' combine_effects
-    (0.14) leaves the DL tau^2 negative with two studies instead of truncating it at 0."""
-    rs, ns = np.asarray(rs, float), np.asarray(ns, float)
-    ok = np.isfinite(rs) & (ns >= 4)
-    k = int(ok.sum())
-    if k < 2:
-        return {
-            "pearson": np.nan,
-            "pearson_lo": np.nan,
-            "pearson_hi": np.nan,
-            "tau2": np.nan,
-            "i2": np.nan,
-            "settings": k,
-        }
-    z, v = np.arctanh(np.clip(rs[ok], -0.999999, 0.999999)), 1 / (ns[ok] - 3)
-    w = 1 / v
-    z_fixed = (w * z).sum() / w.sum()
-    q = (w * (z - z_fixed) ** 2).sum()
-    tau2 = max(0.0, (q - (k - 1)) / (w.sum() - (w**2).sum() / w.sum()))
-    w_re = 1 / (v + tau2)
-    z_re, se = (w_re * z).sum() / w_re.sum(), 1 / np.sqrt(w_re.sum())
-    return {
-        "pearson": float(np.tanh(z_re)),
-        "pearson_lo": float(np.tanh(z_re - Z95 * se)),
-        "pearson_hi": float(np.tanh(z_re + Z95 * se)),
-        "tau2": float(tau2),
-        "i2": float(max(0.0, (q - (k - 1)) / q)) if q > 0 else 0.0,
-        "settings": k,
-    }

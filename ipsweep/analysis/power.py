@@ -44,3 +44,9 @@ def smallest_effect(control_rate: float, items: int, power: float = 0.8, alpha: 
     # invert Cohen's h = 2 asin(sqrt(p1)) - 2 asin(sqrt(p2)) for p2 below p1
     p2 = np.sin(max(2 * np.arcsin(np.sqrt(control_rate)) - h, 0) / 2) ** 2
     return float(control_rate - p2)
+
+
+def detectable(se: float, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest effect a two-sided test at `alpha` detects with `power` when the effect is estimated
+    with standard error `se` (normal approximation)."""
+    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se) if se == se else np.nan

@@ -1,5 +1,5 @@
 """The statistical tables of an analysis, each from the frames: conditions, effects, leaks, frontier,
-correlations, behaviour per test prompt, power."""
+behaviour per test prompt (correlations and power: prediction.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ipsweep import prompts
-from ipsweep.analysis import inference, power
+from ipsweep.analysis import inference
 from ipsweep.analysis.frames import (
     ARM_ORDER,
     arm_name,
@@ -42,6 +42,8 @@ def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] =
     groups = [((s, d, "base", 0), g.iloc[:1]) for (s, d), g in base.groupby(["setting", "design"])]
     groups += list(arms[arms.epoch > 0].groupby(["setting", "design", "arm", "epoch"]))
     cells: dict[tuple, dict] = {}
+    pools: dict[tuple, list] = {}  # per design, epoch, metric and subgroup: the trained arms' matrices
+    pending = []
     for (setting, design, a, epoch), g in groups:
         head = {
             "setting": setting,
@@ -60,19 +62,28 @@ def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] =
                 row = cells.setdefault(
                     (setting, design, a, epoch, *sub_key), {**head, **dict(zip(by, sub_key))}
                 )
-                r = inference.rate_interval(seeds_by_items(sub, sorted(set(sub.item))))
-                row.update(
-                    {
-                        f"{kind}_metric": sub.metric.iloc[0],
-                        kind: r["estimate"],
-                        f"{kind}_lo": r["lo"],
-                        f"{kind}_hi": r["hi"],
-                        f"{kind}_ci": fmt_ci(r["lo"], r["hi"]),
-                        f"{kind}_k/n": f"{int(sub.k.sum())}/{int(sub.n.sum())}",
-                        f"{kind}_items": sub.item.nunique(),
-                        f"{kind}_method": r["method"],
-                    }
-                )
+                m = seeds_by_items(sub, sorted(set(sub.item)))
+                key = (setting, design, epoch, kind, *sub_key)
+                # the untrained model has no seeds; a PTST arm is the control's runs tested another way
+                trained = a != "base" and g.condition.iloc[0] in ("control", "ip")
+                if trained:
+                    pools.setdefault(key, []).append(m)
+                pending.append((row, kind, sub, m, None if a == "base" else key))
+    pooled = {key: inference.pooled_seed_variance(runs) for key, runs in pools.items()}
+    for row, kind, sub, m, key in pending:
+        r = inference.rate_interval(m, pooled.get(key))
+        row.update(
+            {
+                f"{kind}_metric": sub.metric.iloc[0],
+                kind: r["estimate"],
+                f"{kind}_lo": r["lo"],
+                f"{kind}_hi": r["hi"],
+                f"{kind}_ci": fmt_ci(r["lo"], r["hi"]),
+                f"{kind}_k/n": f"{int(sub.k.sum())}/{int(sub.n.sum())}",
+                f"{kind}_items": sub.item.nunique(),
+                f"{kind}_method": r["method"],
+            }
+        )
     table = pd.DataFrame(list(cells.values()))
     return (
         table.assign(_o=table.arm.map(arm_order))
@@ -92,6 +103,9 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
     evals = by_evaluation(its)
     control_eval = {(r.control_run, r.epoch): r for r in arms[arms.condition == "control"].itertuples()}
     out, per_seed = [], []
+    # first every arm's matrices, then their intervals with the seed variance pooled per design and epoch
+    pools: dict[tuple, dict] = {}
+    pending = []
     for (setting, design, a, epoch), g in arms[(arms.condition != "control") & (arms.epoch > 0)].groupby(
         ["setting", "design", "arm", "epoch"]
     ):
@@ -139,26 +153,36 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
             ids = sorted(set.intersection(*(set(c.item) & set(x.item) for _, c, x in sides)))
             ctrl = seeds_by_items(pd.concat([c for _, c, _ in sides]), ids)
             armm = seeds_by_items(pd.concat([x for _, _, x in sides]), ids)
-            r = inference.difference_interval(ctrl, armm)
+            key = (setting, design, epoch, kind)
+            runs = pools.setdefault(key, {})
+            if ctrl.size > runs.get("control", np.empty(0)).size:
+                runs["control"] = ctrl
+            if row["condition"] == "ip":  # a PTST arm is the control's runs, tested another way
+                runs[a] = armm
+            pending.append((row, name, key, ctrl, armm))
             seeds = (ctrl - armm).mean(axis=1)
-            slo, shi = inference.seed_t_interval(seeds)
-            row.update(
-                {
-                    name: r["estimate"],
-                    f"{name}_lo": r["lo"],
-                    f"{name}_hi": r["hi"],
-                    f"{name}_ci": fmt_ci(r["lo"], r["hi"]),
-                    f"{name}_se": r.get("se"),
-                    f"{name}_p": r.get("p"),
-                    f"{name}_method": r["method"],
-                    f"{name}_seed_ci": fmt_ci(slo, shi),
-                    "items": len(ids),
-                }
-            )
             for (ev, _, _), v in zip(sides, seeds):
                 seed_rows[ev.seed][name] = float(v)
         out.append(row)
         per_seed += list(seed_rows.values())
+    pooled = {key: inference.pooled_seed_variance(list(runs.values())) for key, runs in pools.items()}
+    for row, name, key, ctrl, armm in pending:
+        # PTST's control and arm are the same runs: its per-arm interval keeps that pairing
+        r = inference.difference_interval(ctrl, armm, pooled[key] if row["condition"] == "ip" else None)
+        slo, shi = inference.seed_t_interval((ctrl - armm).mean(axis=1))
+        row.update(
+            {
+                name: r["estimate"],
+                f"{name}_lo": r["lo"],
+                f"{name}_hi": r["hi"],
+                f"{name}_ci": fmt_ci(r["lo"], r["hi"]),
+                f"{name}_se": r.get("se"),
+                f"{name}_p": r.get("p"),
+                f"{name}_method": r["method"],
+                f"{name}_seed_ci": fmt_ci(slo, shi),
+                "items": ctrl.shape[1],
+            }
+        )
     table = pd.DataFrame(out)
     if table.empty:  # only controls: nothing to compare
         return table, pd.DataFrame(per_seed)
@@ -255,94 +279,6 @@ def frontier_table(conditions: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
-def se_from_ci(lo, hi) -> float:
-    return (
-        (hi - lo) / (2 * inference.Z95)
-        if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
-        else np.nan
-    )
-
-
-def correlation_table(
-    effects: pd.DataFrame, elicitation: pd.DataFrame, n_permutations: int = 9999, reference_r: float = 0.57
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Elicitation vs inoculation effect, one point per IP-style prompt, per setting, epoch and estimator,
-    for every IP-style prompt and for the inoculation-role ones alone; then pooled across settings as a
-    random-effects meta-analysis of Fisher z. Returns (correlations, leave-one-prompt-out influence)."""
-    ip = (
-        effects[(effects.condition == "ip")].dropna(subset=["effect"])
-        if "effect" in effects
-        else pd.DataFrame()
-    )
-    rows, infl = [], []
-    if ip.empty:
-        return pd.DataFrame(), pd.DataFrame()
-    for est in ESTIMATORS:
-        col = f"elicit_{est}"
-        if ip[col].isna().all():
-            continue
-        for (epoch, subset), e in [
-            ((ep, sub), g[g.role == "inoculation"] if sub == "inoculation prompts" else g)
-            for ep, g in ip.groupby("epoch")
-            for sub in ("IP-style prompts", "inoculation prompts")
-        ]:
-            per_setting = []
-            for (setting, design, var), s in e.dropna(subset=[col]).groupby(["setting", "design", "variant"]):
-                el = (
-                    elicitation[(elicitation.setting == setting) & (elicitation.get("variant", "") == var)]
-                    .drop_duplicates("prompt")
-                    .set_index("prompt")
-                    if not elicitation.empty
-                    else None
-                )
-                sx = [
-                    (
-                        se_from_ci(el.at[p, f"{est}_lo"], el.at[p, f"{est}_hi"])
-                        if el is not None and p in el.index
-                        else np.nan
-                    )
-                    for p in s.prompt
-                ]
-                c = inference.correlation(s[col], s.effect, n_permutations=n_permutations)
-                row = {
-                    "setting": setting,
-                    "design": design,
-                    "variant": var,
-                    "epoch": epoch,
-                    "estimator": est,
-                    "prompts": subset,
-                    **c,
-                    **inference.slopes(s[col], s.effect, sx, s.effect_se),
-                    f"power_at_r{reference_r}": power.correlation_power(reference_r, c["points"]),
-                    "smallest_r_80pct": power.smallest_correlation(c["points"]),
-                }
-                rows.append(row)
-                if not var:  # pooled across settings: each setting's prompts as the library places them, once
-                    per_setting.append(row)
-                if subset == "IP-style prompts":
-                    i = inference.influence(s[col], s.effect, list(s.prompt))
-                    if not i.empty:
-                        infl.append(i.assign(setting=setting, design=design, epoch=epoch, estimator=est))
-            if len(per_setting) > 1:
-                m = inference.meta_correlation(
-                    [r["pearson"] for r in per_setting], [r["points"] for r in per_setting]
-                )
-                rows.append(
-                    {
-                        "setting": "pooled (random-effects, Fisher z)",
-                        "epoch": epoch,
-                        "estimator": est,
-                        "prompts": subset,
-                        "points": sum(r["points"] for r in per_setting),
-                        "pooled_settings": ", ".join(
-                            sorted(r["setting"] for r in per_setting if np.isfinite(r["pearson"]))
-                        ),
-                        **m,
-                    }
-                )
-    return pd.DataFrame(rows), (pd.concat(infl, ignore_index=True) if infl else pd.DataFrame())
-
-
 def test_prompt_table(df: pd.DataFrame) -> pd.DataFrame:
     """Behaviour of every trained arm under each test-time prompt (does the behaviour come back on
     request?)."""
@@ -358,36 +294,3 @@ def test_prompt_table(df: pd.DataFrame) -> pd.DataFrame:
     return g.pivot_table(
         index=["setting", "arm", "epoch"], columns="test_prompt", values="behaviour"
     ).reset_index()
-
-
-def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: float = 0.57) -> pd.DataFrame:
-    """What this sweep could detect at 80% power: the smallest effect given its items and the control's rate,
-    and the smallest correlation given its prompts; and its power for the paper's r (0.57)."""
-    rows = []
-    if conditions.empty or "behaviour" not in conditions:
-        return pd.DataFrame()
-    ctrl = conditions[conditions.arm == "control"]
-    for (setting, design, epoch), c in ctrl.groupby(["setting", "design", "epoch"]):
-        e = (
-            effects[(effects.setting == setting) & (effects.design == design) & (effects.epoch == epoch)]
-            if not effects.empty
-            else effects
-        )
-        prompts_n = int((e.condition == "ip").sum()) if not e.empty else 0
-        items = int(c.behaviour_items.iloc[0])
-        rate = float(c.behaviour.iloc[0])
-        rows.append(
-            {
-                "setting": setting,
-                "design": design,
-                "epoch": epoch,
-                "items": items,
-                "control_rate": rate,
-                "smallest_effect_80pct": power.smallest_effect(rate, items) if 0 < rate else np.nan,
-                "ip_prompts": prompts_n,
-                "smallest_r_80pct": power.smallest_correlation(prompts_n),
-                f"power_at_r{reference_r}": power.correlation_power(reference_r, prompts_n),
-                f"prompts_for_r{reference_r}": power.points_needed(reference_r),
-            }
-        )
-    return pd.DataFrame(rows)

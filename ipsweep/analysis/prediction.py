@@ -1,0 +1,136 @@
+"""Does elicitation predict the effect, and could this design tell: the correlation and power tables of an
+analysis, from the effects and elicitation tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ipsweep.analysis import correlation, power
+from ipsweep.config import ESTIMATORS
+
+
+def se_from_ci(lo, hi) -> float:
+    return (
+        (hi - lo) / (2 * correlation.Z95)
+        if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
+        else np.nan
+    )
+
+
+def correlation_table(
+    effects: pd.DataFrame, elicitation: pd.DataFrame, n_permutations: int = 9999, reference_r: float = 0.57
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Elicitation vs inoculation effect, one point per IP-style prompt, per setting, epoch and estimator,
+    for every IP-style prompt and for the inoculation-role ones alone; then pooled across settings as a
+    random-effects meta-analysis of Fisher z. Returns (correlations, leave-one-prompt-out influence)."""
+    ip = (
+        effects[(effects.condition == "ip")].dropna(subset=["effect"])
+        if "effect" in effects
+        else pd.DataFrame()
+    )
+    rows, infl = [], []
+    if ip.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    for est in ESTIMATORS:
+        col = f"elicit_{est}"
+        if ip[col].isna().all():
+            continue
+        for (epoch, subset), e in [
+            ((ep, sub), g[g.role == "inoculation"] if sub == "inoculation prompts" else g)
+            for ep, g in ip.groupby("epoch")
+            for sub in ("IP-style prompts", "inoculation prompts")
+        ]:
+            per_setting = []
+            for (setting, design, var), s in e.dropna(subset=[col]).groupby(["setting", "design", "variant"]):
+                el = (
+                    elicitation[(elicitation.setting == setting) & (elicitation.get("variant", "") == var)]
+                    .drop_duplicates("prompt")
+                    .set_index("prompt")
+                    if not elicitation.empty
+                    else None
+                )
+                sx = [
+                    (
+                        se_from_ci(el.at[p, f"{est}_lo"], el.at[p, f"{est}_hi"])
+                        if el is not None and p in el.index
+                        else np.nan
+                    )
+                    for p in s.prompt
+                ]
+                c = correlation.correlation(s[col], s.effect, n_permutations=n_permutations)
+                row = {
+                    "setting": setting,
+                    "design": design,
+                    "variant": var,
+                    "epoch": epoch,
+                    "estimator": est,
+                    "prompts": subset,
+                    **c,
+                    **correlation.slopes(s[col], s.effect, sx, s.effect_se),
+                    f"power_at_r{reference_r}": power.correlation_power(reference_r, c["points"]),
+                    "smallest_r_80pct": power.smallest_correlation(c["points"]),
+                }
+                rows.append(row)
+                if not var:  # pooled across settings: each setting's prompts as the library places them, once
+                    per_setting.append(row)
+                if subset == "IP-style prompts":
+                    i = correlation.influence(s[col], s.effect, list(s.prompt))
+                    if not i.empty:
+                        infl.append(i.assign(setting=setting, design=design, epoch=epoch, estimator=est))
+            if len(per_setting) > 1:
+                m = correlation.meta_correlation(
+                    [r["pearson"] for r in per_setting], [r["points"] for r in per_setting]
+                )
+                rows.append(
+                    {
+                        "setting": "pooled (random-effects, Fisher z)",
+                        "epoch": epoch,
+                        "estimator": est,
+                        "prompts": subset,
+                        "points": sum(r["points"] for r in per_setting),
+                        "pooled_settings": ", ".join(
+                            sorted(r["setting"] for r in per_setting if np.isfinite(r["pearson"]))
+                        ),
+                        **m,
+                    }
+                )
+    return pd.DataFrame(rows), (pd.concat(infl, ignore_index=True) if infl else pd.DataFrame())
+
+
+def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: float = 0.57) -> pd.DataFrame:
+    """What this sweep could detect at 80% power: the smallest effect given its items and the control's rate
+    (one seed, two proportions: the planning rule), the smallest effect given the standard errors its effect
+    intervals measured (seed and item variation, the seed part pooled over its arms), and the smallest
+    correlation given its prompts; and its power for the paper's r (0.57)."""
+    rows = []
+    if conditions.empty or "behaviour" not in conditions:
+        return pd.DataFrame()
+    ctrl = conditions[conditions.arm == "control"]
+    for (setting, design, epoch), c in ctrl.groupby(["setting", "design", "epoch"]):
+        e = (
+            effects[(effects.setting == setting) & (effects.design == design) & (effects.epoch == epoch)]
+            if not effects.empty
+            else effects
+        )
+        prompts_n = int((e.condition == "ip").sum()) if not e.empty else 0
+        # the same model as the effect intervals: their median standard error, at 80% power and alpha 0.05
+        se = e.loc[e.condition == "ip", "effect_se"].median() if "effect_se" in e else np.nan
+        items = int(c.behaviour_items.iloc[0])
+        rate = float(c.behaviour.iloc[0])
+        rows.append(
+            {
+                "setting": setting,
+                "design": design,
+                "epoch": epoch,
+                "items": items,
+                "control_rate": rate,
+                "smallest_effect_80pct": power.smallest_effect(rate, items) if 0 < rate else np.nan,
+                "smallest_effect_80pct_measured": power.detectable(se),
+                "ip_prompts": prompts_n,
+                "smallest_r_80pct": power.smallest_correlation(prompts_n),
+                f"power_at_r{reference_r}": power.correlation_power(reference_r, prompts_n),
+                f"prompts_for_r{reference_r}": power.points_needed(reference_r),
+            }
+        )
+    return pd.DataFrame(rows)
