@@ -273,3 +273,15 @@ def test_pooling_needs_the_control_and_two_arms_with_two_seeds():
     assert inference.pooled_seed_variance([*two, rng.random((1, 30)).round()]) is None
     pooled = inference.pooled_seed_variance([*two, rng.random((3, 30)).round()])
     assert pooled["arms"] == 3 and pooled["df"] > 0
+
+
+def test_rerun_se_is_the_spread_of_a_rate_over_evaluation_reruns():
+    """Sampled evaluation (8 samples per item at temperature > 0): the same models and items evaluated again
+    move the rate by rerun_se, apart from the seed part; greedy (one sample) has none to report."""
+    rng = np.random.default_rng(5)
+    p = expit(rng.normal(0.5, 1.5, (3, 100)))  # 3 seeds x 100 items, each cell's chance of the behaviour
+    reruns = rng.binomial(8, p, (4000, *p.shape))
+    spread = (reruns / 8).mean(axis=(1, 2)).std()
+    estimates = [inference.rerun_se(k.ravel(), np.full(k.size, 8)) for k in reruns[:200]]
+    assert np.mean(estimates) == pytest.approx(spread, rel=0.03), (np.mean(estimates), spread)
+    assert np.isnan(inference.rerun_se(np.ones(10), np.ones(10)))

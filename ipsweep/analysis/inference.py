@@ -249,6 +249,18 @@ def difference_interval(control: np.ndarray, arm: np.ndarray, pooled: dict | Non
     return r
 
 
+def rerun_se(k: np.ndarray, n: np.ndarray) -> float:
+    """The standard error a rate has from evaluation sampling alone (the same trained models and items,
+    evaluated again): each cell's k of n samples adds p(1 - p)/(n - 1), unbiased for its variance p(1 - p)/n.
+    nan where every cell has one sample (greedy decoding: a rerun gives the same replies)."""
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    if not (n > 1).any():
+        return float("nan")
+    many = n > 1
+    p = k[many] / n[many]
+    return float(np.sqrt((p * (1 - p) / (n[many] - 1)).sum()) / len(n))
+
+
 def seed_t_interval(per_seed: np.ndarray) -> tuple[float, float]:
     """Secondary: t-interval over the per-seed values (ignores item sampling); nan with one seed."""
     v = np.asarray(per_seed, float)

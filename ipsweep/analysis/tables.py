@@ -82,6 +82,9 @@ def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] =
                 f"{kind}_k/n": f"{int(sub.k.sum())}/{int(sub.n.sum())}",
                 f"{kind}_items": sub.item.nunique(),
                 f"{kind}_method": r["method"],
+                # two of its variance components apart: the seed part, and eval reruns (samples per item)
+                f"{kind}_seed_se": float(np.sqrt(r["var_seed"])) if "var_seed" in r else np.nan,
+                f"{kind}_rerun_se": inference.rerun_se(sub.k, sub.n),
             }
         )
     table = pd.DataFrame(list(cells.values()))
