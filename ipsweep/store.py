@@ -83,7 +83,7 @@ def without(data: dict, *keys: str) -> dict:
 def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
     """What determines a run's trained models and their evaluations: `train_prompt` is the prompt inserted
     in training (NO_PROMPT for the control and PTST); `inputs` the content digests of the setting's data
-    files and of the model's weights (plan.inputs), so edited data or weights make a new run."""
+    files and of the model's weights (store.inputs), so edited data or weights make a new run."""
     data = without(OmegaConf.to_container(cfg, resolve=True), *EXCLUDED)
     p = train_prompt
     data["prompt"] = {"name": p.name, "text": p.text, "role": p.role, "placement": p.placement}
