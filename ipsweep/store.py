@@ -175,20 +175,28 @@ class DamagedRecord(Exception):
         self.path, self.reason = path, reason
 
 
-def load_record(path: Path) -> Record | None:
-    """The record at `path`; None if there is none; DamagedRecord if it does not parse or lacks what every
-    record has."""
+def _read_record(path: Path) -> tuple[Record, dict] | None:
+    """The record at `path`, typed and as parsed JSON (checked once, for both readers); None if there is
+    none; DamagedRecord if it does not parse or lacks what every record has."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     try:
-        return Record.model_validate_json(text)
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DamagedRecord(path, f"not valid JSON ({e})") from None
+    try:
+        return Record.model_validate(data), data
     except ValidationError as e:
-        if any(err["type"] == "json_invalid" for err in e.errors()):
-            raise DamagedRecord(path, f"not valid JSON ({e.errors()[0]['msg']})") from None
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3])
         raise DamagedRecord(path, f"not a run record ({problems})") from None
+
+
+def load_record(path: Path) -> Record | None:
+    """The typed record at `path` (a job's and `ipsweep status`'s view); see _read_record."""
+    read = _read_record(path)
+    return read and read[0]
 
 
 class Run:
@@ -245,7 +253,7 @@ def scan(store_dir: str | Path) -> tuple[list[dict], list[DamagedRecord]]:
     good, damaged = [], []
     for p in sorted(Path(store_dir).glob("runs/*/record.json")):
         try:
-            good.append(load_record(p).dump())
+            good.append(_read_record(p)[1])
         except DamagedRecord as e:
             damaged.append(e)
     return good, damaged

@@ -254,9 +254,9 @@ def rerun_se(k: np.ndarray, n: np.ndarray) -> float:
     evaluated again): each cell's k of n samples adds p(1 - p)/(n - 1), unbiased for its variance p(1 - p)/n.
     nan where every cell has one sample (greedy decoding: a rerun gives the same replies)."""
     k, n = np.asarray(k, float), np.asarray(n, float)
-    if not (n > 1).any():
-        return float("nan")
     many = n > 1
+    if not many.any():
+        return float("nan")
     p = k[many] / n[many]
     return float(np.sqrt((p * (1 - p) / (n[many] - 1)).sum()) / len(n))
 

@@ -162,17 +162,17 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
                 runs["control"] = ctrl
             if row["condition"] == "ip":  # a PTST arm is the control's runs, tested another way
                 runs[a] = armm
-            pending.append((row, name, key, ctrl, armm))
             seeds = (ctrl - armm).mean(axis=1)
+            pending.append((row, name, key, ctrl, armm, seeds))
             for (ev, _, _), v in zip(sides, seeds):
                 seed_rows[ev.seed][name] = float(v)
         out.append(row)
         per_seed += list(seed_rows.values())
     pooled = {key: inference.pooled_seed_variance(list(runs.values())) for key, runs in pools.items()}
-    for row, name, key, ctrl, armm in pending:
+    for row, name, key, ctrl, armm, seeds in pending:
         # PTST's control and arm are the same runs: its per-arm interval keeps that pairing
         r = inference.difference_interval(ctrl, armm, pooled[key] if row["condition"] == "ip" else None)
-        slo, shi = inference.seed_t_interval((ctrl - armm).mean(axis=1))
+        slo, shi = inference.seed_t_interval(seeds)
         row.update(
             {
                 name: r["estimate"],
