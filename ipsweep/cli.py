@@ -200,25 +200,90 @@ def _screen(args) -> None:
     print(f"table: {out / 'elicitation.csv'}\nplot:  {png}")
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of whole numbers, e.g. 2,3,5") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': every value must be at least 1")
+    return values
+
+
+def _pilot(path: str, design: str | None) -> dict:
+    """The power-table row of a pilot sweep's analysis (one design and its last epoch)."""
+    import pandas as pd
+
+    p = Path(path)
+    csv = next((c for c in (p / "power.csv", p / "analysis" / "power.csv") if c.is_file()), None)
+    if csv is None:
+        raise ConfigError(
+            f"no power.csv in '{p}' or '{p / 'analysis'}'; fix: run `ipsweep analyze {p}` first, or pass "
+            "the folder it wrote (--out)"
+        )
+    table = pd.read_csv(csv, dtype={"design": str})
+    if design is not None:
+        table = table[table.design == design]
+    if table.design.nunique() != 1:
+        raise ConfigError(
+            f"{csv} has {'no' if table.empty else 'several'} designs to plan from"
+            f"{'' if design is None else f' matching {design!r}'} (it has: "
+            f"{', '.join(pd.read_csv(csv, dtype={'design': str}).design.unique())}); fix: --design KEY"
+        )
+    row = table.sort_values("epoch").iloc[-1].to_dict()
+    if not row["seed_sd_logit"] == row["seed_sd_logit"]:
+        raise ConfigError(
+            f"the pilot in {csv} could not measure its seed variance (pooling needs the control and at least "
+            "two IP arms, each with 2 or more seeds); fix: give the seed sd on the logit scale, --seed-sd"
+        )
+    return {**row, "source": str(csv)}
+
+
 def _power(args) -> None:
     from ipsweep.analysis import power
 
-    lines = [
-        "planning a sweep at 80% power, alpha 0.05 (Fisher z for correlations; two proportions for effects):",
-        f"- with {args.prompts} IP prompts: smallest detectable correlation r = "
-        f"{power.smallest_correlation(args.prompts):.2f}; "
-        f"power for r = {args.r}: {power.correlation_power(args.r, args.prompts):.2f}; "
-        f"prompts needed for r = {args.r}: {power.points_needed(args.r)}",
-        f"- with {args.items} eval items and a control behaviour rate of {args.control_rate}: smallest "
-        "detectable effect "
-        f"{power.smallest_effect(args.control_rate, args.items):.2f}; items needed for an effect of "
-        f"{args.effect}: "
-        f"{power.items_needed(args.control_rate, args.effect)}",
-        "  (one seed; seed-to-seed variation in the effect adds to this: run 3 or more seeds and read the "
-        "seed part",
-        "  of the interval in a pilot's effects.csv)",
-    ]
-    print("\n".join(lines))
+    pilot = _pilot(args.pilot, args.design) if args.pilot else {}
+    arms = args.arms or int(pilot.get("ip_prompts") or args.prompts)
+    rate = args.control_rate if args.control_rate is not None else pilot.get("control_rate", 0.85)
+    seed_sd = args.seed_sd if args.seed_sd is not None else pilot.get("seed_sd_logit", power.SEED_SD)
+    items = args.items or sorted({60, 120, 240, int(pilot.get("items", 60))})
+    if min(args.seeds) < 2:
+        raise ConfigError(
+            "--seeds includes 1: with one seed the interval cannot count seed-to-seed variation (items "
+            "only), so its power is not what a reviewer can trust; fix: plan with 2 or more seeds"
+        )
+    if arms < 1 or args.reps < 1 or seed_sd < 0 or args.item_sd < 0:
+        raise ConfigError(
+            f"--arms {arms}, --reps {args.reps}, --seed-sd {seed_sd}, --item-sd {args.item_sd}: arms and "
+            "reps must be at least 1 and the sds at least 0; fix: those flags"
+        )
+    power.logit_design(rate, args.effect, seed_sd, args.item_sd)  # the rate and effect are possible
+    source = f"the pilot {pilot['source']}" if pilot else "flags and defaults"
+    if args.seed_sd is None and not pilot:
+        source += "; the seed sd is a guess, not measured: a pilot with 2+ seeds measures it (--pilot)"
+    print(
+        f"planning {arms} IP arm(s) against one control at alpha 0.05: control rate {rate:.2f}, every arm "
+        f"an effect of {args.effect}, seed sd {seed_sd:.2f} and item sd {args.item_sd} on the logit scale "
+        f"(from {source}); {args.reps} simulated sweeps per row, each analysed as `ipsweep analyze` does "
+        "(seed variance pooled over the arms)"
+    )
+    table = power.plan(arms, args.seeds, items, rate, args.effect, seed_sd, args.item_sd, args.reps)
+    table["smallest_effect_80pct"] = [power.detectable(se) for se in table.se]
+    print(table.drop(columns="mc_se").to_markdown(index=False, floatfmt=("g", "g", "g", *[".2f"] * 5)))
+    print(f"(power's Monte Carlo standard error: at most {table.mc_se.max():.2f})")
+    enough = table[table.power >= 0.8].sort_values(["runs", "items"])
+    print(
+        f"cheapest row with power >= 0.8: {enough.seeds.iloc[0]} seeds x {enough['items'].iloc[0]} items "
+        f"({enough.runs.iloc[0]} training runs)"
+        if not enough.empty
+        else "no row reaches power 0.8: add seeds or items, or plan for a larger effect"
+    )
+    print(
+        f"correlation (Fisher z, 80% power): with {arms} IP prompts the smallest detectable r is "
+        f"{power.smallest_correlation(arms):.2f}; power for r = {args.r}: "
+        f"{power.correlation_power(args.r, arms):.2f}; prompts needed for r = {args.r}: "
+        f"{power.points_needed(args.r)}"
+    )
 
 
 def _results(args) -> None:
@@ -244,7 +309,14 @@ def _results(args) -> None:
                 f"RESULTS.md disagrees with the committed CSVs in {len(stale)} table(s): {'; '.join(stale)}; "
                 "fix: run `ipsweep results` and commit"
             )
-        print("RESULTS.md agrees with the committed CSVs")
+        unsourced = results.unsourced_numbers()
+        if unsourced:
+            raise ConfigError(
+                f"RESULTS.md's prose cites {len(unsourced)} number(s) no table of its section holds: "
+                f"{'; '.join(unsourced)}; fix: cite a generated table's value, or mark a figure from the "
+                "literature with <!-- literature --> ... <!-- /literature -->"
+            )
+        print("RESULTS.md agrees with the committed CSVs, and its prose cites only their numbers")
         return
     print(f"RESULTS.md: {results.update()} tables regenerated from {results.RESULTS_DIR}")
 
@@ -295,15 +367,24 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_analyze)
     p = sub.add_parser(
         "power",
-        help="plan a sweep: the smallest effect and correlation it can detect, and what a target needs",
+        help="plan a sweep: the power of seeds x items x arms, simulated and analysed as `analyze` does",
     )
+    p.add_argument("--pilot", help="a pilot sweep's analysis folder (or the sweep): its rate, seed sd, items")
+    p.add_argument("--design", help="the pilot's design key, where its analysis has several")
+    p.add_argument("--arms", type=int, help="IP arms (default: the pilot's, else --prompts)")
     p.add_argument("--prompts", type=int, default=11, help="IP-style prompts (points of the correlation)")
-    p.add_argument("--items", type=int, default=60, help="eval items per arm")
-    p.add_argument(
-        "--control-rate", type=float, default=0.85, help="the control's behaviour rate (from a pilot)"
-    )
-    p.add_argument("--r", type=float, default=0.57, help="target correlation (default: the paper's 0.57)")
+    p.add_argument("--seeds", type=_ints, default=[2, 3, 5], help="seeds per arm to compare, e.g. 2,3,5")
+    p.add_argument("--items", type=_ints, help="eval items per arm to compare (default 60,120,240)")
+    p.add_argument("--control-rate", type=float, help="the control's behaviour rate (default: pilot, 0.85)")
     p.add_argument("--effect", type=float, default=0.22, help="target effect b(control) - b(IP)")
+    p.add_argument(
+        "--seed-sd",
+        type=float,
+        help="sd of a training run's seed effect on the logit scale (default: the pilot's, else 1.0)",
+    )
+    p.add_argument("--item-sd", type=float, default=1.5, help="sd of the eval items on the logit scale")
+    p.add_argument("--reps", type=int, default=200, help="simulated sweeps per row")
+    p.add_argument("--r", type=float, default=0.57, help="target correlation (default: the paper's 0.57)")
     p.set_defaults(func=_power)
     p = sub.add_parser(
         "results", help="regenerate RESULTS.md's tables from the analysis CSVs committed in docs/results"

@@ -4,12 +4,19 @@ designs people run.
 Each coverage test reports the measured coverage in its message. Fixed seeds: the numbers are reproducible.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import ipsweep_cli
 from scipy import stats as sps
 from scipy.special import expit
 
 from ipsweep.analysis import correlation, inference, power
+from ipsweep.errors import ConfigError
 
 # (intercept, IP shift, item spread, seed spread) on the logit scale: a strong and a weak effect, items that
 # differ a lot or little, seeds that matter a lot (like the README demo: per-seed effects 0.35 and 0.20) or
@@ -138,6 +145,53 @@ def test_power_matches_the_closed_forms():
     assert power.smallest_effect(0.85, 60) == pytest.approx(0.22, abs=0.005)
     smallest = power.smallest_correlation(11)
     assert power.correlation_power(smallest, 11) == pytest.approx(0.80, abs=1e-6)
+
+
+def test_planning_design_gives_the_rate_and_effect_asked_for():
+    alpha, delta = power.logit_design(0.85, 0.22, seed_sd=0.5, item_sd=1.5)
+    z = np.random.default_rng(0).normal(0, np.hypot(0.5, 1.5), 2_000_000)
+    control, arm = expit(alpha + z).mean(), expit(alpha - delta + z).mean()
+    assert control == pytest.approx(0.85, abs=0.002) and control - arm == pytest.approx(0.22, abs=0.002)
+    with pytest.raises(ConfigError, match="effect < rate"):
+        power.logit_design(0.3, 0.4, 0.5, 1.5)
+
+
+@pytest.mark.parametrize("seeds, items, rate, seed_sd", [(2, 60, 0.85, 0.5), (3, 120, 0.5, 1.0)])
+def test_planned_power_at_no_effect_is_the_test_size(seeds, items, rate, seed_sd):
+    """`ipsweep power` analyses its simulated sweeps with the report's intervals: with no effect, the share
+    of arms it calls detected is the 5% false-positive rate (1600 intervals; their arms share a control)."""
+    r = power.simulate_design(4, seeds, items, rate, 0.0, seed_sd, reps=400)
+    assert 0.02 <= r["power"] <= 0.08 and r["power_holm"] <= r["power"], r
+
+
+def test_planned_power_shows_seeds_buy_more_than_items_when_seeds_vary():
+    """With a seed sd of 1 logit, 3 seeds x 60 items (fewer scored replies) beats 2 seeds x 240 items: the
+    plan a one-seed two-proportion rule cannot give."""
+    plan = power.plan(6, [2, 3], [60, 240], 0.85, 0.22, seed_sd=1.0, reps=150).set_index(["seeds", "items"])
+    assert plan.power[3, 60] > plan.power[2, 240] + 0.1, plan
+    assert plan.width[2, 240] < plan.width[2, 60] and list(plan.runs) == [14, 14, 21, 21]
+
+
+def test_power_cli_plans_from_a_pilot_analysis(tmp_path):
+    """`ipsweep power --pilot` takes the pilot's control rate, items, arms and pooled seed sd, and says why
+    it cannot where the pilot could not pool."""
+    row = {"setting": "s", "design": "abc", "epoch": 1, "items": 40, "control_rate": 0.7, "ip_prompts": 3}
+    pd.DataFrame([{**row, "seed_sd_logit": 0.3}]).to_csv(tmp_path / "power.csv", index=False)
+    out = ipsweep_cli("power", "--pilot", str(tmp_path), "--seeds", "2", "--reps", "20")
+    assert "3 IP arm(s)" in out and "control rate 0.70" in out and "seed sd 0.30" in out, out
+    assert [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("|       2")] == [
+        "40",
+        "60",
+        "120",
+        "240",
+    ], out
+    pd.DataFrame([{**row, "seed_sd_logit": np.nan}]).to_csv(tmp_path / "power.csv", index=False)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("ipsweep")), "power", "--pilot", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "fix: give the seed sd on the logit scale, --seed-sd" in proc.stderr
 
 
 def test_deming_slope_is_ols_when_x_is_exact_and_steeper_when_x_is_noisy():

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
+from scipy.optimize import brentq
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
@@ -207,9 +208,8 @@ def _equivalent_df(se: float, half: float) -> float:
     q = half / se
     if q <= stats.norm.ppf(0.975):
         return np.inf
-    from scipy.optimize import brentq
-
-    return float(brentq(lambda d: stats.t.ppf(0.975, d) - q, 0.05, 1e7))
+    # scipy.special.stdtrit is stats.t.ppf without its argument checks (30x faster: planning calls this a lot)
+    return float(brentq(lambda d: special.stdtrit(d, 0.975) - q, 0.05, 1e7))
 
 
 def rate_interval(m: np.ndarray, pooled: dict | None = None) -> dict:
