@@ -123,6 +123,26 @@ class ElicitConfig:
     cache_dir: str | None = None  # None = <user cache>/ipsweep/elicitation, shared by all sweeps
 
 
+# The correlation table's prompt subsets, by the name a primary test uses for them.
+SUBSETS = {"ip_style": "IP-style prompts", "inoculation": "inoculation prompts"}
+STATISTICS = ("spearman", "pearson")
+
+
+@dataclass
+class PrimaryTest:
+    """The one correlation test a sweep declares before its runs (`primary.estimator=...` or a preset's
+    `primary:`): the report puts it first and calls every other correlation exploratory. Not part of a
+    run's identity."""
+
+    estimator: str | None = None  # one of ESTIMATORS; None: no primary test declared
+    prompts: str = "ip_style"  # a key of SUBSETS
+    statistic: str = "spearman"  # one of STATISTICS
+    epoch: int = 1
+    # an `ipsweep screen` table (elicitation.csv) whose estimates are the prediction: copied into the sweep
+    # dir and hashed when declared, so the analysis can tell whether the prediction preceded the training
+    screen: str | None = None
+
+
 @dataclass
 class LoggerConfig:
     backend: str = "wandb"  # wandb | none
@@ -148,6 +168,7 @@ class Config:
     prompt_placement: str | None = None  # where the prompt goes (one of PLACEMENTS); None = the library's
     name: str = MISSING  # sweep name: outputs go to outputs/<name>, W&B group = name
     store_dir: str = MISSING  # where run records live (the sweep dir)
+    primary: PrimaryTest = field(default_factory=PrimaryTest)  # the declared primary test, if any
 
 
 def register() -> None:

@@ -8,6 +8,9 @@ manifest (sweep.json) lists every point a sweep dir was asked to run: `ipsweep s
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +24,7 @@ from ipsweep.settings.base import Setting, build
 from ipsweep.validate import check_sizes, check_values
 
 MANIFEST = "sweep.json"
+PREDICTION = "prediction.csv"  # the frozen screen table of a declared prediction (primary.screen)
 
 
 @dataclass
@@ -133,12 +137,47 @@ def entry(num: int, overrides: list[str], cfg, point: Point) -> dict:
     }
 
 
-def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
-    """Add these points to the sweep's manifest (a rerun or an extended sweep keeps the earlier ones)."""
+def primary_test(points: list[dict]) -> dict | None:
+    """The primary test the sweep's points declare (one for the whole sweep), or None."""
+    tests = {json.dumps(p["config"]["primary"], sort_keys=True) for p in points}
+    if len(tests) > 1:
+        raise ConfigError(
+            f"the sweep's points declare {len(tests)} different primary tests; a sweep has one; fix: set "
+            "primary.* once for the sweep, not as a swept value"
+        )
+    test = json.loads(tests.pop()) if tests else None
+    return test if test and test["estimator"] else None
+
+
+def _declare(old: dict | None, test: dict | None, sweep_dir: Path) -> dict | None:
+    """The manifest's primary test: declared once, with the time and how many run records the sweep dir
+    already held (0: declared before any training, i.e. pre-registered). Changing it after runs exist is
+    refused: choosing the test after seeing results is what declaring it prevents."""
+    if test is None or (old and old["test"] == test):
+        return old
+    runs = len(list(Path(sweep_dir).glob("runs/*/record.json")))
+    if old and runs:
+        raise ConfigError(
+            f"this sweep declared its primary test as {old['test']} on {old['declared']}, and {runs} run(s) "
+            f"exist; primary={test} would change it after the fact; fix: keep the declared test, or start a "
+            "new sweep dir (name=...) for a new primary test"
+        )
+    declared = {"test": test, "declared": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs_before": runs}
+    if test.get("screen"):  # the prediction: a frozen copy of the screen table, and its hash
+        frozen = Path(sweep_dir) / PREDICTION
+        shutil.copyfile(test["screen"], frozen)
+        declared["screen_sha256"] = hashlib.sha256(frozen.read_bytes()).hexdigest()
+    return declared
+
+
+def write_manifest(sweep_dir: str | Path, points: list[dict], primary: dict | None = None) -> Path:
+    """Add these points to the sweep's manifest (a rerun or an extended sweep keeps the earlier ones), and
+    the primary test the sweep declares (`primary`, see _declare)."""
     path = Path(sweep_dir) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         old = store.read_json(path) or {"points": []}
+        declared = _declare(old.get("primary"), primary, Path(sweep_dir))
 
         def key(p: dict) -> tuple:
             return p["run_dir"], p["epochs"], p["prompt"]  # control and PTST share a run
@@ -155,9 +194,28 @@ def write_manifest(sweep_dir: str | Path, points: list[dict]) -> Path:
             taken.add(p["num"])
             keyed[key(p)] = {**keyed.get(key(p), {}), **p}
         store.atomic_write_json(
-            path, {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "points": list(keyed.values())}
+            path,
+            {
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **({"primary": declared} if declared else {}),
+                "points": list(keyed.values()),
+            },
         )
     return path
+
+
+def read_primary(sweep_dir: str | Path) -> dict | None:
+    """The primary test the sweep's manifest declares, with when (see _declare), and for a prediction its
+    frozen screen table (`prediction`, None if missing) and whether that file is what was declared
+    (`screen_unchanged`); None if no test was declared."""
+    data = store.read_json(Path(sweep_dir) / MANIFEST)
+    primary = data.get("primary") if data else None
+    if primary and "screen_sha256" in primary:
+        frozen = Path(sweep_dir) / PREDICTION
+        digest = hashlib.sha256(frozen.read_bytes()).hexdigest() if frozen.is_file() else None
+        primary = {**primary, "prediction": str(frozen) if digest else None}
+        primary["screen_unchanged"] = digest == primary["screen_sha256"]
+    return primary
 
 
 def read_manifest(sweep_dir: str | Path) -> list[dict]:

@@ -49,6 +49,7 @@ SIGNATURE_VERSION = 6
 # is the same run in every mode and placement of a sweep.
 EXCLUDED = (
     "logger",
+    "primary",
     "name",
     "store_dir",
     "prompt",

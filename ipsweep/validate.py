@@ -10,6 +10,7 @@ import math
 from collections import Counter
 from dataclasses import fields, is_dataclass
 from difflib import get_close_matches
+from pathlib import Path
 from typing import get_type_hints
 
 from ipsweep import models, prompts
@@ -20,6 +21,8 @@ from ipsweep.config import (
     PLACEMENTS,
     PROMPT_MODES,
     SAMPLINGS,
+    STATISTICS,
+    SUBSETS,
     ElicitConfig,
     EvalConfig,
     LoggerConfig,
@@ -28,6 +31,35 @@ from ipsweep.config import (
     TrainConfig,
 )
 from ipsweep.errors import ConfigError
+
+
+def _primary_problems(cfg) -> list[str]:
+    """The declared primary test names an estimator the runs record, a prompt subset, a statistic and an
+    epoch the runs reach."""
+    p = cfg.get("primary")
+    if p is None or p.estimator is None:
+        return []
+    out = []
+    if p.estimator not in cfg.elicit.estimators:
+        out.append(
+            f"primary.estimator={p.estimator} is not one the runs record (elicit.estimators: "
+            f"{', '.join(cfg.elicit.estimators)}); fix: one of those, or add it to elicit.estimators"
+        )
+    if p.prompts not in SUBSETS:
+        out.append(f"primary.prompts={p.prompts} is unknown; fix: one of {', '.join(SUBSETS)}")
+    if p.statistic not in STATISTICS:
+        out.append(f"primary.statistic={p.statistic} is unknown; fix: one of {', '.join(STATISTICS)}")
+    if p.get("screen") and not Path(p.screen).is_file():
+        out.append(
+            f"primary.screen={p.screen} is not a file; fix: the elicitation.csv `ipsweep screen --out DIR` "
+            "wrote (DIR/elicitation.csv)"
+        )
+    if not 1 <= p.epoch <= cfg.train.epochs:
+        out.append(
+            f"primary.epoch={p.epoch} is not an epoch this run evaluates (1..{cfg.train.epochs}); fix: an "
+            "epoch every point reaches"
+        )
+    return out
 
 
 def _problems(cfg) -> list[str]:
@@ -99,6 +131,7 @@ def _problems(cfg) -> list[str]:
             f"train.max_cut_share={t.max_cut_share} must be a share in [0, 1]; fix: e.g. "
             "train.max_cut_share=0.01"
         )
+    out += _primary_problems(cfg)
     unknown = sorted(set(cfg.elicit.estimators) - set(ESTIMATORS))
     if unknown:
         out.append(

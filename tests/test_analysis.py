@@ -1,10 +1,13 @@
 """The analysis on synthetic run records with per-item outcomes: pooling, matching, PTST, outputs."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import wandb_offline_runs
 
+from ipsweep import plan
 from ipsweep.analysis import analyze
 from ipsweep.errors import ConfigError
 from ipsweep.evaluate import rate
@@ -343,3 +346,73 @@ def test_records_before_v4_report_their_logprob_as_logprob_train(tmp_path):
     )
     assert set(result.tables["correlations"].estimator) == {"logprob_train"}
     assert "scatter_logprob_train" in result.plots
+
+
+def test_a_declared_primary_test_is_reported_first_and_cannot_be_changed_after_runs(tmp_path):
+    """The sweep declares its primary test in the manifest before any run; the report gives its result
+    first and calls the other correlation tests exploratory; choosing another test once runs exist is
+    refused, and a test declared after runs started is reported as not pre-registered."""
+    test = {"estimator": "logprob", "prompts": "ip_style", "statistic": "spearman", "epoch": 1}
+    plan.write_manifest(tmp_path, [], test)
+    assert plan.read_primary(tmp_path)["runs_before"] == 0
+    _save(tmp_path, _record("none", "control", 0, (9, 10)))
+    for i, prompt in enumerate(["a", "b", "c", "d"]):
+        rec = _record(prompt, "ip", 0, (8 - 2 * i, 8 - 2 * i))
+        rec["elicitation"] = {"logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.5}}
+        _save(tmp_path, rec)
+    plan.write_manifest(tmp_path, [], test)  # the same test again (a rerun) keeps its declaration
+    with pytest.raises(ConfigError, match="would change it after the fact"):
+        plan.write_manifest(tmp_path, [], {**test, "statistic": "pearson"})
+    result = analyze(tmp_path, n_permutations=99)
+    row = result.tables["primary"].iloc[0]
+    assert row.pre_registered and row.points == 4 and row.spearman == pytest.approx(1.0), row
+    report = result.report.read_text()
+    assert report.index("## Primary test") < report.index("## Behaviour and capability")
+    assert "are exploratory" in report and "(8 computed in all)" in report, report[:1500]
+
+    late = tmp_path / "late"
+    shutil.copytree(tmp_path / "runs", late / "runs")
+    plan.write_manifest(late, [], test)
+    assert not analyze(late, n_permutations=99).tables["primary"].pre_registered.iloc[0]
+
+
+def test_a_frozen_prediction_is_scored_and_an_edited_one_is_not_pre_registered(tmp_path):
+    """primary.screen: the screen's ranking, copied and hashed into the sweep when declared, is what the
+    analysis correlates with the measured effects; it reports how often "inoculates / does not" held, and
+    calls the prediction not pre-registered once the frozen file is edited."""
+    screen = tmp_path / "elicitation.csv"
+    estimates = {"a": 0.0, "b": 0.1, "c": 0.2, "d": 0.3, "p": 0.15}
+    pd.DataFrame(
+        [
+            {
+                "setting": "trait_pair",
+                "model": "m",
+                "prompt": n,
+                "role": "placebo" if n == "p" else "inoculation",
+            }
+            | {"logprob": v, "logprob_lo": v - 0.05, "logprob_hi": v + 0.05}
+            for n, v in estimates.items()
+        ]
+    ).to_csv(screen, index=False)
+    sweep = tmp_path / "sweep"
+    test = {
+        "estimator": "logprob",
+        "prompts": "ip_style",
+        "statistic": "spearman",
+        "epoch": 1,
+        "screen": str(screen),
+    }
+    plan.write_manifest(sweep, [], test)
+    _save(sweep, _record("none", "control", 0, (9, 10)))
+    for i, prompt in enumerate(
+        ["a", "b", "c", "d"]
+    ):  # the runs recorded no elicitation: the screen's is used
+        _save(sweep, _record(prompt, "ip", 0, (8 - 2 * i, 8 - 2 * i)))
+    row = analyze(sweep, n_permutations=99).tables["primary"].iloc[0]
+    # predicted to inoculate: c and d (above the placebo's 0.15); their effects 0.5 and 0.7 exclude 0
+    assert row.pre_registered and row.screen_unchanged and row.spearman == pytest.approx(1.0), row
+    assert row.hits == "4/4" and row.hit_rate == 1.0, row
+    frozen = sweep / plan.PREDICTION
+    frozen.write_text(frozen.read_text().replace("0.3,", "0.05,"))  # the prediction edited after the runs
+    row = analyze(sweep, n_permutations=99).tables["primary"].iloc[0]
+    assert not row.pre_registered and not row.screen_unchanged, row

@@ -130,9 +130,12 @@ def test_sweep_to_report_end_to_end(tmp_path):
         "prompt=none,caps_strong,safety",
         "train.seed=0,1",
         "elicit.logprob_items=4",
+        "primary.estimator=logprob",
         sweep_dir=sweep,
     )
     assert len(records(sweep)) == 4, "2 seeds x (control, IP); PTST reuses the control's runs"
+    declared = json.loads((sweep / "sweep.json").read_text())["primary"]
+    assert declared["runs_before"] == 0 and declared["test"]["statistic"] == "spearman", declared
     out = ipsweep_cli("analyze", str(sweep), "--wandb-mode", "disabled")
     assert "ptst:safety" in out and "ip:caps_strong" in out
     import pandas as pd
@@ -143,6 +146,7 @@ def test_sweep_to_report_end_to_end(tmp_path):
         assert row.seeds == 2 and row["items"] == 10 and row.effect_lo <= row.effect <= row.effect_hi
     report = (sweep / "analysis" / "report.md").read_text()
     assert report.count("ptst:safety") >= 2
+    assert pd.read_csv(sweep / "analysis" / "primary.csv").pre_registered.item()
     # provenance: the analysis, the runs' model, code and machine, and the sweep command
     assert "with ipsweep 0.1.0" in report and "runs: model tiny_random; made by ipsweep commit" in report
     assert "- sweep command: `python launch.py -m " in report and "prompt=none,caps_strong,safety" in report

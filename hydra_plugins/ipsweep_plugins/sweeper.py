@@ -138,7 +138,7 @@ class IpsweepSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         manifest = [{k: v for k, v in p.items() if k != "config"} for p in points]
-        plan.write_manifest(sweep_dir, manifest)
+        plan.write_manifest(sweep_dir, manifest, plan.primary_test(points))
         already = {p["num"] for p in manifest if status.point_state(p)["state"] == "done"}
         returns, initial_job_idx, start = [], 0, time.time()
         while not self.is_done():

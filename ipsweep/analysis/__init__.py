@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ipsweep import store
+from ipsweep import plan, store
 from ipsweep.analysis import frames, plots, prediction, report, tables
 from ipsweep.config import ESTIMATORS
 from ipsweep.errors import ConfigError
@@ -33,8 +33,16 @@ class Analysis:
         return [r for r in self.records if r["status"] != "done"]
 
 
-def _records(dirs: list[Path], skip_damaged: bool) -> tuple[list[dict], list]:
-    """The sweeps' run records, and the damaged ones left out (an error unless skip_damaged)."""
+def _declared(d: Path, records: list[dict]) -> list[dict]:
+    """The sweep dir's declared primary test (plan.read_primary), with the time its first run started."""
+    test = plan.read_primary(d)
+    starts = [a["started"] for r in records for a in r.get("attempts", [])[:1]]
+    return [{**test, "sweep": str(d), "first_run": min(starts, default=None)}] if test else []
+
+
+def _records(dirs: list[Path], skip_damaged: bool) -> tuple[list[dict], list, list[dict]]:
+    """The sweeps' run records, the damaged ones left out (an error unless skip_damaged), and the primary
+    tests the sweeps declared."""
     for d in dirs:
         if not store.is_sweep_dir(d):
             raise ConfigError(
@@ -57,13 +65,19 @@ def _records(dirs: list[Path], skip_damaged: bool) -> tuple[list[dict], list]:
             "its first epoch"
         )
     frames.check_controls(records)
-    return records, damaged
+    declared = [t for d, (good, _) in zip(dirs, scans) for t in _declared(d, good)]
+    return records, damaged, declared
 
 
 def build_tables(
-    records: list[dict], n_permutations: int, sources: str, screened: pd.DataFrame | None = None
+    records: list[dict],
+    n_permutations: int,
+    sources: str,
+    screened: pd.DataFrame | None = None,
+    declared: list[dict] = (),
 ) -> dict[str, pd.DataFrame]:
-    """Every table of an analysis, by name. `screened`: elicitation estimates replacing the recorded ones."""
+    """Every table of an analysis, by name. `screened`: elicitation estimates replacing the recorded ones;
+    `declared`: the sweeps' primary tests (_declared)."""
     its, arms = frames.item_outcomes(records), frames.arm_evaluations(records)
     if its.empty:
         raise ConfigError(
@@ -78,6 +92,7 @@ def build_tables(
     elicitation = frames.elicitation_table(records) if screened is None else screened
     correlations, influence = prediction.correlation_table(effects, elicitation, n_permutations)
     return {
+        "primary": prediction.primary_table(correlations, list(declared), effects, elicitation),
         "tidy": metrics,
         "items": its,
         "conditions": conditions,
@@ -90,6 +105,7 @@ def build_tables(
         "power": prediction.power_table(conditions, effects),
         "leaks": tables.leak_table(records, its),
         "frontier": tables.frontier_table(conditions),
+        "capability_by_behaviour": tables.capability_by_behaviour_table(its),
         "by_test_prompt": tables.test_prompt_table(metrics),
     }
 
@@ -122,10 +138,13 @@ def analyze(
     dirs = [Path(d) for d in (sweep_dirs if isinstance(sweep_dirs, (list, tuple)) else [sweep_dirs])]
     if len(dirs) > 1 and out_dir is None:
         raise ConfigError("several sweep dirs need one output folder; fix: add --out <folder>")
-    records, damaged = _records(dirs, skip_damaged)
+    records, damaged, declared = _records(dirs, skip_damaged)
     sources = ", ".join(map(str, dirs))
+    frozen = [d["prediction"] for d in declared if d.get("prediction")]
+    if elicitation_from is None and frozen:  # the sweep declared its prediction: use those estimates
+        elicitation_from = frozen
     screened = frames.screened_elicitation(elicitation_from, records) if elicitation_from else None
-    t = build_tables(records, n_permutations, sources, screened)
+    t = build_tables(records, n_permutations, sources, screened, declared)
     out = Path(out_dir or dirs[0] / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     for name, table in t.items():

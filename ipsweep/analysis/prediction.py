@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ipsweep.analysis import correlation, power
-from ipsweep.config import ESTIMATORS
+from ipsweep.analysis import correlation, inference, power
+from ipsweep.config import ESTIMATORS, SUBSETS
 
 
 def se_from_ci(lo, hi) -> float:
@@ -102,7 +102,8 @@ def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: fl
     """What this sweep could detect at 80% power: the smallest effect given its items and the control's rate
     (one seed, two proportions: the planning rule), the smallest effect given the standard errors its effect
     intervals measured (seed and item variation, the seed part pooled over its arms), and the smallest
-    correlation given its prompts; and its power for the paper's r (0.57)."""
+    correlation given its prompts; its power for the paper's r (0.57); and the seed sd on the logit scale
+    its arms share (pooled; nan where it could not be pooled), which `ipsweep power --pilot` plans with."""
     rows = []
     if conditions.empty or "behaviour" not in conditions:
         return pd.DataFrame()
@@ -115,7 +116,13 @@ def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: fl
         )
         prompts_n = int((e.condition == "ip").sum()) if not e.empty else 0
         # the same model as the effect intervals: their median standard error, at 80% power and alpha 0.05
-        se = e.loc[e.condition == "ip", "effect_se"].median() if "effect_se" in e else np.nan
+        # (degenerate arms, every difference equal, have se 0: they say nothing about the design's noise)
+        se = (
+            e.loc[(e.condition == "ip") & (e.effect_se > 0), "effect_se"].median()
+            if "effect_se" in e
+            else np.nan
+        )
+        pooled_sd = e["effect_pooled_seed_sd"].median() if "effect_pooled_seed_sd" in e else np.nan
         items = int(c.behaviour_items.iloc[0])
         rate = float(c.behaviour.iloc[0])
         rows.append(
@@ -127,10 +134,93 @@ def power_table(conditions: pd.DataFrame, effects: pd.DataFrame, reference_r: fl
                 "control_rate": rate,
                 "smallest_effect_80pct": power.smallest_effect(rate, items) if 0 < rate else np.nan,
                 "smallest_effect_80pct_measured": power.detectable(se),
+                "seed_sd_logit": pooled_sd,
                 "ip_prompts": prompts_n,
                 "smallest_r_80pct": power.smallest_correlation(prompts_n),
                 f"power_at_r{reference_r}": power.correlation_power(reference_r, prompts_n),
                 f"prompts_for_r{reference_r}": power.points_needed(reference_r),
             }
         )
+    return pd.DataFrame(rows)
+
+
+def tests_computed(correlations: pd.DataFrame) -> int:
+    """How many correlation tests (a Pearson and a Spearman p-value per row) the table computed."""
+    cols = [c for c in ("pearson_p", "spearman_p") if c in correlations]
+    return int(correlations[cols].notna().sum().sum()) if cols else 0
+
+
+def _hits(effects: pd.DataFrame, elicitation: pd.DataFrame, test: dict, setting: str) -> dict:
+    """How often the prediction "inoculates / does not" held: a prompt is predicted to inoculate when its
+    estimate exceeds every placebo and neutral prompt's, and inoculates when its effect interval lies above
+    0 (IP-style prompts that were trained, at the test's epoch)."""
+    estimator = test["estimator"]
+    if elicitation.empty or estimator not in elicitation or effects.empty:
+        return {}
+    el = (
+        elicitation[elicitation.setting == setting]
+        .drop_duplicates("prompt")
+        .set_index("prompt")[["role", estimator]]
+    )
+    bar = el.loc[el.role.isin(["placebo", "neutral"]), estimator].max()
+    ip = effects[
+        (effects.setting == setting) & (effects.condition == "ip") & (effects.epoch == test["epoch"])
+    ]
+    trained = ip[(ip.variant.fillna("") == "") & ip.prompt.isin(el.index)]
+    if trained.empty or not np.isfinite(bar):
+        return {}
+    predicted = el.loc[trained.prompt, estimator].to_numpy() > bar
+    measured = trained.effect_lo.to_numpy() > 0
+    k, n = int((predicted == measured).sum()), len(trained)
+    lo, hi = inference.wilson(k, n)
+    return {"hit_rate": k / n, "hit_rate_ci": f"[{lo:.2f}, {hi:.2f}]", "hits": f"{k}/{n}"}
+
+
+def primary_table(
+    correlations: pd.DataFrame, declared: list[dict], effects: pd.DataFrame, elicitation: pd.DataFrame
+) -> pd.DataFrame:
+    """The declared primary test of each sweep (plan.read_primary, with `sweep` and the first run's start
+    `first_run`), with its result: the correlation-table row(s) it names, and for a declared prediction (a
+    frozen screen) its hit rate (_hits). `pre_registered`: declared before any run of its sweep existed or
+    started, and for a prediction, its frozen screen table unchanged since."""
+    rows = []
+    for d in declared:
+        test = d["test"]
+        hit = (
+            correlations[
+                (correlations.estimator == test["estimator"])
+                & (correlations.prompts == SUBSETS[test["prompts"]])
+                & (correlations.epoch == test["epoch"])
+                & correlations.design.notna()
+                & (correlations.variant.fillna("") == "")
+            ]
+            if not correlations.empty
+            else pd.DataFrame()
+        )
+        stat = test["statistic"]
+        head = {
+            "sweep": d["sweep"],
+            **test,
+            "declared": d["declared"],
+            "first_run": d["first_run"],
+            "pre_registered": d["runs_before"] == 0
+            and (d["first_run"] is None or d["declared"] <= d["first_run"])
+            and d.get("screen_unchanged", True),
+            "screen_unchanged": d.get("screen_unchanged"),
+        }
+        for r in hit.to_dict("records") or [{}]:
+            hits = test.get("screen") and _hits(effects, elicitation, test, r.get("setting"))
+            rows.append(
+                {
+                    **head,
+                    "setting": r.get("setting"),
+                    "design": r.get("design"),
+                    "points": r.get("points"),
+                    stat: r.get(stat),
+                    f"{stat}_lo": r.get(f"{stat}_lo"),
+                    f"{stat}_hi": r.get(f"{stat}_hi"),
+                    f"{stat}_p": r.get(f"{stat}_p"),
+                    **(hits or {}),
+                }
+            )
     return pd.DataFrame(rows)

@@ -55,7 +55,24 @@ def _degenerate(tables: dict[str, pd.DataFrame]) -> str:
     return f"Degenerate intervals (every seed and item gives the same difference): {listed}."
 
 
-NOTES = {"degenerate": _degenerate}
+def _exploratory(tables: dict[str, pd.DataFrame]) -> str:
+    from ipsweep.analysis.prediction import tests_computed
+
+    n, declared = tests_computed(tables["correlations"]), tables["primary"]
+    if declared.empty:
+        return (
+            f"No primary test was declared before the runs (`primary.estimator=...` in the sweep): all {n} "
+            "correlation tests of this analysis are exploratory."
+        )
+    late = declared[~declared.pre_registered.astype(bool)]
+    return f"The other correlation tests of this analysis ({n} computed in all) are exploratory." + (
+        f" Declared after runs had started, so not pre-registered: {', '.join(late.sweep)}."
+        if len(late)
+        else ""
+    )
+
+
+NOTES = {"degenerate": _degenerate, "exploratory": _exploratory}
 
 
 def shown(section: Section, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -171,7 +171,8 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
     pooled = {key: inference.pooled_seed_variance(list(runs.values())) for key, runs in pools.items()}
     for row, name, key, ctrl, armm, seeds in pending:
         # PTST's control and arm are the same runs: its per-arm interval keeps that pairing
-        r = inference.difference_interval(ctrl, armm, pooled[key] if row["condition"] == "ip" else None)
+        shared = pooled[key] if row["condition"] == "ip" else None
+        r = inference.difference_interval(ctrl, armm, shared)
         slo, shi = inference.seed_t_interval(seeds)
         row.update(
             {
@@ -183,6 +184,8 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
                 f"{name}_p": r.get("p"),
                 f"{name}_method": r["method"],
                 f"{name}_seed_ci": fmt_ci(slo, shi),
+                # the design's seed sd on the logit scale (what `ipsweep power --pilot` plans with)
+                f"{name}_pooled_seed_sd": np.sqrt(shared["var"]) if shared else np.nan,
                 "items": ctrl.shape[1],
             }
         )
@@ -280,6 +283,34 @@ def frontier_table(conditions: pd.DataFrame) -> pd.DataFrame:
             )
             out.append(pd.concat([base.assign(on_frontier=False), arms]).assign(panel=epoch))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def capability_by_behaviour_table(its: pd.DataFrame) -> pd.DataFrame:
+    """Per setting, design and epoch: the capability rate of the trained models' replies that show the
+    behaviour and of those that do not (unmodified test prompt, one sample per item, every arm and seed
+    pooled). Where the two differ, a capability cost partly re-measures the behaviour (e.g. answers in
+    capitals that are less often correct). Descriptive: the replies share items and runs, so the Wilson
+    intervals beside each rate treat dependent replies as independent and are too narrow."""
+    headline = its[(its.test_prompt == prompts.NONE) & (its.epoch > 0) & (its.n == 1)]
+    if headline.empty or headline.kind.nunique() < 2:
+        return pd.DataFrame()
+    wide = headline.pivot_table(
+        index=["setting", "design", "epoch", "run", "item"], columns="kind", values="y", aggfunc="first"
+    ).dropna()
+    rows = []
+    for (setting, design, epoch), g in wide.groupby(level=["setting", "design", "epoch"]):
+        row = {"setting": setting, "design": design, "epoch": epoch}
+        for label, part in (("with", g[g.behaviour == 1]), ("without", g[g.behaviour == 0])):
+            k, n = int(part.capability.sum()), len(part)
+            lo, hi = inference.wilson(k, n) if n else (np.nan, np.nan)
+            row |= {
+                f"replies_{label}": n,
+                f"capability_{label}": k / n if n else np.nan,
+                f"capability_{label}_ci": fmt_ci(lo, hi),
+                f"capability_{label}_k/n": f"{k}/{n}",
+            }
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def test_prompt_table(df: pd.DataFrame) -> pd.DataFrame:
