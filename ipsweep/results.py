@@ -8,7 +8,8 @@ RESULTS.md marks each generated table with
     ...generated markdown... <!-- /table -->
 
 `ipsweep results` rewrites every such block from the CSVs; `ipsweep results --check` (and a test) fails
-when RESULTS.md disagrees with them.
+when RESULTS.md disagrees with them, or when its prose cites a decimal that no generated table of the same
+section holds. Figures quoted from the literature go between `<!-- literature -->` and `<!-- /literature -->`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def export(sweep_dir: str | Path, dest: str | Path) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1, sort_keys=True))
         n += 1
-    if (Path(sweep_dir) / "multirun.yaml").is_file():  # the sweep command, for the report's provenance
-        shutil.copy(Path(sweep_dir) / "multirun.yaml", dest / "multirun.yaml")
+    # the sweep command, its manifest (declared primary test) and a declared prediction's frozen screen
+    for name in ("multirun.yaml", "sweep.json", "prediction.csv"):
+        if (Path(sweep_dir) / name).is_file():
+            shutil.copy(Path(sweep_dir) / name, dest / name)
     return n
 
 
@@ -85,3 +88,24 @@ def update(path: Path = RESULTS_MD, root: Path = RESULTS_DIR) -> int:
     text = path.read_text()
     path.write_text(render(text, root))
     return len(BLOCK.findall(text))
+
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+\.\d+(?!\w|\.\d)")  # a decimal, a sentence's full stop after it
+LITERATURE = re.compile(r"<!-- literature -->.*?<!-- /literature -->", re.S)
+# what is not prose: generated tables, quoted literature, fenced and inline code, images
+FENCED, INLINE, IMAGE = re.compile(r"```.*?```", re.S), re.compile(r"`[^`\n]*`"), re.compile(r"!\[.*?\)")
+NOT_PROSE = (BLOCK, LITERATURE, FENCED, INLINE, IMAGE)
+
+
+def unsourced_numbers(path: Path = RESULTS_MD) -> list[str]:
+    """Decimals in RESULTS.md's prose that no generated table of their section (a `## ` heading) holds, as
+    'section: number'. A claim cites the table beside it; a figure from the literature is marked as such."""
+    out = []
+    for section in re.split(r"\n(?=## )", path.read_text()):
+        held = {abs(float(x)) for m in BLOCK.finditer(section) for x in NUMBER.findall(m.group("body"))}
+        prose = section
+        for pattern in NOT_PROSE:
+            prose = pattern.sub(" ", prose)
+        title = section.splitlines()[0].lstrip("# ")[:60]
+        out += [f"{title}: {x}" for x in NUMBER.findall(prose) if abs(float(x)) not in held]
+    return out

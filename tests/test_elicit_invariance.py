@@ -4,7 +4,8 @@ model.
 trait_pair_greeting (answers that open with "Hello!"): rewriting a prompt that does not ask for the behaviour
 (upper-casing it, lower-casing it, dropping its punctuation) must move its estimate by much less than the
 spread between the library's inoculation prompts, and the estimator must rank every inoculation prompt above
-every prompt that does not ask for a greeting. The figures are those of the committed screen
+every placebo and neutral prompt. (Not above the safety prompt, which forbids a greeting: it scores beside the
+weakest inoculation prompts, so no claim is made for it.) The figures are those of the committed screen
 (docs/results/trait_pair_greeting_cpu/screen/elicitation.csv; docs/elicitation.md).
 """
 

@@ -18,6 +18,18 @@ def _read(path):
 def test_results_md_agrees_with_the_committed_csvs():
     assert results.stale_blocks() == [], "fix: run `ipsweep results` and commit"
     assert results.RESULTS_MD.read_text().count("<!-- table:") >= 4
+    assert results.unsourced_numbers() == [], "fix: cite the tables' numbers, or mark literature figures"
+
+
+def test_a_number_the_prose_cites_must_be_in_its_sections_tables(tmp_path):
+    table = "<!-- table: x | a | -->\n| a |\n|---|\n| 0.25 |\n<!-- /table -->\n"
+    md = tmp_path / "R.md"
+    md.write_text(
+        f"# R\n\n## One\n\n{table}\nThe effect is 0.25, or -0.25 reversed; `0.99` is code.\n"
+        "<!-- literature -->The paper reports r = 0.57.<!-- /literature -->\n\n"
+        "## Two\n\nA claim of 0.25 here has no table beside it, nor 0.31.\n"
+    )
+    assert results.unsourced_numbers(md) == ["Two: 0.25", "Two: 0.31"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
@@ -32,6 +44,7 @@ def test_committed_csvs_are_what_analyze_makes_of_the_committed_records(experime
         "power",
         "frontier",
         "leaks",
+        "capability_by_behaviour",
     ):
         committed, fresh = (_read(d / f"{name}.csv") for d in (experiment / "analysis", tmp_path))
         pd.testing.assert_frame_equal(
