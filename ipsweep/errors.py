@@ -11,3 +11,12 @@ class OutOfMemory(RuntimeError):
 
 class SweepFailed(CompactHydraException):
     """Some jobs of a sweep failed; the message is the sweep's summary (their records say why)."""
+
+
+class EngineFailed(RuntimeError):
+    """The evaluation engine's process did not start or did not finish; the message names its log."""
+
+
+class EngineCheckFailed(RuntimeError):
+    """The adapter gate refused an engine's output (it disagrees with HF+peft, or the adapter changes
+    nothing); no score of the run was kept."""

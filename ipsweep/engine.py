@@ -1,0 +1,190 @@
+"""Evaluation with vLLM (eval.engine=vllm): one engine process per job serves the untrained model and every
+epoch's LoRA adapter, and the adapter gate checks its output against HF+peft before any score is kept.
+
+The job tokenizes with the run's tokenizer and decodes vLLM's tokens with it, exactly as lm.generate does
+HF's, and scores them with the same scorers (evaluate.score): only the generation differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ipsweep import lm, models
+from ipsweep.errors import EngineCheckFailed, EngineFailed
+
+log = logging.getLogger(__name__)
+WORKER = Path(__file__).with_name("vllm_worker.py")
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# An adapter that is applied moves the log-prob of the base model's own greedy replies; one that is not
+# leaves it exactly equal (same kernels, same batch). This is the mean shift per reply below which the
+# adapter "changes nothing".
+MIN_LOGPROB_SHIFT = 1e-4
+
+
+@dataclass
+class Request:
+    """One generation pass: `chats` under the adapter at `adapter` (None: the untrained model)."""
+
+    key: str
+    adapter: str | None
+    chats: list[list[dict]]
+    greedy: bool = False  # the gate's decoding, whatever cfg.eval samples with
+    logprobs: bool = False
+
+
+def model_folder(cfg, scratch: Path) -> str:
+    """The folder vLLM loads the base model from: the model source's own, else the model loaded afresh (the
+    trained one carries the adapter) and saved in `scratch`."""
+    folder = models.source(cfg.model).folder(cfg.model)
+    if folder is None:
+        model, tokenizer = models.load(cfg.model)
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        folder = str(scratch)
+    return folder
+
+
+def generate(cfg, tokenizer, stop: list[int], folder: str, requests: list[Request], workdir: Path):
+    """Run the engine process on `requests`; returns (vllm version, {key: per chat, per sample, text},
+    {key: per chat, the first sample's summed log-prob}). Raises EngineFailed, naming the log, if the
+    engine does not start or does not finish."""
+    e = cfg.eval
+    encode = [
+        [
+            tokenizer(
+                tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False,
+            )["input_ids"]
+            for c in r.chats
+        ]
+        for r in requests
+    ]
+    longest = max((len(ids) for prompts in encode for ids in prompts), default=1)
+    sampled = e.temperature > 0
+    jobs = [
+        {
+            "key": r.key,
+            "adapter": r.adapter,
+            "prompt_token_ids": ids,
+            "n": 1 if r.greedy else e.samples_per_prompt,
+            "temperature": 0.0 if r.greedy or not sampled else e.temperature,
+            "top_p": 1.0 if r.greedy or not sampled else e.top_p,
+            "max_tokens": e.max_new_tokens,
+            "stop_token_ids": stop,
+            "seed": e.seed,
+            "logprobs": r.logprobs,
+        }
+        for r, ids in zip(requests, encode)
+    ]
+    request = {
+        "model": folder,
+        "dtype": VLLM_DTYPES[models.numerics(cfg.model)["dtype"]],
+        "seed": e.seed,
+        "max_lora_rank": e.vllm.max_lora_rank or cfg.train.lora.r,
+        "max_model_len": longest + e.max_new_tokens,
+        "gpu_memory_utilization": e.vllm.gpu_memory_utilization,
+        "jobs": jobs,
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    request_path, output_path, log_path = (workdir / n for n in ("request.json", "output.json", "engine.log"))
+    request_path.write_text(json.dumps(request))
+    output_path.unlink(missing_ok=True)
+    python = e.vllm.python or sys.executable
+    t = time.time()
+    log.info("vLLM engine (%s): %d passes; its log: %s", python, len(jobs), log_path)
+    with open(log_path, "w") as out:
+        try:
+            done = subprocess.run(
+                [python, str(WORKER), str(request_path), str(output_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=e.vllm.timeout_s,
+            )
+        except subprocess.TimeoutExpired as err:
+            raise EngineFailed(
+                f"the vLLM engine did not finish in eval.vllm.timeout_s={e.vllm.timeout_s} s "
+                f"(log: {log_path}); fix: raise eval.vllm.timeout_s, or lower eval.n_eval or "
+                "eval.max_new_tokens"
+            ) from err
+    if done.returncode != 0 or not output_path.is_file():
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        # the first error named in the log is the cause; what follows is the engine shutting down
+        cause = next((ln for ln in lines if "Error: " in ln and "EngineDeadError" not in ln), None)
+        raise EngineFailed(
+            f"the vLLM engine exited with status {done.returncode} before finishing: "
+            f"{cause.strip() if cause else 'see its log'} (log: {log_path}); last lines:\n"
+            + "\n".join(lines[-5:])
+        )
+    log.info("vLLM engine done in %.0f s", time.time() - t)
+    result = json.loads(output_path.read_text())
+
+    def text(sample: dict) -> str:
+        return tokenizer.decode(sample["token_ids"], skip_special_tokens=True).strip()
+
+    texts = {
+        k: [[text(s) for s in samples] for samples in per_chat] for k, per_chat in result["outputs"].items()
+    }
+    logprobs = {
+        k: [samples[0]["logprob"] for samples in per_chat] for k, per_chat in result["outputs"].items()
+    }
+    return result["vllm"], texts, logprobs
+
+
+def gate(cfg, gate_chats, vllm_texts: dict, vllm_logprobs: dict, adapters: dict[int, str | None]) -> dict:
+    """The adapter gate: per epoch (0 = the untrained model), how often vLLM's greedy replies to
+    `gate_chats` equal HF+peft's (`agreement`) and, for an adapter, whether it changes vLLM's output
+    versus the base model (`changed_replies`, `logprob_shift`). Needs vLLM's "gate/<epoch>" passes for
+    every epoch and for 0."""
+    from peft import PeftModel
+
+    greedy = OmegaConf.merge(cfg.eval, {"temperature": 0.0, "top_p": 1.0, "samples_per_prompt": 1})
+    base, tokenizer = models.load(cfg.model)
+    base_texts, base_lp = vllm_texts["gate/0"], vllm_logprobs["gate/0"]
+    checks = {}
+    for epoch, adapter in sorted(adapters.items()):
+        model = PeftModel.from_pretrained(base, adapter) if adapter else base
+        hf = lm.generate(model, tokenizer, gate_chats, greedy)
+        ours = vllm_texts[f"gate/{epoch}"]
+        check = {
+            "prompts": len(gate_chats),
+            "agreement": sum(a == b for a, b in zip(hf, ours)) / len(gate_chats),
+            "min_agreement": cfg.eval.vllm.min_agreement,
+            "adapter": adapter,
+        }
+        if adapter:
+            lp = vllm_logprobs[f"gate/{epoch}"]
+            check["changed_replies"] = sum(a != b for a, b in zip(ours, base_texts)) / len(gate_chats)
+            check["logprob_shift"] = sum(abs(a - b) for a, b in zip(lp, base_lp)) / len(gate_chats)
+            base = model.unload()  # the base model without this adapter, for the next
+        check["passed"] = check["agreement"] >= cfg.eval.vllm.min_agreement and (
+            not adapter or check["changed_replies"] > 0 or check["logprob_shift"] > MIN_LOGPROB_SHIFT
+        )
+        checks[epoch] = check
+    return checks
+
+
+def refuse(epoch: int, check: dict) -> EngineCheckFailed:
+    """The error that stops a run whose engine check failed: which model, which check, the numbers."""
+    what = f"epoch {epoch}'s adapter {check['adapter']}" if check["adapter"] else "the untrained model"
+    if check["agreement"] < check["min_agreement"]:
+        return EngineCheckFailed(
+            f"vLLM's greedy replies for {what} agree with HF+peft's on {check['agreement']:.0%} of "
+            f"{check['prompts']} gate prompts, below eval.vllm.min_agreement={check['min_agreement']}; "
+            "no score was kept. fix: check that vLLM loads this model and adapter as peft does (dtype, "
+            "target modules, max_lora_rank); evaluate with eval.engine=hf; or, if the replies differ only "
+            "by numerics (bf16), lower eval.vllm.min_agreement"
+        )
+    return EngineCheckFailed(
+        f"{what} changes nothing in vLLM's output (replies changed: {check['changed_replies']:.0%}, "
+        f"mean log-prob shift {check['logprob_shift']:.2g}): the adapter is not applied or was saved "
+        "untrained; no score was kept. fix: check the checkpoint's adapter_model.safetensors and that "
+        "vLLM supports its target modules, or evaluate with eval.engine=hf"
+    )
