@@ -87,9 +87,31 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
+# Evaluation engines (eval.engine): HF transformers generate, or one vLLM engine process per job.
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class VllmConfig:
+    """How the vLLM engine runs (eval.engine=vllm); none of it changes a number, so none of it enters the
+    signature (the engine itself does)."""
+
+    python: str | None = None  # interpreter that has vllm (its own venv); None = the job's own
+    gpu_memory_utilization: float = 0.85
+    max_lora_rank: int | None = None  # None = train.lora.r
+    # The adapter gate, before any score is kept: on the first gate_prompts eval chats, vLLM's greedy
+    # replies must agree with HF+peft's on at least min_agreement of them, and the adapter must change
+    # vLLM's output versus the base model.
+    gate_prompts: int = 8
+    min_agreement: float = 0.75
+    timeout_s: int = 7200  # the engine process is stopped and the run recorded failed after this
+
+
 @dataclass
 class EvalConfig:
     n_eval: int | None = None  # per eval set; None = all
+    engine: str = "hf"  # hf | vllm (see VllmConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     max_new_tokens: int = 30
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0

@@ -86,6 +86,7 @@ def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
     in training (NO_PROMPT for the control and PTST); `inputs` the content digests of the setting's data
     files and of the model's weights (store.inputs), so edited data or weights make a new run."""
     data = without(OmegaConf.to_container(cfg, resolve=True), *EXCLUDED)
+    data["eval"] = eval_identity(data["eval"])
     p = train_prompt
     data["prompt"] = {"name": p.name, "text": p.text, "role": p.role, "placement": p.placement}
     if p.mode == "mixed":
@@ -93,6 +94,16 @@ def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
     data["inputs"] = inputs or {}
     data["signature_version"] = SIGNATURE_VERSION
     return data
+
+
+def eval_identity(eval_cfg: dict) -> dict:
+    """The part of the eval config that can change a number. The engine enters (vLLM's outputs may differ
+    from HF's) unless it is the default, so runs made before engines existed keep their signatures; how the
+    vLLM engine runs (eval.vllm: interpreter, memory share, the gate's thresholds) changes none."""
+    out = {k: v for k, v in eval_cfg.items() if k != "vllm"}
+    if out.get("engine") == "hf":
+        del out["engine"]
+    return out
 
 
 def inputs(cfg, setting) -> dict:

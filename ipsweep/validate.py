@@ -6,7 +6,10 @@ once, each with its fix.
 
 from __future__ import annotations
 
+import functools
 import math
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import fields, is_dataclass
 from difflib import get_close_matches
@@ -17,6 +20,7 @@ from ipsweep import models, prompts
 from ipsweep.config import (
     DEVICES,
     DTYPES,
+    ENGINES,
     ESTIMATORS,
     PLACEMENTS,
     PROMPT_MODES,
@@ -58,6 +62,53 @@ def _primary_problems(cfg) -> list[str]:
         out.append(
             f"primary.epoch={p.epoch} is not an epoch this run evaluates (1..{cfg.train.epochs}); fix: an "
             "epoch every point reaches"
+        )
+    return out
+
+
+@functools.cache
+def _has_vllm(python: str) -> bool | None:
+    """Whether `python` can import vllm (found, not imported: importing takes seconds); None if `python` does
+    not run."""
+    try:
+        found = subprocess.run(
+            [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"],
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.returncode == 0
+
+
+def _engine_problems(cfg) -> list[str]:
+    e = cfg.eval
+    if e.engine not in ENGINES:
+        return [f"eval.engine={e.engine} is unknown; fix: one of {', '.join(ENGINES)}"]
+    if e.engine != "vllm":
+        return []
+    v, out = e.vllm, []
+    python = v.python or sys.executable
+    has = _has_vllm(python)
+    if has is None:
+        out.append(
+            f"eval.vllm.python={python} does not run; fix: the interpreter of an environment with vllm "
+            "(e.g. eval.vllm.python=.venv-vllm/bin/python after `make vllm`)"
+        )
+    elif not has:
+        out.append(
+            f"eval.engine=vllm but {python} cannot import vllm; fix: `make vllm` and "
+            "eval.vllm.python=.venv-vllm/bin/python, or pip install vllm there"
+        )
+    if not 0 <= v.min_agreement <= 1:
+        out.append(f"eval.vllm.min_agreement={v.min_agreement} must be a share in [0, 1]; fix: e.g. 0.75")
+    if v.gate_prompts < 1:
+        out.append(
+            f"eval.vllm.gate_prompts={v.gate_prompts} must be >= 1; fix: e.g. eval.vllm.gate_prompts=8"
+        )
+    if not 0 < v.gpu_memory_utilization <= 1:
+        out.append(
+            f"eval.vllm.gpu_memory_utilization={v.gpu_memory_utilization} must be in (0, 1]; fix: e.g. 0.85"
         )
     return out
 
@@ -106,6 +157,7 @@ def _problems(cfg) -> list[str]:
             f"eval.top_p={e.top_p} has no effect with greedy decoding (eval.temperature=0); "
             "fix: eval.top_p=1.0, or sample with eval.temperature>0"
         )
+    out += _engine_problems(cfg)
     if e.test_grid and not any(p.role == "safety" for p in prompts.library(cfg.setting).values()):
         out.append(
             "eval.test_grid=true tests with the library's safety prompts, but setting "

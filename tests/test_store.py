@@ -30,6 +30,18 @@ def test_signature_ignores_epochs_logger_and_library_but_not_science(make_cfg):
     assert _sig(make_cfg("prompt=safety")) == _sig(make_cfg("prompt=none"))
 
 
+def test_the_engine_enters_the_signature_and_how_it_runs_does_not(make_cfg):
+    """vLLM's outputs may differ from HF's, so the engine is part of a run's identity; the default (hf)
+    leaves the config as it was before engines existed, so earlier runs keep their signatures."""
+    hf = make_cfg("prompt=caps_strong")
+    assert "engine" not in store.semantic_config(hf, prompts.NO_PROMPT)["eval"]
+    assert "vllm" not in store.semantic_config(hf, prompts.NO_PROMPT)["eval"]
+    vllm = _sig(make_cfg("prompt=caps_strong", "eval.engine=vllm"))
+    assert vllm != _sig(hf)
+    how = ["eval.vllm.python=/opt/v/bin/python", "eval.vllm.min_agreement=0.5", "eval.vllm.gate_prompts=2"]
+    assert _sig(make_cfg("prompt=caps_strong", "eval.engine=vllm", *how)) == vllm
+
+
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     path = tmp_path / "r" / "record.json"
     store.atomic_write_json(path, {"a": 1})

@@ -103,6 +103,19 @@ CASES = {
         ["train.n_train=100000"],
         ["train.n_train=100000 but setting 'trait_pair' has", "or train.n_train=null (all)"],
     ),
+    "unknown evaluation engine": (
+        ["eval.engine=tgi"],
+        ["eval.engine=tgi is unknown; fix: one of hf, vllm"],
+    ),
+    # The training environment has no vllm (it lives in .venv-vllm): found before any job, not in one.
+    "vllm engine in an environment without vllm": (
+        ["eval.engine=vllm"],
+        ["cannot import vllm; fix: `make vllm` and eval.vllm.python=.venv-vllm/bin/python"],
+    ),
+    "vllm interpreter that does not run": (
+        ["eval.engine=vllm", "eval.vllm.python=/nonexistent/python"],
+        ["eval.vllm.python=/nonexistent/python does not run; fix:"],
+    ),
     "unknown setting option": (
         ["+setting.options.per_typ=3"],
         ["setting 'trait_pair' has no option per_typ; fix: use one of"],
