@@ -43,10 +43,15 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def _cached(cfg, kind: str, key_data: dict, compute) -> dict:
+def _cache_path(cfg, kind: str, key_data: dict) -> Path:
     key = store.digest({"kind": kind, "v": store.SIGNATURE_VERSION, **key_data})
     path = cache_root(cfg) / kind / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cached(cfg, kind: str, key_data: dict, compute) -> dict:
+    path = _cache_path(cfg, kind, key_data)
     with FileLock(str(path) + ".lock"):  # concurrent jobs compute it once
         hit = store.read_json(path)
         if hit is None:
@@ -69,43 +74,50 @@ def _setting_key(cfg, setting) -> dict:
     }
 
 
+def _base_eval_key(cfg, setting, prompt: prompts.Prompt, eval_cfg) -> dict:
+    eval_key = store.eval_identity(
+        {
+            k: v
+            for k, v in _plain(eval_cfg).items()
+            if k not in ("extra_test_prompts", "test_grid", "base", "leak_tests")
+        }
+    )
+    return {
+        "model": _model_key(cfg),
+        "setting": _setting_key(cfg, setting),
+        "eval": eval_key,
+        "prompt": [prompt.text, prompt.placement],
+    }
+
+
+BASE_EVAL_KEYS = ("metrics", "by_group", "items", "samples", "protocol")
+
+
 def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt, eval_cfg=None) -> dict:
     """The untrained model's metrics with `prompt` inserted at test time (NO_PROMPT: unmodified), decoded with
     `eval_cfg` (default: cfg.eval, as every run's epoch 0)."""
     eval_cfg = cfg.eval if eval_cfg is None else eval_cfg
-    eval_key = {
-        k: v
-        for k, v in _plain(eval_cfg).items()
-        if k not in ("extra_test_prompts", "test_grid", "base", "leak_tests")
-    }
 
     def compute() -> dict:
         result = evaluate(model, tokenizer, setting, examples, prompt, eval_cfg)
-        return {
-            "test_prompt": prompt.name,
-            "metrics": result["metrics"],
-            "by_group": result["by_group"],
-            "items": result["items"],
-            "samples": result["samples"],
-        }
+        return {"test_prompt": prompt.name, **{k: result[k] for k in BASE_EVAL_KEYS if k in result}}
 
-    hit = _cached(
-        cfg,
-        "base_eval",
-        {
-            "model": _model_key(cfg),
-            "setting": _setting_key(cfg, setting),
-            "eval": eval_key,
-            "prompt": [prompt.text, prompt.placement],
-        },
-        compute,
+    hit = _cached(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, eval_cfg), compute)
+    return {k: hit[k] for k in BASE_EVAL_KEYS if k in hit}
+
+
+def cached_base_eval(cfg, setting, prompt: prompts.Prompt) -> dict | None:
+    """The untrained model's evaluation under cfg.eval from the cache, or None (the vLLM engine computes the
+    missing ones in its own process, then keeps them with keep_base_eval)."""
+    hit = store.read_json(_cache_path(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, cfg.eval)))
+    return None if hit is None else {k: hit[k] for k in BASE_EVAL_KEYS if k in hit}
+
+
+def keep_base_eval(cfg, setting, prompt: prompts.Prompt, result: dict) -> None:
+    path = _cache_path(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, cfg.eval))
+    store.atomic_write_json(
+        path, {"test_prompt": prompt.name, **{k: result[k] for k in BASE_EVAL_KEYS if k in result}}
     )
-    return {
-        "metrics": hit["metrics"],
-        "by_group": hit["by_group"],
-        "items": hit["items"],
-        "samples": hit["samples"],
-    }
 
 
 def item_rates(evaluation: dict, metric: str) -> dict[str, float]:
@@ -240,7 +252,9 @@ LOGPROB_ESTIMATORS = {"logprob": logprob, "logprob_train": logprob_train}
 def sampling_eval_cfg(cfg):
     """The decoding the sampled estimator uses: the eval config with elicit.temperature and elicit.samples."""
     return OmegaConf.merge(
-        cfg.eval, {"temperature": cfg.elicit.temperature, "samples_per_prompt": cfg.elicit.samples}
+        cfg.eval,
+        # HF generates the estimator's samples (the vLLM engine serves a run's evaluations only)
+        {"temperature": cfg.elicit.temperature, "samples_per_prompt": cfg.elicit.samples, "engine": "hf"},
     )
 
 

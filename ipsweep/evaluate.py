@@ -3,6 +3,7 @@ every test-time prompt), so that compared numbers are made the same way."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 
 from ipsweep import lm, prompts
@@ -33,11 +34,21 @@ def evaluate(
     """Generate (or choose, for a setting with `choices`) for `examples` with `test_prompt` inserted;
     return rates overall and per group, per-item outcomes (`items`: id, group, metric -> [k, n]), and
     samples."""
-    chats = [insert(setting, ex.messages, test_prompt) for ex in examples]
+    chats = chats_for(setting, examples, test_prompt)
     choices = setting.choices
     completions = (
         choose(model, tokenizer, chats, choices) if choices else lm.generate(model, tokenizer, chats, cfg)
     )
+    return score(setting, examples, chats, completions, test_prompt)
+
+
+def chats_for(setting, examples: list[EvalExample], test_prompt: prompts.Prompt | None) -> list[list[dict]]:
+    """The chats an evaluation generates from: each example with `test_prompt` inserted."""
+    return [insert(setting, ex.messages, test_prompt) for ex in examples]
+
+
+def score(setting, examples, chats, completions: list[list[str]], test_prompt) -> dict:
+    """evaluate()'s result from completions made by any engine: the setting's scorers on each."""
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     samples, items = [], {}
     for ex, chat, outs in zip(examples, chats, completions):
@@ -79,4 +90,23 @@ def evaluate(
         "by_group": by_group,
         "items": list(items.values()),
         "samples": samples,
+    }
+
+
+def protocol(eval_cfg, tokenizer, stop: list[int], engine: str, version: str, dtype: str, **scored) -> dict:
+    """How an evaluation was made, stored with it: the engine and its version, dtype, decoding, stop tokens,
+    the chat template's hash and, in `scored`, what was scored (adapter path, optimizer step)."""
+    template = tokenizer.chat_template or ""
+    return {
+        "engine": engine,
+        "version": version,
+        "dtype": dtype,
+        "temperature": eval_cfg.temperature,
+        "top_p": eval_cfg.top_p,
+        "max_new_tokens": eval_cfg.max_new_tokens,
+        "samples_per_prompt": eval_cfg.samples_per_prompt,
+        "seed": eval_cfg.seed,
+        "stop_token_ids": list(stop),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+        **scored,
     }

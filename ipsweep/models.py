@@ -276,6 +276,11 @@ class ModelSource(ABC):
     def weights_digest(self, model_cfg) -> str | None:
         return None
 
+    def folder(self, model_cfg) -> str | None:
+        """A folder (or hub id) another engine can load the same weights from; None: the job saves the
+        loaded model for it (engine.model_folder)."""
+        return None
+
     @abstractmethod
     def __call__(self, name: str | None = None, dtype: str = "fp32", path: str | None = None, device="cpu"):
         """(model, tokenizer) in `dtype` on `device`."""
@@ -315,6 +320,9 @@ class Prepared(ModelSource):
     def __call__(self, name=None, dtype="fp32", path=None, device="cpu"):
         return _load(self.prepare(), dtype, device)
 
+    def folder(self, model_cfg) -> str | None:
+        return str(self.prepare())
+
 
 class Pretrained(ModelSource):
     """Any local folder or (if the user allows network) hub id, in model.path."""
@@ -326,6 +334,9 @@ class Pretrained(ModelSource):
 
     def __call__(self, name=None, dtype="fp32", path=None, device="cpu"):
         return _load(_pretrained_path(path), dtype, device)
+
+    def folder(self, model_cfg) -> str | None:
+        return str(_pretrained_path(model_cfg.path))
 
     def weights_digest(self, model_cfg) -> str | None:
         """A sha256 of a local folder's weight files, or a hub id with the cached snapshot's commit."""

@@ -30,11 +30,18 @@ class Evaluation(_Open):
     metrics: dict[str, dict]
     by_group: list = Field(default_factory=list)
     items: list = Field(default_factory=list)
+    # how it was made: engine and version, dtype, decoding, stop tokens, chat template, adapter scored
+    protocol: dict | None = None
 
     @classmethod
     def of(cls, result: dict) -> Evaluation:
         """The stored part of evaluate()'s result (the samples go to samples/)."""
-        return cls(metrics=result["metrics"], by_group=result["by_group"], items=result["items"])
+        return cls(
+            metrics=result["metrics"],
+            by_group=result["by_group"],
+            items=result["items"],
+            **({"protocol": result["protocol"]} if result.get("protocol") else {}),
+        )
 
 
 class Epoch(_Open):
@@ -96,6 +103,8 @@ class Record(_Open):
     target_epochs: int = 0
     timings: dict = Field(default_factory=dict)
     elicitation: dict | None = None
+    # the vLLM adapter gate, per epoch ("0": the untrained model): agreement with HF+peft, adapter applied
+    engine_checks: dict[str, dict] = Field(default_factory=dict)
     wandb_logged_epochs: list[int] = Field(default_factory=list)
 
     def trained_epochs(self) -> list[int]:
