@@ -149,8 +149,8 @@ def _screen(args) -> None:
     from ipsweep.config import ESTIMATORS
 
     cfg = compose(args.overrides)
-    table = screen.screen(cfg, surface=not args.no_surface_check)
     out = Path(args.out or f"outputs/screen/{cfg.setting.name}-{cfg.model.name}")
+    table = screen.screen(cfg, surface=not args.no_surface_check, workdir=out / "engine")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "elicitation.csv", index=False)
     png = screen.plot(

@@ -26,10 +26,10 @@ import numpy as np
 from filelock import FileLock
 from omegaconf import OmegaConf
 
-from ipsweep import lm, models, prompts, store
+from ipsweep import engine, lm, models, prompts, store
 from ipsweep.analysis import inference
 from ipsweep.errors import ConfigError
-from ipsweep.evaluate import evaluate
+from ipsweep.evaluate import chats_for, evaluate, score
 from ipsweep.settings.base import ContrastPair, insert
 
 
@@ -113,8 +113,9 @@ def cached_base_eval(cfg, setting, prompt: prompts.Prompt) -> dict | None:
     return None if hit is None else {k: hit[k] for k in BASE_EVAL_KEYS if k in hit}
 
 
-def keep_base_eval(cfg, setting, prompt: prompts.Prompt, result: dict) -> None:
-    path = _cache_path(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, cfg.eval))
+def keep_base_eval(cfg, setting, prompt: prompts.Prompt, result: dict, eval_cfg=None) -> None:
+    eval_cfg = cfg.eval if eval_cfg is None else eval_cfg
+    path = _cache_path(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, eval_cfg))
     store.atomic_write_json(
         path, {"test_prompt": prompt.name, **{k: result[k] for k in BASE_EVAL_KEYS if k in result}}
     )
@@ -249,23 +250,58 @@ def logprob_train(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dic
 LOGPROB_ESTIMATORS = {"logprob": logprob, "logprob_train": logprob_train}
 
 
-def sampling_eval_cfg(cfg):
-    """The decoding the sampled estimator uses: the eval config with elicit.temperature and elicit.samples."""
+def sampling_eval_cfg(cfg, setting):
+    """The decoding the sampled estimator uses: the eval config with elicit.temperature and elicit.samples
+    (a setting that chooses among fixed replies is scored by HF whatever eval.engine says)."""
     return OmegaConf.merge(
         cfg.eval,
-        # HF generates the estimator's samples (the vLLM engine serves a run's evaluations only)
-        {"temperature": cfg.elicit.temperature, "samples_per_prompt": cfg.elicit.samples, "engine": "hf"},
+        {
+            "temperature": cfg.elicit.temperature,
+            "samples_per_prompt": cfg.elicit.samples,
+            "engine": "hf" if setting.choices else cfg.eval.engine,
+        },
     )
 
 
-def elicitation(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt) -> dict:
-    """Every configured estimator for one prompt on the (untrained) model; {} for the control condition."""
+def sampled_requests(cfg, setting, examples, prompt_list: list[prompts.Prompt]) -> list[tuple]:
+    """With eval.engine=vllm: the untrained model's evaluations the sampled estimator needs for `prompt_list`
+    (and the unprompted one) that the cache lacks, as (prompt, engine.Request) pairs."""
+    named = [p for p in prompt_list if p.name != prompts.NONE]
+    if "sampled" not in cfg.elicit.estimators or not named or setting.choices:
+        return []
+    ecfg = sampling_eval_cfg(cfg, setting)
+    return [
+        (p, engine.Request(f"sampled/{p.name}", None, chats_for(setting, examples, p), eval_cfg=ecfg))
+        for p in [prompts.NO_PROMPT, *named]
+        if store.read_json(_cache_path(cfg, "base_eval", _base_eval_key(cfg, setting, p, ecfg))) is None
+    ]
+
+
+def decodes_as_eval(cfg, setting) -> bool:
+    """Whether the sampled estimator decodes as every evaluation does (the default, greedy): then its
+    unprompted evaluation is epoch 0's."""
+    key = _base_eval_key(cfg, setting, prompts.NO_PROMPT, cfg.eval)
+    return _base_eval_key(cfg, setting, prompts.NO_PROMPT, sampling_eval_cfg(cfg, setting)) == key
+
+
+def keep_sampled(cfg, setting, examples, pending: list[tuple], texts: dict, protocol) -> None:
+    """Score the engine's replies to sampled_requests and cache them where base_eval finds them;
+    `protocol(eval_cfg)` is each evaluation's protocol."""
+    for p, request in pending:
+        result = score(setting, examples, request.chats, texts[request.key], p)
+        keep_base_eval(cfg, setting, p, {**result, "protocol": protocol(request.eval_cfg)}, request.eval_cfg)
+
+
+def elicitation(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt, estimators=None) -> dict:
+    """The configured estimators (or `estimators`) for one prompt on the (untrained) model; {} for the
+    control condition. With eval.engine=vllm the sampled estimator's evaluations come from the cache, which
+    the engine filled (sampled_requests); `model` is then not used for it."""
     if prompt.name == prompts.NONE:
         return {}
     out = {}
-    for name in cfg.elicit.estimators:
+    for name in cfg.elicit.estimators if estimators is None else estimators:
         if name == "sampled":
-            ecfg = sampling_eval_cfg(cfg)
+            ecfg = sampling_eval_cfg(cfg, setting)
             plain = base_eval(cfg, setting, model, tokenizer, examples, prompts.NO_PROMPT, ecfg)
             prompted = base_eval(cfg, setting, model, tokenizer, examples, prompt, ecfg)
             out["sampled"] = sampled(plain, prompted, setting.behaviour_metric)

@@ -38,6 +38,7 @@ class Request:
     chats: list[list[dict]]
     greedy: bool = False  # the gate's decoding, whatever cfg.eval samples with
     logprobs: bool = False
+    eval_cfg: object = None  # its decoding, if not cfg.eval's (the sampled estimator's)
 
 
 def model_folder(cfg, scratch: Path) -> str:
@@ -68,28 +69,30 @@ def generate(cfg, tokenizer, stop: list[int], folder: str, requests: list[Reques
         for r in requests
     ]
     longest = max((len(ids) for prompts in encode for ids in prompts), default=1)
-    sampled = e.temperature > 0
-    jobs = [
-        {
+
+    def job(r: Request, ids: list[list[int]]) -> dict:
+        d = r.eval_cfg or e
+        sampled = d.temperature > 0 and not r.greedy
+        return {
             "key": r.key,
             "adapter": r.adapter,
             "prompt_token_ids": ids,
-            "n": 1 if r.greedy else e.samples_per_prompt,
-            "temperature": 0.0 if r.greedy or not sampled else e.temperature,
-            "top_p": 1.0 if r.greedy or not sampled else e.top_p,
-            "max_tokens": e.max_new_tokens,
+            "n": d.samples_per_prompt if sampled else 1,
+            "temperature": d.temperature if sampled else 0.0,
+            "top_p": d.top_p if sampled else 1.0,
+            "max_tokens": d.max_new_tokens,
             "stop_token_ids": stop,
-            "seed": e.seed,
+            "seed": d.seed,
             "logprobs": r.logprobs,
         }
-        for r, ids in zip(requests, encode)
-    ]
+
+    jobs = [job(r, ids) for r, ids in zip(requests, encode)]
     request = {
         "model": folder,
         "dtype": VLLM_DTYPES[models.numerics(cfg.model)["dtype"]],
         "seed": e.seed,
         "max_lora_rank": e.vllm.max_lora_rank or cfg.train.lora.r,
-        "max_model_len": longest + e.max_new_tokens,
+        "max_model_len": longest + max(j["max_tokens"] for j in jobs),
         "gpu_memory_utilization": e.vllm.gpu_memory_utilization,
         "jobs": jobs,
     }
@@ -129,8 +132,14 @@ def generate(cfg, tokenizer, stop: list[int], folder: str, requests: list[Reques
     def text(sample: dict) -> str:
         return tokenizer.decode(sample["token_ids"], skip_special_tokens=True).strip()
 
+    # greedy decoding is generated once per chat and repeated, as HF's num_return_sequences repeats it
+    copies = {
+        r.key: 1 if r.greedy or (r.eval_cfg or e).temperature > 0 else (r.eval_cfg or e).samples_per_prompt
+        for r in requests
+    }
     texts = {
-        k: [[text(s) for s in samples] for samples in per_chat] for k, per_chat in result["outputs"].items()
+        k: [[text(s) for s in samples] * copies[k] for samples in per_chat]
+        for k, per_chat in result["outputs"].items()
     }
     logprobs = {
         k: [samples[0]["logprob"] for samples in per_chat] for k, per_chat in result["outputs"].items()

@@ -202,19 +202,17 @@ class _Work:
         record.train_cut = cut.as_dict()
         if self.engine == "hf":
             self._evaluate_missing(model)
-        if record.elicitation is None:
-            record.elicitation = elicit.elicitation(
-                cfg, self.setting, model, tokenizer, self.examples, self.point.run_prompt
-            )
-            self.run_dir.save(record)
-        self.tracker.summary(
-            {
-                f"elicitation/{est}/{k}": v[k]
-                for est, v in record.elicitation.items()
-                for k in ("estimate", "lo", "hi")
-                if k in v
+        # with vLLM, the sampled estimator's generations join the engine's pass after training
+        now = [e for e in self._missing_estimators() if not (self.engine == "vllm" and e == "sampled")]
+        if record.elicitation is None or now:
+            record.elicitation = {
+                **(record.elicitation or {}),
+                **elicit.elicitation(
+                    cfg, self.setting, model, tokenizer, self.examples, self.point.run_prompt, now
+                ),
             }
-        )
+            self.run_dir.save(record)
+        self._log_elicitation()
         for e in sorted(record.epochs, key=int):  # epochs trained before but not yet on this W&B run
             self._log_once(int(e), record.epochs[e], {})
         self.epoch_start = time.time()
@@ -227,6 +225,19 @@ class _Work:
             del model  # training's memory is released before the engine takes the accelerator
             release(None)
             self._evaluate_with_engine(folder)
+
+    def _missing_estimators(self) -> list[str]:
+        return [e for e in self.cfg.elicit.estimators if e not in (self.record.elicitation or {})]
+
+    def _log_elicitation(self) -> None:
+        self.tracker.summary(
+            {
+                f"elicitation/{est}/{k}": v[k]
+                for est, v in self.record.elicitation.items()
+                for k in ("estimate", "lo", "hi")
+                if k in v
+            }
+        )
 
     def _training_examples(self) -> list[TrainExample]:
         """The run's training chats, its training prompt inserted (a mixed run's draws recorded)."""
@@ -271,16 +282,18 @@ class _Work:
         result = evaluate(model, self.tokenizer, self.setting, self.examples, test_prompt, self.cfg.eval)
         return {**result, "protocol": self._protocol("hf", adapter=adapter, step=step)}
 
-    def _protocol(self, engine_name: str, version: str | None = None, adapter=None, step: int = 0) -> dict:
-        """What made an evaluation: the engine, the decoding, and the adapter (None: the untrained model) and
-        optimizer step it scored."""
+    def _protocol(
+        self, engine_name: str, version: str | None = None, adapter=None, step: int = 0, eval_cfg=None
+    ) -> dict:
+        """What made an evaluation: the engine, the decoding (`eval_cfg`, default cfg.eval), and the adapter
+        (None: the untrained model) and optimizer step it scored."""
         import transformers
 
         scored = {"adapter": adapter, "step": step}
         if self.setting.choices:
             scored["decoding"] = "first-token choice among the setting's replies"
         return protocol(
-            self.cfg.eval,
+            eval_cfg or self.cfg.eval,
             self.tokenizer,
             self.stop,
             engine_name,
@@ -304,15 +317,24 @@ class _Work:
                     self._keep(0, test_prompt.name, hit)
                 else:
                     todo.append((epoch, test_prompt))
-        if not todo:
+        pending = []  # the sampled estimator's generations on the untrained model, if the cache lacks them
+        if "sampled" in self._missing_estimators():
+            pending = elicit.sampled_requests(cfg, self.setting, self.examples, [self.point.run_prompt])
+            if elicit.decodes_as_eval(cfg, self.setting):  # epoch 0's evaluations serve it: not twice
+                pending = [(p, r) for p, r in pending if (0, p.name) not in {(e, t.name) for e, t in todo}]
+        if not todo and not pending:
+            self._complete_elicitation()
             return
         adapters = {e: record.epochs[str(e)].checkpoint if e else None for e, _ in todo}
+        if pending:
+            adapters[0] = None
         ungated = {e: a for e, a in adapters.items() if str(e) not in record.engine_checks}
         gate_chats = chats_for(self.setting, self.examples[: cfg.eval.vllm.gate_prompts], None)
         requests = [
             engine.Request(f"{e}/{t.name}", adapters[e], chats_for(self.setting, self.examples, t))
             for e, t in todo
         ]
+        requests += [r for _, r in pending]
         if ungated:
             requests += [
                 engine.Request(f"gate/{e}", a, gate_chats, greedy=True, logprobs=True)
@@ -340,8 +362,36 @@ class _Work:
             self._keep(epoch, test_prompt.name, result)
             samples.setdefault(epoch, {})[test_prompt.name] = result["samples"]
         self.run_dir.save(record)
+        elicit.keep_sampled(
+            cfg,
+            self.setting,
+            self.examples,
+            pending,
+            texts,
+            lambda d: self._protocol("vllm", version, eval_cfg=d),
+        )
+        self._complete_elicitation()  # after epoch 0's evaluations are cached: they may serve it
         for e in record.trained_epochs():
             self._log_once(e, record.epochs[str(e)], samples.get(e, {}))
+
+    def _complete_elicitation(self) -> None:
+        """The sampled estimator from the evaluations the engine cached (no model needed)."""
+        if "sampled" not in self._missing_estimators():
+            return
+        self.record.elicitation = {
+            **self.record.elicitation,
+            **elicit.elicitation(
+                self.cfg,
+                self.setting,
+                None,
+                self.tokenizer,
+                self.examples,
+                self.point.run_prompt,
+                ["sampled"],
+            ),
+        }
+        self.run_dir.save(self.record)
+        self._log_elicitation()
 
     def _keep(self, epoch: int, test_prompt: str, result: dict) -> None:
         self.run_dir.write_samples(epoch, test_prompt, result["samples"])

@@ -5,15 +5,18 @@ a surface-form check of the log-prob estimators, a table and a plot."""
 from __future__ import annotations
 
 import string
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ipsweep import elicit, models, prompts
+from ipsweep import elicit, engine, lm, models, prompts, validate
 from ipsweep.analysis import correlation
 from ipsweep.config import ESTIMATORS
+from ipsweep.errors import ConfigError
+from ipsweep.evaluate import chats_for, protocol
 from ipsweep.settings.base import build
 
 # Rewrites of a prompt that keep what it asks for: a log-prob estimate that moves under them measures wording.
@@ -27,11 +30,13 @@ FLAG_SHARE = 0.25
 LOGPROB = tuple(elicit.LOGPROB_ESTIMATORS)
 
 
-def screen(cfg, surface: bool = True) -> pd.DataFrame:
+def screen(cfg, surface: bool = True, workdir: Path | None = None) -> pd.DataFrame:
     setting = build(cfg.setting)
     library = prompts.library(cfg.setting)
-    model, tokenizer = models.load(cfg.model)
     examples = setting.eval_examples(cfg.eval.n_eval)
+    if cfg.eval.engine == "vllm":
+        _sample_with_engine(cfg, setting, examples, list(library.values()), workdir)
+    model, tokenizer = models.load(cfg.model)
     rows = []
     for p in library.values():
         e = elicit.elicitation(cfg, setting, model, tokenizer, examples, p)
@@ -60,6 +65,39 @@ def screen(cfg, surface: bool = True) -> pd.DataFrame:
         table = flag_surface(table)
     sort = [c for c in ESTIMATORS if c in table]
     return table.sort_values(sort, ascending=False).reset_index(drop=True)
+
+
+def _sample_with_engine(cfg, setting, examples, library: list, workdir: Path | None) -> None:
+    """eval.engine=vllm: one engine process generates the sampled estimator's replies for every prompt the
+    cache lacks (before the HF model takes memory), after the gate checks it against HF on the base model."""
+    problems = validate.engine_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    pending = elicit.sampled_requests(cfg, setting, examples, library)
+    if not pending:
+        return
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="ipsweep-screen-"))
+    model, tokenizer = models.load(cfg.model)
+    stop = lm.stop_token_ids(model, tokenizer)
+    del model
+    folder = engine.model_folder(cfg, workdir / "model")
+    gate_chats = chats_for(setting, examples[: cfg.eval.vllm.gate_prompts], None)
+    requests = [r for _, r in pending] + [
+        engine.Request("gate/0", None, gate_chats, greedy=True, logprobs=True)
+    ]
+    version, texts, logprobs = engine.generate(cfg, tokenizer, stop, folder, requests, workdir / "engine")
+    check = engine.gate(cfg, gate_chats, texts, logprobs, {0: None})[0]
+    if not check["passed"]:
+        raise engine.refuse(0, check)
+    dtype = models.numerics(cfg.model)["dtype"]
+    elicit.keep_sampled(
+        cfg,
+        setting,
+        examples,
+        pending,
+        texts,
+        lambda d: protocol(d, tokenizer, stop, "vllm", version, dtype, adapter=None, step=0),
+    )
 
 
 def flag_surface(table: pd.DataFrame) -> pd.DataFrame:

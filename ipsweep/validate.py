@@ -81,7 +81,7 @@ def _has_vllm(python: str) -> bool | None:
     return found.returncode == 0
 
 
-def _engine_problems(cfg) -> list[str]:
+def engine_problems(cfg) -> list[str]:
     e = cfg.eval
     if e.engine not in ENGINES:
         return [f"eval.engine={e.engine} is unknown; fix: one of {', '.join(ENGINES)}"]
@@ -157,7 +157,7 @@ def _problems(cfg) -> list[str]:
             f"eval.top_p={e.top_p} has no effect with greedy decoding (eval.temperature=0); "
             "fix: eval.top_p=1.0, or sample with eval.temperature>0"
         )
-    out += _engine_problems(cfg)
+    out += engine_problems(cfg)
     if e.test_grid and not any(p.role == "safety" for p in prompts.library(cfg.setting).values()):
         out.append(
             "eval.test_grid=true tests with the library's safety prompts, but setting "

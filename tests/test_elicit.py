@@ -235,7 +235,7 @@ def test_sampled_with_several_samples_per_item_resolves_rates_between_0_and_1(ma
     assert e["n"] == 10 and e["with_prompt"]["n"] == 40, "4 samples for each of the 10 items"
     assert e["method"] in ("t paired by item", "newcombe paired")
     plain = elicit.base_eval(
-        cfg, setting, model, tok, examples, prompts.NO_PROMPT, elicit.sampling_eval_cfg(cfg)
+        cfg, setting, model, tok, examples, prompts.NO_PROMPT, elicit.sampling_eval_cfg(cfg, setting)
     )
     assert all(i["caps"][1] == 4 for i in plain["items"])
     # the run's own epoch-0 evaluation (greedy, cfg.eval) is a different cache entry from the sampled

@@ -11,9 +11,11 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import ROOT, launch
 
+from ipsweep import screen
 from ipsweep.store import records
 
 pytestmark = pytest.mark.slow
@@ -70,6 +72,16 @@ def test_vllm_matches_hf_and_extends_to_new_epochs(tmp_path, vllm_python):
     assert p["adapter"] == vl["epochs"]["1"]["checkpoint"] and p["step"] == vl["epochs"]["1"]["steps"]
     assert p["stop_token_ids"] == vl["stop_token_ids"] and len(p["chat_template_sha256"]) == 16
     assert hf["epochs"]["1"]["evals"]["none"]["protocol"]["engine"] == "hf"
+    # the sampled estimator's prompted replies join the engine's pass; its unprompted ones are epoch 0's
+    request = json.loads((Path(vl["run_dir"]) / "engine" / "request.json").read_text())
+    assert [j["key"] for j in request["jobs"]] == [
+        "0/none",
+        "1/none",
+        "sampled/caps_strong",
+        "gate/0",
+        "gate/1",
+    ]
+    assert vl["elicitation"] == hf["elicitation"], "greedy fp32: the same estimates from either engine"
 
     # Two epochs: the engine evaluates epoch 2 only (and gates only its adapter); epoch 1 is kept as it was.
     launch(*RUN, "train.epochs=2", *engine, sweep_dir=tmp_path / "vllm")
@@ -133,3 +145,22 @@ def test_a_failed_engine_start_is_a_failed_run_that_keeps_its_training(tmp_path,
     assert r["status"] == "failed" and r["error"]["type"] == "EngineFailed"
     assert "head_dim=16" in r["error"]["message"] and "engine.log" in r["error"]["message"]
     assert r["epochs"]["1"]["evals"] == {} and Path(r["epochs"]["1"]["checkpoint"]).is_dir()
+
+
+def test_screen_samples_with_vllm_as_with_hf(tmp_path, vllm_python, make_cfg):
+    """`ipsweep screen` with eval.engine=vllm: one engine pass generates every prompt's sampled replies (after
+    the gate on the base model), and the table equals HF's."""
+    common = (*RUN, "elicit.estimators=[sampled]")
+    hf = screen.screen(make_cfg(*common, tiny=False), surface=False)
+    engine = ("eval.engine=vllm", f"eval.vllm.python={vllm_python}")
+    vl = screen.screen(make_cfg(*common, *engine, tiny=False), surface=False, workdir=tmp_path / "screen")
+    request = json.loads((tmp_path / "screen" / "engine" / "request.json").read_text())
+    named = [p for p in vl.prompt if p != "none"]
+    assert sorted(j["key"] for j in request["jobs"]) == sorted(
+        ["gate/0", "sampled/none", *(f"sampled/{p}" for p in named)]
+    )
+    by_prompt = ["prompt", "sampled", "sampled_lo", "sampled_hi", "behaviour_with_prompt"]
+    pd.testing.assert_frame_equal(
+        vl[by_prompt].sort_values("prompt", ignore_index=True),
+        hf[by_prompt].sort_values("prompt", ignore_index=True),
+    )
