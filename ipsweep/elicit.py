@@ -93,6 +93,11 @@ def _base_eval_key(cfg, setting, prompt: prompts.Prompt, eval_cfg) -> dict:
 BASE_EVAL_KEYS = ("metrics", "by_group", "items", "samples", "protocol")
 
 
+def _stored(result: dict) -> dict:
+    """The part of an evaluation the base_eval cache keeps and returns."""
+    return {k: result[k] for k in BASE_EVAL_KEYS if k in result}
+
+
 def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt, eval_cfg=None) -> dict:
     """The untrained model's metrics with `prompt` inserted at test time (NO_PROMPT: unmodified), decoded with
     `eval_cfg` (default: cfg.eval, as every run's epoch 0)."""
@@ -100,25 +105,26 @@ def base_eval(cfg, setting, model, tokenizer, examples, prompt: prompts.Prompt, 
 
     def compute() -> dict:
         result = evaluate(model, tokenizer, setting, examples, prompt, eval_cfg)
-        return {"test_prompt": prompt.name, **{k: result[k] for k in BASE_EVAL_KEYS if k in result}}
+        return {"test_prompt": prompt.name, **_stored(result)}
 
-    hit = _cached(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, eval_cfg), compute)
-    return {k: hit[k] for k in BASE_EVAL_KEYS if k in hit}
+    return _stored(_cached(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, eval_cfg), compute))
 
 
-def cached_base_eval(cfg, setting, prompt: prompts.Prompt) -> dict | None:
-    """The untrained model's evaluation under cfg.eval from the cache, or None (the vLLM engine computes the
-    missing ones in its own process, then keeps them with keep_base_eval)."""
-    hit = store.read_json(_cache_path(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, cfg.eval)))
-    return None if hit is None else {k: hit[k] for k in BASE_EVAL_KEYS if k in hit}
+def _base_eval_path(cfg, setting, prompt: prompts.Prompt, eval_cfg=None) -> Path:
+    eval_cfg = cfg.eval if eval_cfg is None else eval_cfg
+    return _cache_path(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, eval_cfg))
+
+
+def cached_base_eval(cfg, setting, prompt: prompts.Prompt, eval_cfg=None) -> dict | None:
+    """The untrained model's evaluation under `eval_cfg` (default cfg.eval) from the cache, or None (the vLLM
+    engine computes the missing ones in its own process, then keeps them with keep_base_eval)."""
+    hit = store.read_json(_base_eval_path(cfg, setting, prompt, eval_cfg))
+    return None if hit is None else _stored(hit)
 
 
 def keep_base_eval(cfg, setting, prompt: prompts.Prompt, result: dict, eval_cfg=None) -> None:
-    eval_cfg = cfg.eval if eval_cfg is None else eval_cfg
-    path = _cache_path(cfg, "base_eval", _base_eval_key(cfg, setting, prompt, eval_cfg))
-    store.atomic_write_json(
-        path, {"test_prompt": prompt.name, **{k: result[k] for k in BASE_EVAL_KEYS if k in result}}
-    )
+    path = _base_eval_path(cfg, setting, prompt, eval_cfg)
+    store.atomic_write_json(path, {"test_prompt": prompt.name, **_stored(result)})
 
 
 def item_rates(evaluation: dict, metric: str) -> dict[str, float]:
@@ -273,7 +279,7 @@ def sampled_requests(cfg, setting, examples, prompt_list: list[prompts.Prompt]) 
     return [
         (p, engine.Request(f"sampled/{p.name}", None, chats_for(setting, examples, p), eval_cfg=ecfg))
         for p in [prompts.NO_PROMPT, *named]
-        if store.read_json(_cache_path(cfg, "base_eval", _base_eval_key(cfg, setting, p, ecfg))) is None
+        if cached_base_eval(cfg, setting, p, ecfg) is None
     ]
 
 

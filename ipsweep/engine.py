@@ -180,6 +180,22 @@ def gate(cfg, gate_chats, vllm_texts: dict, vllm_logprobs: dict, adapters: dict[
     return checks
 
 
+def gate_requests(chats, adapters: dict[int, str | None]) -> list[Request]:
+    """The engine passes gate() compares: greedy replies with log-probs to `chats` for the untrained model
+    (epoch 0, the reference) and each adapter."""
+    return [
+        Request(f"gate/{e}", a, chats, greedy=True, logprobs=True)
+        for e, a in sorted({0: None, **adapters}.items())
+    ]
+
+
+def require_passed(checks: dict) -> None:
+    """Stop at the first failed check (refuse says which model and which check)."""
+    failed = [(e, c) for e, c in sorted(checks.items()) if not c["passed"]]
+    if failed:
+        raise refuse(*failed[0])
+
+
 def refuse(epoch: int, check: dict) -> EngineCheckFailed:
     """The error that stops a run whose engine check failed: which model, which check, the numbers."""
     what = f"epoch {epoch}'s adapter {check['adapter']}" if check["adapter"] else "the untrained model"

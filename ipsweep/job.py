@@ -321,7 +321,8 @@ class _Work:
         if "sampled" in self._missing_estimators():
             pending = elicit.sampled_requests(cfg, self.setting, self.examples, [self.point.run_prompt])
             if elicit.decodes_as_eval(cfg, self.setting):  # epoch 0's evaluations serve it: not twice
-                pending = [(p, r) for p, r in pending if (0, p.name) not in {(e, t.name) for e, t in todo}]
+                epoch0 = {t.name for e, t in todo if e == 0}
+                pending = [(p, r) for p, r in pending if p.name not in epoch0]
         if not todo and not pending:
             self._complete_elicitation()
             return
@@ -336,10 +337,7 @@ class _Work:
         ]
         requests += [r for _, r in pending]
         if ungated:
-            requests += [
-                engine.Request(f"gate/{e}", a, gate_chats, greedy=True, logprobs=True)
-                for e, a in sorted({0: None, **ungated}.items())
-            ]
+            requests += engine.gate_requests(gate_chats, ungated)
         t = time.time()
         version, texts, logprobs = engine.generate(
             cfg, self.tokenizer, self.stop, folder, requests, self.run_dir.dir / "engine"
@@ -349,9 +347,7 @@ class _Work:
             checks = engine.gate(cfg, gate_chats, texts, logprobs, ungated)
             record.engine_checks = {**record.engine_checks, **{str(e): c for e, c in checks.items()}}
             self.run_dir.save(record)
-            failed = [(e, c) for e, c in checks.items() if not c["passed"]]
-            if failed:
-                raise engine.refuse(*failed[0])
+            engine.require_passed(checks)
         samples: dict[int, dict] = {}
         for (epoch, test_prompt), request in zip(todo, requests):
             result = score(self.setting, self.examples, request.chats, texts[request.key], test_prompt)

@@ -130,25 +130,18 @@ def prepare_tiny_random() -> Path:
     with FileLock(str(target) + ".lock"):
         if _prepared(target.name):
             return target
-        import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(prepare_embedded())
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
+        model = random_llama(
+            tokenizer,
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=1024,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
         )
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
 
         def save(d: Path) -> None:
             model.save_pretrained(d)
@@ -156,6 +149,24 @@ def prepare_tiny_random() -> Path:
 
         _atomic_save(target, save)
     return target
+
+
+def random_llama(tokenizer, **shape):
+    """A Llama of `shape` (LlamaConfig fields) with random weights (seed 0) for `tokenizer`'s vocabulary and
+    special tokens: test and benchmark models that need no download."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **shape,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
 
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

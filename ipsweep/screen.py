@@ -82,13 +82,9 @@ def _sample_with_engine(cfg, setting, examples, library: list, workdir: Path | N
     del model
     folder = engine.model_folder(cfg, workdir / "model")
     gate_chats = chats_for(setting, examples[: cfg.eval.vllm.gate_prompts], None)
-    requests = [r for _, r in pending] + [
-        engine.Request("gate/0", None, gate_chats, greedy=True, logprobs=True)
-    ]
+    requests = [r for _, r in pending] + engine.gate_requests(gate_chats, {})
     version, texts, logprobs = engine.generate(cfg, tokenizer, stop, folder, requests, workdir / "engine")
-    check = engine.gate(cfg, gate_chats, texts, logprobs, {0: None})[0]
-    if not check["passed"]:
-        raise engine.refuse(0, check)
+    engine.require_passed(engine.gate(cfg, gate_chats, texts, logprobs, {0: None}))
     dtype = models.numerics(cfg.model)["dtype"]
     elicit.keep_sampled(
         cfg,
