@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +53,23 @@ def model_folder(cfg, scratch: Path) -> str:
         tokenizer.save_pretrained(scratch)
         folder = str(scratch)
     return folder
+
+
+def _run_engine(argv: list[str], out, vllm_cfg) -> int | None:
+    """Run the engine process in a session of its own; its exit status, None if it ran past
+    vllm_cfg.timeout_s. Whatever it leaves behind (vLLM's engine-core process) is killed with the session,
+    so no engine outlives its job."""
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=vllm_cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def generate(cfg, tokenizer, stop: list[int], folder: str, requests: list[Request], workdir: Path):
@@ -104,27 +123,28 @@ def generate(cfg, tokenizer, stop: list[int], folder: str, requests: list[Reques
     t = time.time()
     log.info("vLLM engine (%s): %d passes; its log: %s", python, len(jobs), log_path)
     with open(log_path, "w") as out:
-        try:
-            done = subprocess.run(
-                [python, str(WORKER), str(request_path), str(output_path)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=e.vllm.timeout_s,
-            )
-        except subprocess.TimeoutExpired as err:
-            raise EngineFailed(
-                f"the vLLM engine did not finish in eval.vllm.timeout_s={e.vllm.timeout_s} s "
-                f"(log: {log_path}); fix: raise eval.vllm.timeout_s, or lower eval.n_eval or "
-                "eval.max_new_tokens"
-            ) from err
-    if done.returncode != 0 or not output_path.is_file():
-        lines = log_path.read_text(errors="replace").strip().splitlines()
+        returncode = _run_engine([python, str(WORKER), str(request_path), str(output_path)], out, e.vllm)
+    if returncode is None:
+        raise EngineFailed(
+            f"the vLLM engine did not finish in eval.vllm.timeout_s={e.vllm.timeout_s} s "
+            f"(log: {log_path}); fix: raise eval.vllm.timeout_s, or lower eval.n_eval or "
+            "eval.max_new_tokens"
+        )
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    if not output_path.is_file():  # written, at once, only when every pass is done
         # the first error named in the log is the cause; what follows is the engine shutting down
         cause = next((ln for ln in lines if "Error: " in ln and "EngineDeadError" not in ln), None)
         raise EngineFailed(
-            f"the vLLM engine exited with status {done.returncode} before finishing: "
+            f"the vLLM engine exited with status {returncode} before finishing: "
             f"{cause.strip() if cause else 'see its log'} (log: {log_path}); last lines:\n"
             + "\n".join(lines[-5:])
+        )
+    if returncode != 0:  # vLLM has no shutdown: its processes can fail as the interpreter exits
+        log.warning(
+            "the vLLM engine wrote every output, then exited with status %d while shutting down; the "
+            "outputs are kept (log: %s)",
+            returncode,
+            log_path,
         )
     log.info("vLLM engine done in %.0f s", time.time() - t)
     result = json.loads(output_path.read_text())

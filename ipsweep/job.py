@@ -289,6 +289,9 @@ class _Work:
         (None: the untrained model) and optimizer step it scored."""
         import transformers
 
+        if adapter and Path(adapter).is_relative_to(self.run_dir.dir.parent):
+            # named from the sweep's runs/ folder: a moved or repeated sweep records the same protocol
+            adapter = str(Path(adapter).relative_to(self.run_dir.dir.parent))
         scored = {"adapter": adapter, "step": step}
         if self.setting.choices:
             scored["decoding"] = "first-token choice among the setting's replies"
