@@ -17,6 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError
 
 from ipsweep import models, prompts, store
 from ipsweep.errors import ConfigError
@@ -50,8 +51,9 @@ def require_values(cfg) -> None:
         )
 
 
-def plan(cfg) -> Point:
-    """Raises ConfigError naming the problem and the fix; loads no model."""
+def plan(cfg, settings: dict | None = None) -> Point:
+    """Raises ConfigError naming the problem and the fix; loads no model. `settings`: the settings built so
+    far, by their config (a sweep's pre-flight plans many points of one setting; each is built once)."""
     require_values(cfg)
     check_values(cfg)
     placement = cfg.get("prompt_placement")
@@ -73,7 +75,9 @@ def plan(cfg) -> Point:
             ]
         )
         extra += [leak for p in sources for leak in prompts.leak_prompts(p)]
-    setting = build(cfg.setting)  # reads and checks the data files
+    key = json.dumps(OmegaConf.to_container(cfg.setting, resolve=True), sort_keys=True)
+    settings = {} if settings is None else settings
+    setting = settings.get(key) or settings.setdefault(key, build(cfg.setting))  # reads, checks the data
     if placement == "replace_preamble" and not setting.preamble:
         raise ConfigError(
             f"prompt_placement=replace_preamble, but setting '{cfg.setting.name}' has no instruction of its "
@@ -115,8 +119,12 @@ def job_config(sweep_config):
     hydra_config.set_config(sweep_config)  # so ${hydra:...} resolves to this point's values
     try:
         job = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
-        require_values(job)
-        return OmegaConf.create(OmegaConf.to_container(job, resolve=True))
+        try:
+            OmegaConf.resolve(job)  # plan() says which values are missing (???)
+        except InterpolationToMissingValueError:
+            require_values(job)
+            raise
+        return job
     finally:
         hydra_config.cfg = before
 
@@ -134,6 +142,9 @@ def entry(num: int, overrides: list[str], cfg, point: Point) -> dict:
         "test_prompts": [t.name for t in point.test_prompts],
         "base": bool(cfg.eval.base),
         "inputs": point.inputs,
+        # sizes, for the dry run's cost estimate
+        "n_train": min(cfg.train.n_train or 10**9, len(point.setting.train_examples())),
+        "n_eval": len(point.setting.eval_examples(cfg.eval.n_eval)),
     }
 
 

@@ -14,11 +14,13 @@ behaviour come back under them?
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from ipsweep.config import PLACEMENTS, ROLES
 from ipsweep.errors import ConfigError
@@ -67,6 +69,12 @@ class Prompt:
 NO_PROMPT = Prompt(NONE, "", "none", "user_suffix")
 
 
+@functools.lru_cache(maxsize=64)
+def _read_list(path: Path, mtime_ns: int) -> tuple:
+    """A paraphrase file's texts, read once per version of the file (a sweep's pre-flight asks per point)."""
+    return tuple(yaml.safe_load(path.read_text()))
+
+
 def _paraphrases(p, where: str) -> tuple[str, ...]:
     """A prompt's paraphrases: `texts: [...]` and/or `texts_file` (a YAML list; relative to ipsweep/data)."""
     texts = list(p.get("texts") or [])
@@ -74,7 +82,7 @@ def _paraphrases(p, where: str) -> tuple[str, ...]:
         path = Path(p["texts_file"]).expanduser()
         path = path if path.is_absolute() else DATA_DIR / path
         try:
-            texts += yaml.safe_load(path.read_text())
+            texts += _read_list(path, path.stat().st_mtime_ns)
         except (OSError, yaml.YAMLError, TypeError) as e:
             raise ConfigError(
                 f"{where}: texts_file {path} is not a readable YAML list ({e}); fix: point it at a file "
@@ -90,7 +98,9 @@ def _paraphrases(p, where: str) -> tuple[str, ...]:
 def library(setting_cfg) -> dict[str, Prompt]:
     """The setting's prompts, validated; raises ConfigError naming the bad entry."""
     out = {}
-    for name, p in setting_cfg.prompts.items():
+    raw = setting_cfg.prompts
+    raw = OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw  # plain dicts: read fast
+    for name, p in raw.items():
         where = f"prompt '{name}' of setting '{setting_cfg.name}'"
         if not hasattr(p, "keys") or set(p.keys()) - KEYS or "text" not in p or "role" not in p:
             raise ConfigError(

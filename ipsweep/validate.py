@@ -16,6 +16,8 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import get_type_hints
 
+from omegaconf import OmegaConf
+
 from ipsweep import models, prompts
 from ipsweep.config import (
     DEVICES,
@@ -226,8 +228,9 @@ OPEN = (
 )
 
 
-def _schema_at(path: list[str]):
-    """The dataclass that holds the key at `path` (e.g. ['train', 'lora', 'r'] -> LoraConfig), or None if
+@functools.lru_cache(maxsize=4096)
+def _schema_at(path: tuple[str, ...]):
+    """The dataclass that holds the key at `path` (e.g. ('train', 'lora', 'r') -> LoraConfig), or None if
     open."""
     if ".".join(path[:2]) in OPEN or path[0] not in SCHEMA:
         return None
@@ -240,12 +243,13 @@ def _schema_at(path: list[str]):
     return node
 
 
+@functools.lru_cache(maxsize=4096)  # a sweep's pre-flight asks for the same keys at every point
 def unknown_key(dotted: str) -> str | None:
     """A message for a key the schema does not have (e.g. train.lrr), listing the valid keys; else None."""
     path = dotted.split(".")
     if len(path) < 2:
         return None
-    node = _schema_at(path)
+    node = _schema_at(tuple(path))
     if node is None:
         return None
     valid = [f.name for f in fields(node) if not f.name.startswith("_")]
@@ -279,12 +283,13 @@ def _unknown_in(cfg) -> list[str]:
             key = [*path, str(k)]
             if (msg := unknown_key(".".join(key))) is not None:
                 out.append(msg)
-            elif hasattr(node[k], "keys") and _schema_at([*key, "x"]) is not None:
+            elif isinstance(node[k], dict) and _schema_at((*key, "x")) is not None:
                 walk(node[k], key)
 
-    for group in SCHEMA:
+    for group in SCHEMA:  # walked as plain data: fast, and unresolved (interpolations are leaves)
         if group in cfg:
-            walk(cfg[group], [group])
+            node = cfg[group]
+            walk(OmegaConf.to_container(node) if OmegaConf.is_config(node) else node, [group])
     return out
 
 

@@ -1,5 +1,5 @@
-"""The vLLM engine process as the job sees it, with a stand-in interpreter (no vLLM needed): outputs written in
-full are kept even when the process fails while shutting down, an engine past its time limit is ended, and
+"""The vLLM engine process as the job sees it, with a stand-in interpreter (no vLLM needed): outputs written
+in full are kept even when the process fails while shutting down, an engine past its time limit is ended, and
 nothing it started outlives it."""
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ FAKE_ENGINE = """#!/bin/bash
 sleep 1000 &
 echo $! > "{pidfile}"
 [ -n "{hang}" ] && sleep 1000
-echo '{{"vllm": "0.0-test", "seconds": {{}}, "outputs": {{"0/none": [[{{"token_ids": [72, 105], "logprob": -1.5}}]]}}}}' > "$3"
+cat > "$3" <<'JSON'
+{{"vllm": "0.0-test", "seconds": {{}},
+  "outputs": {{"0/none": [[{{"token_ids": [72, 105], "logprob": -1.5}}]]}}}}
+JSON
 echo "RuntimeError: cancelled" >&2
 exit 1
 """

@@ -23,8 +23,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import filter_overrides
 from omegaconf import OmegaConf
 
+from hydra_plugins.ipsweep_plugins.compose import Composer
 from hydra_plugins.ipsweep_plugins.launchers import SlurmLauncher, require_slurm
-from ipsweep import plan, status
+from ipsweep import cost, plan, status
 from ipsweep.errors import ConfigError, SweepFailed
 from ipsweep.tracking import online_mode
 
@@ -70,19 +71,19 @@ class IpsweepSweeper(BasicSweeper):
     ):
         super().__init__(max_batch_size, params)
         self.dry_run = dry_run
+        self._states: dict[int, str] = {}  # the state of each point whose job has run, by number
 
     def preflight(self, jobs: list[list[str]]) -> list[dict]:
         """Plan every point; raise one ConfigError that lists every bad one."""
         points, problems = [], {}
+        compose, settings = Composer(self.hydra_context.config_loader, self.config), {}
         for num, overrides in enumerate(jobs):
             try:
-                sweep_config = self.hydra_context.config_loader.load_sweep_config(
-                    self.config, list(overrides)
-                )
+                sweep_config = compose(list(overrides))
                 cfg = plan.job_config(sweep_config)
                 with _job_env(sweep_config.hydra.job.env_set):  # e.g. HF_HUB_OFFLINE, as the job will see it
-                    point = plan.entry(num, filter_overrides(overrides), cfg, plan.plan(cfg))
-                point["config"] = OmegaConf.to_container(cfg, resolve=True)
+                    point = plan.entry(num, filter_overrides(overrides), cfg, plan.plan(cfg, settings))
+                point["config"] = OmegaConf.to_container(cfg)
                 points.append(point)
             except Exception as e:  # noqa: BLE001 - composition errors come in several types; all are reported
                 problems.setdefault(str(e), []).append(num)
@@ -168,10 +169,13 @@ class IpsweepSweeper(BasicSweeper):
                 if not any(o.lstrip("+~").startswith("model.device=") for o in job):
                     job.append(f"model.device={kind}")
 
-    @staticmethod
-    def _progress(ran: list[dict], already: set, total: int, elapsed: float) -> str:
-        """After each job: how many of the sweep's points are done, skipped, failed, and an ETA."""
-        states = [status.point_state(p)["state"] for p in ran]
+    def _progress(self, ran: list[dict], already: set, total: int, elapsed: float) -> str:
+        """After each job: how many of the sweep's points are done, skipped, failed, and an ETA. A point whose
+        job has run keeps its state for the rest of the sweep: a record is read once, not after each job."""
+        for p in ran:
+            if p["num"] not in self._states:
+                self._states[p["num"]] = status.point_state(p)["state"]
+        states = [self._states[p["num"]] for p in ran]
         skipped = sum(1 for p, st in zip(ran, states) if st == "done" and p["num"] in already)
         trained = sum(1 for p, st in zip(ran, states) if st == "done" and p["num"] not in already)
         failed = sum(st in ("failed", "interrupted", "corrupt") for st in states)
@@ -204,9 +208,10 @@ class IpsweepSweeper(BasicSweeper):
         return "\n".join(lines), bool(bad)
 
     def _print_plan(self, points: list[dict], sweep_dir: Path) -> None:
-        rows = []
+        rows, done_epochs = [], {}
         for p in points:
             state = status.point_state(p)
+            done_epochs[p["run_dir"]] = state["epochs_done"]
             rows.append(
                 {
                     "job": p["num"],
@@ -220,6 +225,8 @@ class IpsweepSweeper(BasicSweeper):
         trainings = len({p["run_dir"] for p in points})
         print(f"dry run: {len(points)} jobs ({trainings} trainings) into {sweep_dir}; nothing launched")
         print(status.table(rows))
+        limit = self.config.hydra.launcher.get("timeout_min") if hasattr(self.launcher, "render") else None
+        print("\n" + cost.estimate(points, done_epochs, cost.measured_rates(sweep_dir), limit))
         print(f"\nlauncher: {self.config.hydra.launcher._target_.rsplit('.', 1)[-1]}")
         if hasattr(self.launcher, "render"):
             print(f"sbatch script for the array:\n{self.launcher.render(len(points))}")
