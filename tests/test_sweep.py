@@ -149,6 +149,7 @@ def test_sweep_to_report_end_to_end(tmp_path):
     assert pd.read_csv(sweep / "analysis" / "primary.csv").pre_registered.item()
     # provenance: the analysis, the runs' model, code and machine, and the sweep command
     assert "with ipsweep 0.1.0" in report and "runs: model tiny_random; made by ipsweep commit" in report
+    assert "- evaluated by: hf 5." in report and "(fp32)" in report
     assert "- sweep command: `python launch.py -m " in report and "prompt=none,caps_strong,safety" in report
 
 

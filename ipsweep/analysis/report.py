@@ -89,9 +89,21 @@ def markdown(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return df.to_markdown(index=False, floatfmt=floatfmt) if not df.empty else "(none)"
 
 
+def _engines(record: dict) -> set[str]:
+    """The engines (version, dtype) that made a record's evaluations, from each evaluation's protocol."""
+    out = set()
+    for epoch in record.get("epochs", {}).values():
+        for evaluation in epoch.get("evals", {}).values():
+            p = evaluation.get("protocol")
+            out.add(
+                f"{p['engine']} {p['version']} ({p['dtype']})" if p else "not recorded (before protocols)"
+            )
+    return out
+
+
 def provenance(records: list[dict], dirs: list[Path]) -> list[str]:
     """Who made these numbers: the analysis (date, ipsweep version and commit, machine) and the runs (models,
-    code versions, machines, the sweep commands from each sweep's multirun.yaml)."""
+    code versions, machines, the evaluation engines, the sweep commands from each sweep's multirun.yaml)."""
 
     def values(get) -> str:
         return ", ".join(sorted({str(v) for r in records if (v := get(r))})) or "unknown"
@@ -107,6 +119,7 @@ def provenance(records: list[dict], dirs: list[Path]) -> list[str]:
         f"{values(lambda r: version(r, 'commit'))}, torch {values(lambda r: version(r, 'torch'))}; "
         f"on {values(lambda r: ((r.get('attempts') or [{}])[-1]).get('host'))}",
     ]
+    lines.append(f"- evaluated by: {', '.join(sorted(set().union(*map(_engines, records)))) or 'unknown'}")
     for d in dirs:
         path = d / "multirun.yaml"
         if path.is_file():
