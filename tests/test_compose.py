@@ -47,21 +47,35 @@ def test_every_preset_point_composes_as_hydra_composes_it(preset):
 
 
 @pytest.mark.parametrize(
-    "arguments",
+    "arguments, jobs, compositions",
     [
         # a config-group axis, an interpolated value (train.max_length: ${setting.max_length}) and plain axes
-        ["setting=trait_pair,gcd_sycophancy", "prompt=none", "train.seed=0,1", "train.max_length=128,256"],
+        (
+            [
+                "setting=trait_pair,gcd_sycophancy",
+                "prompt=none",
+                "train.seed=0,1",
+                "train.max_length=128,256",
+            ],
+            8,
+            2,
+        ),
         # a value added with +, a list value, a deletion and a hydra override on the command line
-        [
-            "prompt=none,caps_strong",
-            "eval.extra_test_prompts=[caps_ok],[]",
-            "~setting.prompts.caps_weak",
-            "hydra.job.chdir=false",
-            "model=tiny_random,smollm2_135m",
-        ],
+        (
+            [
+                "prompt=none,caps_strong",
+                "eval.extra_test_prompts=[caps_ok],[]",
+                "~setting.prompts.caps_weak",
+                "hydra.job.chdir=false",
+                "model=tiny_random,smollm2_135m",
+            ],
+            8,
+            2,
+        ),
+        # config groups only: each point is Hydra's own composition
+        (["setting=trait_pair,gcd_sycophancy", "model=tiny_random,smollm2_135m"], 4, 4),
     ],
-    ids=["group axis, interpolation, plain axes", "list values, deletion, hydra override"],
+    ids=["group axis, interpolation, plain axes", "list values, deletion, hydra override", "groups only"],
 )
-def test_sweeps_mixing_groups_and_values_compose_as_hydra_composes_them(arguments):
-    jobs, composed = _assert_same_as_hydra(arguments)
-    assert jobs == 8 and composed == 2, "one composition per config-group choice, copies for the rest"
+def test_sweeps_mixing_groups_and_values_compose_as_hydra_composes_them(arguments, jobs, compositions):
+    assert _assert_same_as_hydra(arguments) == (jobs, compositions), "one composition per config-group choice"

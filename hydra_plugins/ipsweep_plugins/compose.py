@@ -42,6 +42,9 @@ class Composer:
         key = tuple(o.input_line for o in parsed if not self._plain(o))
         if key not in self.templates:
             template = self.loader.load_sweep_config(self.master, list(key))
+            if not plain:  # Hydra composed exactly this point: nothing to check
+                self.templates[key] = template
+                return self._apply(template, parsed, plain)
             cfg = self._apply(template, parsed, plain)
             hydra = self.loader.load_sweep_config(self.master, overrides)
             same = OmegaConf.to_container(cfg) == OmegaConf.to_container(hydra)
