@@ -77,7 +77,9 @@ def plan(cfg, settings: dict | None = None) -> Point:
         extra += [leak for p in sources for leak in prompts.leak_prompts(p)]
     key = json.dumps(OmegaConf.to_container(cfg.setting, resolve=True), sort_keys=True)
     settings = {} if settings is None else settings
-    setting = settings.get(key) or settings.setdefault(key, build(cfg.setting))  # reads, checks the data
+    if key not in settings:
+        settings[key] = build(cfg.setting)  # reads and checks the data files
+    setting = settings[key]
     if placement == "replace_preamble" and not setting.preamble:
         raise ConfigError(
             f"prompt_placement=replace_preamble, but setting '{cfg.setting.name}' has no instruction of its "
@@ -143,7 +145,7 @@ def entry(num: int, overrides: list[str], cfg, point: Point) -> dict:
         "base": bool(cfg.eval.base),
         "inputs": point.inputs,
         # sizes, for the dry run's cost estimate
-        "n_train": min(cfg.train.n_train or 10**9, len(point.setting.train_examples())),
+        "n_train": cfg.train.n_train or len(point.setting.train_examples()),  # check_sizes: n_train <= all
         "n_eval": len(point.setting.eval_examples(cfg.eval.n_eval)),
     }
 
