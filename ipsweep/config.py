@@ -97,7 +97,10 @@ class VllmConfig:
     signature (the engine itself does)."""
 
     python: str | None = None  # interpreter that has vllm (its own venv); None = the job's own
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float = 0.85  # on a GPU: the share of its memory vLLM takes (weights + KV cache)
+    # on CPU: the KV cache, in GiB (vLLM's own CPU default takes 85% of the machine's RAM, and the job and
+    # anything else on the machine are then killed for memory)
+    cpu_kv_cache_gb: float = 2.0
     max_lora_rank: int | None = None  # None = train.lora.r
     # The adapter gate, before any score is kept: on the first gate_prompts eval chats, vLLM's greedy
     # replies must agree with HF+peft's on at least min_agreement of them, and the adapter must change

@@ -113,6 +113,10 @@ def generate(cfg, tokenizer, stop: list[int], folder: str, requests: list[Reques
         "max_lora_rank": e.vllm.max_lora_rank or cfg.train.lora.r,
         "max_model_len": longest + max(j["max_tokens"] for j in jobs),
         "gpu_memory_utilization": e.vllm.gpu_memory_utilization,
+        # on CPU the KV cache is sized here, not as a share of the machine's RAM (see VllmConfig)
+        "kv_cache_memory_bytes": (
+            int(e.vllm.cpu_kv_cache_gb * 2**30) if models.numerics(cfg.model)["device"] == "cpu" else None
+        ),
         "jobs": jobs,
     }
     workdir.mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,8 @@ def engine_problems(cfg) -> list[str]:
         out.append(
             f"eval.vllm.gpu_memory_utilization={v.gpu_memory_utilization} must be in (0, 1]; fix: e.g. 0.85"
         )
+    if not v.cpu_kv_cache_gb > 0:
+        out.append(f"eval.vllm.cpu_kv_cache_gb={v.cpu_kv_cache_gb} must be > 0 (GiB); fix: e.g. 2")
     return out
 
 

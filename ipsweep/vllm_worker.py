@@ -7,6 +7,7 @@ It runs in its own process because vLLM has no shutdown: when it exits, its memo
 The job (ipsweep.engine) tokenizes the chats and decodes the tokens with the run's own tokenizer, so both
 engines see the same prompt tokens and the same text is scored; this process only generates token ids.
 Request: {"model", "dtype", "seed", "max_lora_rank", "max_model_len", "gpu_memory_utilization",
+"kv_cache_memory_bytes" (null: vLLM sizes it),
 "jobs": [{"key", "adapter" (path or null), "prompt_token_ids", "n", "temperature", "top_p", "max_tokens",
 "stop_token_ids", "seed", "logprobs"}]}. Output: {"vllm": version, "seconds": {"startup", key...},
 "outputs": {key: per prompt, per sample {"token_ids", "logprob"}}}, written only when every job is done.
@@ -59,6 +60,7 @@ def main(request_path: str, output_path: str) -> None:
         max_loras=1,
         max_model_len=request["max_model_len"],
         gpu_memory_utilization=request["gpu_memory_utilization"],
+        kv_cache_memory_bytes=request.get("kv_cache_memory_bytes"),
     )
     seconds = {"startup": time.time() - start}
     print(f"vllm {vllm.__version__}: engine up in {seconds['startup']:.0f} s", file=sys.stderr, flush=True)

@@ -116,6 +116,10 @@ CASES = {
         ["eval.engine=vllm", "eval.vllm.python=/nonexistent/python"],
         ["eval.vllm.python=/nonexistent/python does not run; fix:"],
     ),
+    "no KV cache for vLLM on CPU": (
+        ["eval.engine=vllm", "eval.vllm.cpu_kv_cache_gb=0"],
+        ["eval.vllm.cpu_kv_cache_gb=0.0 must be > 0 (GiB); fix: e.g. 2"],
+    ),
     "unknown setting option": (
         ["+setting.options.per_typ=3"],
         ["setting 'trait_pair' has no option per_typ; fix: use one of"],
