@@ -55,6 +55,23 @@ def model_folder(cfg, scratch: Path) -> str:
     return folder
 
 
+def _cause(lines: list[str]) -> str:
+    """Why the engine stopped, from its log: a worker process that died (and, killed by signal 9, the usual
+    reason), else the first error it names; what follows either is vLLM shutting down ('cancelled')."""
+    died = next((ln.strip() for ln in lines if "died unexpectedly" in ln), None)
+    if died:
+        killed = "exit code: -9" in died
+        return died + (
+            "; signal 9 is usually the kernel's out-of-memory killer; fix: lower eval.vllm.cpu_kv_cache_gb "
+            "(CPU) or eval.vllm.gpu_memory_utilization, or free the machine's memory"
+            if killed
+            else ""
+        )
+    shutdown = ("EngineDeadError", "RuntimeError: cancelled")
+    error = next((ln for ln in lines if "Error: " in ln and not any(s in ln for s in shutdown)), None)
+    return error.strip() if error else "see its log"
+
+
 def _run_engine(argv: list[str], out, vllm_cfg) -> int | None:
     """Run the engine process in a session of its own; its exit status, None if it ran past
     vllm_cfg.timeout_s. Whatever it leaves behind (vLLM's engine-core process) is killed with the session,
@@ -136,12 +153,9 @@ def generate(cfg, tokenizer, stop: list[int], folder: str, requests: list[Reques
         )
     lines = log_path.read_text(errors="replace").strip().splitlines()
     if not output_path.is_file():  # written, at once, only when every pass is done
-        # the first error named in the log is the cause; what follows is the engine shutting down
-        cause = next((ln for ln in lines if "Error: " in ln and "EngineDeadError" not in ln), None)
         raise EngineFailed(
-            f"the vLLM engine exited with status {returncode} before finishing: "
-            f"{cause.strip() if cause else 'see its log'} (log: {log_path}); last lines:\n"
-            + "\n".join(lines[-5:])
+            f"the vLLM engine exited with status {returncode} before finishing: {_cause(lines)} "
+            f"(log: {log_path}); last lines:\n" + "\n".join(lines[-5:])
         )
     if returncode != 0:  # vLLM has no shutdown: its processes can fail as the interpreter exits
         log.warning(

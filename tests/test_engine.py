@@ -71,3 +71,23 @@ def test_an_engine_past_its_time_limit_is_ended_with_everything_it_started(tmp_p
     assert time.time() - start < 30
     time.sleep(0.2)
     assert not _alive(int(pidfile.read_text())), "the engine's leftover process outlived it"
+
+
+def test_a_worker_killed_for_memory_is_named_with_the_fix(tmp_path, make_cfg):
+    """What CI saw: vLLM's worker killed by the kernel (signal 9), then vLLM's shutdown ('cancelled')."""
+    script = tmp_path / "fake-python"
+    script.write_text(
+        "#!/bin/bash\n"
+        "echo '(EngineCore pid=1) ERROR [multiproc_executor.py] Worker proc VllmWorker-0 died unexpectedly "
+        "(exit code: -9), shutting down executor.' >&2\n"
+        "echo '(EngineCore pid=1) ERROR [core.py:1512] RuntimeError: cancelled' >&2\n"
+        "exit 1\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    with pytest.raises(EngineFailed) as failed:
+        _generate(make_cfg, tmp_path, script)
+    message = str(failed.value)
+    assert "exited with status 1 before finishing: (EngineCore pid=1) ERROR" in message
+    assert (
+        "died unexpectedly (exit code: -9)" in message and "fix: lower eval.vllm.cpu_kv_cache_gb" in message
+    )
