@@ -21,10 +21,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def _key(model: str, setting: str, device: str) -> tuple[str, str, str]:
-    return model, setting, device
-
-
 def _rates_of(record: dict) -> tuple[float | None, float | None]:
     """(seconds per training example-epoch, seconds per evaluated item x new-token budget) of one record."""
     epochs = [e for k, e in record.get("epochs", {}).items() if k != "0"]
@@ -49,12 +45,12 @@ def measured_rates(sweep_dir: Path) -> dict[tuple, dict]:
     """Per (model, setting, device kind): median rates over the finished runs of this sweep dir and its
     siblings, and how many runs they come from."""
     found: dict[tuple, list] = {}
-    for path in sorted(Path(sweep_dir).parent.glob("*/runs/*/record.json")):
-        record = store.read_json(path)
-        if not record or record.get("status") != "done":
-            continue
-        device = record.get("config", {}).get("inputs", {}).get("device", "?")
-        found.setdefault(_key(record["model"], record["setting"], device), []).append(_rates_of(record))
+    parent = Path(sweep_dir).parent
+    for sweep in sorted(parent.iterdir()) if parent.is_dir() else []:
+        for record in store.records(sweep):
+            if record.get("status") == "done":
+                device = record.get("config", {}).get("inputs", {}).get("device", "?")
+                found.setdefault((record["model"], record["setting"], device), []).append(_rates_of(record))
     rates = {}
     for key, pairs in found.items():
         train = [t for t, _ in pairs if t is not None]
@@ -77,7 +73,7 @@ def trainings(points: list[dict], done_epochs: dict[str, int]) -> list[dict]:
         run = runs.setdefault(
             p["run_dir"],
             {
-                "key": _key(c["model"]["name"], p["setting"], p["inputs"].get("device", "?")),
+                "key": (c["model"]["name"], p["setting"], p["inputs"].get("device", "?")),
                 "jobs": [],
                 "epochs": 0,
                 "test_prompts": set(),

@@ -151,8 +151,8 @@ def generate(cfg, tokenizer, stop: list[int], folder: str, requests: list[Reques
             f"(log: {log_path}); fix: raise eval.vllm.timeout_s, or lower eval.n_eval or "
             "eval.max_new_tokens"
         )
-    lines = log_path.read_text(errors="replace").strip().splitlines()
     if not output_path.is_file():  # written, at once, only when every pass is done
+        lines = log_path.read_text(errors="replace").strip().splitlines()
         raise EngineFailed(
             f"the vLLM engine exited with status {returncode} before finishing: {_cause(lines)} "
             f"(log: {log_path}); last lines:\n" + "\n".join(lines[-5:])

@@ -38,8 +38,9 @@ class Composer:
 
     def __call__(self, overrides: list[str]) -> DictConfig:
         parsed = self.parser.parse_overrides(overrides)
-        plain = [o for o in parsed if self._plain(o)]
-        key = tuple(o.input_line for o in parsed if not self._plain(o))
+        is_plain = [self._plain(o) for o in parsed]
+        plain = [o for o, yes in zip(parsed, is_plain) if yes]
+        key = tuple(o.input_line for o, yes in zip(parsed, is_plain) if not yes)
         if key not in self.templates:
             template = self.loader.load_sweep_config(self.master, list(key))
             if not plain:  # Hydra composed exactly this point: nothing to check
