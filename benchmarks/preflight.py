@@ -35,7 +35,7 @@ make = Plugins.instantiate_sweeper
 def instantiate_sweeper(self, **kw):
     sweeper = make(self, **kw)
     composer = sys.modules["hydra_plugins.ipsweep_plugins.compose"].Composer
-    composer.__call__ = lambda self, o: self.loader.load_sweep_config(self.master, o)
+    composer.__call__ = composer.hydra
     return sweeper
 Plugins.instantiate_sweeper = instantiate_sweeper
 sys.argv = ["launch.py", *sys.argv[1:]]

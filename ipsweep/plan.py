@@ -120,15 +120,19 @@ def job_config(sweep_config):
     before = hydra_config.cfg
     hydra_config.set_config(sweep_config)  # so ${hydra:...} resolves to this point's values
     try:
-        job = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
-        try:
-            OmegaConf.resolve(job)  # plan() says which values are missing (???)
-        except InterpolationToMissingValueError:
-            require_values(job)
-            raise
-        return job
+        return resolve(OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"]))
     finally:
         hydra_config.cfg = before
+
+
+def resolve(job):
+    """Resolve a job config in place (${hydra:...} from HydraConfig as it is set); return it."""
+    try:
+        OmegaConf.resolve(job)
+    except InterpolationToMissingValueError:  # say which values are missing (???)
+        require_values(job)
+        raise
+    return job
 
 
 def entry(num: int, overrides: list[str], cfg, point: Point) -> dict:

@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from hydra_plugins.ipsweep_plugins.compose import Composer
+from ipsweep import plan
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -34,8 +35,10 @@ def _assert_same_as_hydra(arguments: list[str]) -> int:
         jobs, loader, master = _jobs_and_composers(arguments)
         compose = Composer(loader, master)
         for job in jobs:
-            ours = OmegaConf.to_container(compose(list(job)))
-            assert ours == OmegaConf.to_container(loader.load_sweep_config(master, list(job))), job
+            cfg, env_set = compose(list(job))
+            hydra = loader.load_sweep_config(master, list(job))
+            assert OmegaConf.to_container(cfg) == OmegaConf.to_container(plan.job_config(hydra)), job
+            assert env_set == dict(hydra.hydra.job.env_set), job
         assert None not in compose.templates.values(), "a set of points fell back to Hydra's composition"
         return len(jobs), len(compose.templates)
 
@@ -72,10 +75,17 @@ def test_every_preset_point_composes_as_hydra_composes_it(preset):
             8,
             2,
         ),
+        # values that read the point's own hydra node: its override list, and the sweep dir through `name`
+        (["name=a,b", "+tag=${hydra:job.override_dirname}", "train.seed=0,1"], 4, 1),
         # config groups only: each point is Hydra's own composition
         (["setting=trait_pair,gcd_sycophancy", "model=tiny_random,smollm2_135m"], 4, 4),
     ],
-    ids=["group axis, interpolation, plain axes", "list values, deletion, hydra override", "groups only"],
+    ids=[
+        "group axis, interpolation, plain axes",
+        "list values, deletion, hydra override",
+        "hydra values per point",
+        "groups only",
+    ],
 )
 def test_sweeps_mixing_groups_and_values_compose_as_hydra_composes_them(arguments, jobs, compositions):
     assert _assert_same_as_hydra(arguments) == (jobs, compositions), "one composition per config-group choice"

@@ -79,9 +79,8 @@ class IpsweepSweeper(BasicSweeper):
         compose, settings = Composer(self.hydra_context.config_loader, self.config), {}
         for num, overrides in enumerate(jobs):
             try:
-                sweep_config = compose(list(overrides))
-                cfg = plan.job_config(sweep_config)
-                with _job_env(sweep_config.hydra.job.env_set):  # e.g. HF_HUB_OFFLINE, as the job will see it
+                cfg, env_set = compose(list(overrides))
+                with _job_env(env_set):  # e.g. HF_HUB_OFFLINE, as the job will see it
                     point = plan.entry(num, filter_overrides(overrides), cfg, plan.plan(cfg, settings))
                 point["config"] = OmegaConf.to_container(cfg)
                 points.append(point)
