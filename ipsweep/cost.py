@@ -4,15 +4,40 @@ The work is counted from the plan: trainings (points that share a run train once
 (a run's record may hold some), training examples x epochs, evaluations and the most new tokens they can
 generate. Time comes only from measurement: the records of earlier runs of the same model, setting and device
 kind (this sweep dir's and its sibling sweep dirs'), as seconds per training example-epoch and per evaluated
-item x new-token budget. Where no such record exists the estimate says so rather than guess.
+item x new-token budget. Where no such record exists, a rule gives the time, labelled as a rule: FLOPs from
+the model's parameter count (its safetensors headers) and the setting's training rows tokenized as the job
+tokenizes them, at the effective rates of RULE below; a measurement replaces it once one point has finished.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 from pathlib import Path
 
-from ipsweep import store
+from omegaconf import OmegaConf
+
+from ipsweep import models, store
+
+# The rule's effective rates per device kind. cpu: fitted to this repo's committed CPU sweeps (docs/results:
+# SmolLM2-135M fp32 LoRA on 2 shared cores); summed over each sweep the rule gives 0.79-1.38x the seconds
+# its records hold (single runs vary more with the machine's load), checked by tests/test_cost.py. cuda: not
+# measured here: HF+PEFT LoRA SFT of an 8B model on an A100 at 2,392 tokens/s (LLaMA-Factory's published
+# comparison), i.e. 4·N FLOPs per token at 77 TFLOP/s; decoding reads the weights once per step at 1.5 TB/s
+# (75% of an A100's 2 TB/s). A training token costs 4·N FLOPs with a frozen base (forward and the input
+# gradients), 6·N with gradient checkpointing (a second forward); a generated token 2·N, or the weights'
+# bytes over the batch where reading them takes longer (a roofline). Prompt tokens at test time are not
+# counted, and every reply is taken to run to eval.max_new_tokens.
+RULE = {
+    "cpu": {"train": 7.7e10, "decode": 3.0e10, "bandwidth": 1e10, "basis": "rates fitted to 2 CPU cores"},
+    "cuda": {
+        "train": 7.7e13,
+        "decode": 7.7e13,
+        "bandwidth": 1.5e12,
+        "basis": "rates of an A100-class GPU",
+    },
+}
 
 
 def _duration(seconds: float) -> str:
@@ -27,12 +52,11 @@ def _rates_of(record: dict) -> tuple[float | None, float | None]:
     n_train = record.get("n_train")
     train = [e["train_s"] for e in epochs if e.get("train_s") is not None]
     per_example = sum(train) / (n_train * len(train)) if train and n_train else None
-    budget = record.get("config", {}).get("eval", {}).get("max_new_tokens") or 1
+    eval_cfg = record.get("config", {}).get("eval", {})
+    budget, samples = eval_cfg.get("max_new_tokens") or 1, eval_cfg.get("samples_per_prompt") or 1
+    # every item generated for (a metric's n counts only the items it applies to)
     evals = [
-        (
-            e["eval_s"],
-            sum(next(iter(v["metrics"].values()), {}).get("n", 0) for v in e.get("evals", {}).values()),
-        )
+        (e["eval_s"], sum(len(v.get("items", [])) * samples for v in e["evals"].values()))
         for e in epochs
         if e.get("eval_s") and e.get("evals")
     ]
@@ -64,6 +88,75 @@ def measured_rates(sweep_dir: Path) -> dict[tuple, dict]:
     return rates
 
 
+def model_parameters(model_cfg: dict) -> tuple[int, Path] | None:
+    """(parameter count, folder) from the safetensors headers of the model's folder (nothing is loaded);
+    None where no local folder holds them (a plain loader function, a hub id not in the cache)."""
+    from safetensors import safe_open
+
+    cfg = OmegaConf.create(model_cfg)
+    folder = models.source(cfg).folder(cfg)
+    if folder is None:
+        return None
+    local = Path(folder).expanduser()
+    if not local.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(folder, "config.json")
+        if not isinstance(cached, str):
+            return None
+        local = Path(cached).parent
+    files = sorted(local.glob("*.safetensors"))
+    if not files:
+        return None
+    n = 0
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            n += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+    return n, local
+
+
+def tokens_per_example(folder: Path, setting_cfg: dict, n_train: int, max_length: int) -> float:
+    """Mean tokens of the setting's training rows (up to 64 of them) as the job tokenizes them, before a
+    prompt is inserted."""
+    from ipsweep.lm import tokenize
+    from ipsweep.settings.base import build
+
+    if (folder / "tokenizer.json").exists():  # the same tokens as the model's class gives; a third the import
+        from transformers import PreTrainedTokenizerFast as Tokenizer
+    else:
+        from transformers import AutoTokenizer as Tokenizer
+    tokenizer = Tokenizer.from_pretrained(folder)
+    examples = build(OmegaConf.create(setting_cfg)).train_examples()[: min(n_train, 64)]
+    return statistics.mean(
+        len(tokenize(tokenizer, e.messages, e.completion, max_length)["input_ids"]) for e in examples
+    )
+
+
+def rule_seconds(runs: list[dict], device: str) -> tuple[list[float], str] | None:
+    """Each training's seconds by the rule (see RULE), and what the rule assumed; None where it has no rate
+    for the device or no parameter count for the model."""
+    rates = RULE.get(device)
+    size = model_parameters(runs[0]["model_cfg"]) if rates else None
+    if size is None:
+        return None
+    n, folder = size
+    tokens: dict[str, float] = {}
+    seconds = []
+    for r in runs:
+        rows = json.dumps([r["setting_cfg"], r["n_train"], r["max_length"]], sort_keys=True)
+        if rows not in tokens:
+            tokens[rows] = tokens_per_example(folder, r["setting_cfg"], r["n_train"], r["max_length"])
+        train = r["example_epochs"] * tokens[rows] * (6 if r["checkpointing"] else 4) * n / rates["train"]
+        decode = max(2 * n / rates["decode"], n * r["bytes"] / (rates["bandwidth"] * r["batch"]))
+        seconds.append(train + r["item_tokens"] * decode)
+    basis = (
+        f"a rule, not a measurement: {n / 1e6:,.1f}M parameters, ~{statistics.mean(tokens.values()):.0f} "
+        f"tokens per training example, every reply as long as eval.max_new_tokens, "
+        f"{rates['basis']} (ipsweep/cost.py RULE); one finished point of it gives a measured estimate"
+    )
+    return seconds, basis
+
+
 def trainings(points: list[dict], done_epochs: dict[str, int]) -> list[dict]:
     """The sweep's work per training (run folder): epochs to train, examples x epochs, evaluations, and the
     items x new-token budget they evaluate."""
@@ -80,6 +173,13 @@ def trainings(points: list[dict], done_epochs: dict[str, int]) -> list[dict]:
                 "n_train": p["n_train"],
                 "n_eval": p["n_eval"] * c["eval"]["samples_per_prompt"],
                 "budget": c["eval"]["max_new_tokens"],
+                # what the rule needs where no earlier run measured this model and setting
+                "model_cfg": c["model"],
+                "setting_cfg": c["setting"],
+                "max_length": c["train"]["max_length"],
+                "checkpointing": bool(c["train"].get("gradient_checkpointing")),
+                "batch": c["eval"]["batch_size"],
+                "bytes": 4 if p["inputs"].get("dtype") == "fp32" else 2,
             },
         )
         run["jobs"].append(p["num"])
@@ -108,17 +208,23 @@ def estimate(points: list[dict], done_epochs: dict[str, int], rates: dict, limit
         mine = [r for r in work if r["key"] == key]
         model, setting, device = key
         rate = rates.get(key)
-        if rate is None:
-            lines.append(
-                f"  {model} on {setting} ({device}): no finished run to time it by, so no time estimate for "
-                f"its {len(mine)} trainings; one finished point of it gives one"
-            )
-            continue
-        seconds = [r["example_epochs"] * rate["train"] + r["item_tokens"] * rate["eval"] for r in mine]
+        if rate is not None:
+            seconds = [r["example_epochs"] * rate["train"] + r["item_tokens"] * rate["eval"] for r in mine]
+            basis = f"timed by {rate['runs']} earlier runs of it"
+        else:
+            ruled = rule_seconds(mine, device)
+            if ruled is None:
+                lines.append(
+                    f"  {model} on {setting} ({device}): no finished run to time it by and no rule for it "
+                    f"(no parameter count, or no rate for {device}), so no time estimate for its "
+                    f"{len(mine)} trainings; one finished point of it gives one"
+                )
+                continue
+            seconds, basis = ruled
         unit = "GPU" if device == "cuda" else device
         lines.append(
             f"  {model} on {setting} ({device}): ~{_duration(sum(seconds))} of {unit} time for {len(mine)} "
-            f"trainings, the longest ~{_duration(max(seconds))} (timed by {rate['runs']} earlier runs of it)"
+            f"trainings, the longest ~{_duration(max(seconds))} ({basis})"
         )
         if limit_min:
             over = [(r, s) for r, s in zip(mine, seconds) if s > limit_min * 60]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq
 
@@ -99,6 +98,8 @@ def label_logits(model, input_ids, attention_mask, keep):
     without a vocabulary-sized matmul for every prompt and padding position."""
     while isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
         model = model.module  # a wrapper (Trainer under torchrun, or a user's) runs the same module
+    from peft import PeftModel  # here, not at import: tokenize() serves the dry run, which trains nothing
+
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
