@@ -124,3 +124,25 @@ def test_analysis_logs_to_the_project_the_sweep_used(tmp_path):
 
     OmegaConf.save(OmegaConf.create({"logger": {"project": "my-ip"}}), tmp_path / "multirun.yaml")
     assert sweep_project([tmp_path]) == "my-ip" and sweep_project([tmp_path / "none"]) is None
+
+
+def test_a_file_version_is_hashed_once_per_machine_not_once_per_job(tmp_path, monkeypatch):
+    """Weights are hashed for every run's identity; each job is a new process, so the digest of a file version
+    (path, size, modification time) is kept on disk and a later job reads it instead of the file."""
+    import hashlib
+    import os
+
+    from ipsweep.settings.base import _digest, file_digest
+
+    monkeypatch.setenv("IPSWEEP_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    first = file_digest(weights)
+    assert first == hashlib.sha256(b"a" * 4096).hexdigest()[:16]
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 4096)  # other bytes under the same size and time: only the cache knows `first`
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _digest.cache_clear()  # the next job's process
+    assert file_digest(weights) == first, "the digest was read from the on-disk cache, not recomputed"
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new version of the file
+    assert file_digest(weights) == hashlib.sha256(b"b" * 4096).hexdigest()[:16]

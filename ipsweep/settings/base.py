@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cache
@@ -191,14 +192,28 @@ def _data_name(path: Path) -> str:
 
 @cache
 def _digest(path: Path, size: int, mtime_ns: int) -> str:
+    """A file version's sha256, read from the on-disk cache or computed once and written there: every job of a
+    sweep is its own process, and re-hashing a 7B model's weights in each read ~16 GB a job."""
+    from ipsweep.models import cache_dir
+
+    key = hashlib.sha256(f"{path.resolve()}\0{size}\0{mtime_ns}".encode()).hexdigest()[:32]
+    cached = cache_dir().parent / "digests" / key
+    if cached.is_file():
+        return cached.read_text()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    digest = h.hexdigest()[:16]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f".{key}.{os.getpid()}")  # jobs racing to write it write the same text
+    partial.write_text(digest)
+    partial.replace(cached)
+    return digest
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (cached per process by path, size and modification time)."""
+    """sha256 of a file's bytes, computed once per file version (path, size and modification time) on this
+    machine's cache (models.cache_dir's parent, `digests/`) and kept per process."""
     st = Path(path).stat()
     return _digest(Path(path), st.st_size, st.st_mtime_ns)
