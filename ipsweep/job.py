@@ -427,6 +427,7 @@ class _Work:
             train_s=round(train_s, 2),
             eval_s=round(time.time() - t, 2),
             evals=evals,
+            **({"micro_batch": ep.micro_batch} if ep.micro_batch else {}),  # else unset: records as before
         )
         self.record.add_epoch(ep.epoch, entry)
         self.run_dir.save(self.record)

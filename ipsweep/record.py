@@ -54,6 +54,8 @@ class Epoch(_Open):
     checkpoint: str | None = None
     train_s: float | None = None
     eval_s: float | None = None
+    # [micro-batch, gradient accumulation] where out-of-memory made training use a smaller micro-batch
+    micro_batch: list[int] | None = None
 
 
 class Attempt(_Open):

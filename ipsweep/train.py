@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import find_executable_batch_size
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
@@ -102,6 +103,42 @@ class EpochLog:
     loss: float  # mean training loss over the epoch's optimizer steps
     losses: list[float]
     checkpoint: str
+    # [micro-batch, gradient accumulation] it trained at where out-of-memory made the micro-batch smaller
+    micro_batch: list[int] | None = None
+
+
+class Micro:
+    """The micro-batch a run trains at. On out-of-memory it halves (to a divisor of the effective batch, down
+    to 1) and the gradient accumulation grows to keep the effective batch, so the run, its signature and its
+    numbers stay the same (the loss is normalised by the accumulated batch's reply tokens); later epochs
+    keep the smaller size."""
+
+    def __init__(self, cfg):
+        self.cfg, self.size, self.epoch = cfg, cfg.batch_size, 0
+        self.effective = cfg.batch_size * cfg.grad_accum
+
+    def halve(self) -> int:
+        cfg = self.cfg
+        if self.size == 1:
+            raise OutOfMemory(
+                f"out of GPU memory while training epoch {self.epoch} at a micro-batch of 1 "
+                f"(train.batch_size={cfg.batch_size} x train.grad_accum={cfg.grad_accum}, "
+                f"train.max_length={cfg.max_length}, "
+                f"train.gradient_checkpointing={cfg.gradient_checkpointing}); fix: lower train.max_length, "
+                "set train.gradient_checkpointing=true, or use a smaller model or a larger GPU"
+            )
+        smaller = max(d for d in range(1, self.size // 2 + 1) if self.effective % d == 0)
+        log.warning(
+            "out of memory while training epoch %d at a micro-batch of %d; retrying the epoch at %d x %d "
+            "gradient accumulation (the same effective batch of %d)",
+            self.epoch,
+            self.size,
+            smaller,
+            self.effective // smaller,
+            self.effective,
+        )
+        self.size = smaller
+        return smaller
 
 
 class _Watch(TrainerCallback):
@@ -198,13 +235,16 @@ _CHECKPOINTING = (
 )
 
 
-def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu") -> TrainingArguments:
+def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu", micro: int | None = None):
+    """`micro`: the micro-batch to train at (default train.batch_size), with the gradient accumulation that
+    keeps the effective batch train.batch_size x train.grad_accum."""
     cuda = device == "cuda"
+    micro = micro or cfg.batch_size
     args = TrainingArguments(
         output_dir=str(out_dir),
         num_train_epochs=epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=cfg.batch_size * cfg.grad_accum // micro,
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
         lr_scheduler_type="constant_with_warmup",
@@ -269,31 +309,37 @@ def finetune(
     device = next(model.parameters()).device.type
     model = add_lora(model, cfg.lora, cfg.seed)
     start = max(done, default=0)
+    micro = Micro(cfg)
     for epoch in range(start + 1, cfg.epochs + 1):
-        watch = _Watch()
-        trainer = ReplyLossTrainer(
-            model=model,
-            args=_args(cfg, out_dir, epoch, device),
-            train_dataset=rows,
-            data_collator=collator(tokenizer),
-            callbacks=[watch, _Progress(epoch, cfg.epochs)],
-        )
-        trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
-        try:
+        # the adapter as the epoch starts: an attempt that ran out of memory may have taken optimizer steps
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        @find_executable_batch_size(starting_batch_size=micro.size, reduce_batch_size_fn=micro.halve)
+        def train_epoch(batch_size, epoch=epoch, weights=weights):
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in weights:
+                        p.copy_(weights[n])
+            watch = _Watch()
+            trainer = ReplyLossTrainer(
+                model=model,
+                args=_args(cfg, out_dir, epoch, device, batch_size),
+                train_dataset=rows,
+                data_collator=collator(tokenizer),
+                callbacks=[watch, _Progress(epoch, cfg.epochs)],
+            )
+            trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
             trainer.train(resume_from_checkpoint=done.get(epoch - 1))
-        except torch.OutOfMemoryError as e:
-            raise OutOfMemory(
-                f"out of GPU memory while training epoch {epoch} (train.batch_size={cfg.batch_size}, "
-                f"train.max_length={cfg.max_length}, "
-                f"train.gradient_checkpointing={cfg.gradient_checkpointing}); fix: lower "
-                "train.batch_size and raise train.grad_accum to keep the effective batch, lower "
-                "train.max_length, "
-                "or set train.gradient_checkpointing=true"
-            ) from e
+            return trainer, watch
+
+        micro.epoch = epoch
+        trainer, watch = train_epoch()
+        del weights
         checkpoint = str(out_dir / f"checkpoint-{trainer.state.global_step}")
         done[epoch] = checkpoint
         steps = len(watch.losses)
-        on_epoch_end(
-            EpochLog(epoch, steps, sum(watch.losses) / max(steps, 1), watch.losses, checkpoint), model
-        )
+        log_ = EpochLog(epoch, steps, sum(watch.losses) / max(steps, 1), watch.losses, checkpoint)
+        if micro.size != cfg.batch_size:
+            log_.micro_batch = [micro.size, cfg.batch_size * cfg.grad_accum // micro.size]
+        on_epoch_end(log_, model)
     return model

@@ -116,3 +116,49 @@ def test_reply_only_loss_equals_the_models_own_loss(make_cfg, tmp_path):
     assert trainer.compute_loss(model, truncated).item() == 0.0, (
         "no reply tokens: nothing to learn, not a NaN"
     )
+
+
+def test_out_of_memory_retries_at_a_smaller_micro_batch_and_trains_the_same_run(
+    make_cfg, tmp_path, monkeypatch
+):
+    """A micro-batch above 2 runs out of memory once an optimizer step has been taken: training retries the
+    epoch at 4 then 2 (x 2 and x 4 gradient accumulation), from the adapter as the epoch began, and ends where
+    a run that never ran out of memory ends; later epochs keep the smaller micro-batch."""
+    from ipsweep.train import ReplyLossTrainer
+
+    cfg = make_cfg(
+        "train.epochs=2", "train.lr=1e-3", "train.warmup_steps=0", "train.batch_size=8", "train.grad_accum=1"
+    )
+    straight = _train(cfg, tmp_path / "a", {})
+    step = ReplyLossTrainer.training_step
+    sizes = []
+
+    def short_of_memory(self, model, inputs, *args, **kwargs):
+        sizes.append(len(inputs["input_ids"]))
+        if len(inputs["input_ids"]) > 2 and self.state.global_step >= 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(ReplyLossTrainer, "training_step", short_of_memory)
+    retried = _train(cfg, tmp_path / "b", {})
+    assert sorted(set(sizes)) == [2, 4, 8]
+    assert [e.micro_batch for e in retried] == [[2, 4], [2, 4]]
+    assert [e.steps for e in retried] == [e.steps for e in straight]
+    for a, b in zip(straight, retried):
+        assert abs(a.loss - b.loss) < 1e-4
+    w_a = load_file(f"{straight[-1].checkpoint}/adapter_model.safetensors")
+    w_b = load_file(f"{retried[-1].checkpoint}/adapter_model.safetensors")
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_at_a_micro_batch_of_1_names_the_fixes(make_cfg, tmp_path, monkeypatch):
+    from ipsweep.errors import OutOfMemory
+    from ipsweep.train import ReplyLossTrainer
+
+    def short_of_memory(self, model, inputs, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ReplyLossTrainer, "training_step", short_of_memory)
+    with pytest.raises(OutOfMemory, match="at a micro-batch of 1 .*fix: lower train.max_length"):
+        _train(make_cfg("train.epochs=1", "train.batch_size=4"), tmp_path / "c", {})
