@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ipsweep import models, store
+from ipsweep.errors import ConfigError
 
 # The rule's effective rates per device kind. cpu: fitted to this repo's committed CPU sweeps (docs/results:
 # SmolLM2-135M fp32 LoRA on 2 shared cores); summed over each sweep the rule gives 0.79-1.38x the seconds
@@ -136,17 +137,23 @@ def rule_seconds(runs: list[dict], device: str) -> tuple[list[float], str] | Non
     """Each training's seconds by the rule (see RULE), and what the rule assumed; None where it has no rate
     for the device or no parameter count for the model."""
     rates = RULE.get(device)
-    size = model_parameters(runs[0]["model_cfg"]) if rates else None
-    if size is None:
+    try:
+        size = model_parameters(runs[0]["model_cfg"]) if rates else None
+        if size is None:
+            return None
+        n, folder = size
+        tokens: dict[str, float] = {}  # per distinct (setting, n_train, max_length)
+        per_run = []
+        for r in runs:
+            rows = json.dumps([r["setting_cfg"], r["n_train"], r["max_length"]], sort_keys=True)
+            if rows not in tokens:
+                tokens[rows] = tokens_per_example(folder, r["setting_cfg"], r["n_train"], r["max_length"])
+            per_run.append(tokens[rows])
+    except (OSError, ValueError, KeyError, ConfigError):  # an estimate: it must not stop the dry run
         return None
-    n, folder = size
-    tokens: dict[str, float] = {}
     seconds = []
-    for r in runs:
-        rows = json.dumps([r["setting_cfg"], r["n_train"], r["max_length"]], sort_keys=True)
-        if rows not in tokens:
-            tokens[rows] = tokens_per_example(folder, r["setting_cfg"], r["n_train"], r["max_length"])
-        train = r["example_epochs"] * tokens[rows] * (6 if r["checkpointing"] else 4) * n / rates["train"]
+    for r, per_example in zip(runs, per_run):
+        train = r["example_epochs"] * per_example * (6 if r["checkpointing"] else 4) * n / rates["train"]
         decode = max(2 * n / rates["decode"], n * r["bytes"] / (rates["bandwidth"] * r["batch"]))
         seconds.append(train + r["item_tokens"] * decode)
     basis = (
