@@ -286,6 +286,25 @@ def single_device(args: TrainingArguments) -> TrainingArguments:
     return args
 
 
+def _train_epoch(batch_size, model, tokenizer, rows, cfg, out_dir, epoch, device, done, weights):
+    """One epoch at a micro-batch of `batch_size`, from `weights` (the adapter as the epoch began)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in weights:
+                p.copy_(weights[n])
+    watch = _Watch()
+    trainer = ReplyLossTrainer(
+        model=model,
+        args=_args(cfg, out_dir, epoch, device, batch_size),
+        train_dataset=rows,
+        data_collator=collator(tokenizer),
+        callbacks=[watch, _Progress(epoch, cfg.epochs)],
+    )
+    trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
+    trainer.train(resume_from_checkpoint=done.get(epoch - 1))
+    return trainer, watch
+
+
 def finetune(
     model,
     tokenizer,
@@ -313,28 +332,14 @@ def finetune(
     for epoch in range(start + 1, cfg.epochs + 1):
         # the adapter as the epoch starts: an attempt that ran out of memory may have taken optimizer steps
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-        @find_executable_batch_size(starting_batch_size=micro.size, reduce_batch_size_fn=micro.halve)
-        def train_epoch(batch_size, epoch=epoch, weights=weights):
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in weights:
-                        p.copy_(weights[n])
-            watch = _Watch()
-            trainer = ReplyLossTrainer(
-                model=model,
-                args=_args(cfg, out_dir, epoch, device, batch_size),
-                train_dataset=rows,
-                data_collator=collator(tokenizer),
-                callbacks=[watch, _Progress(epoch, cfg.epochs)],
-            )
-            trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
-            trainer.train(resume_from_checkpoint=done.get(epoch - 1))
-            return trainer, watch
-
         micro.epoch = epoch
-        trainer, watch = train_epoch()
-        del weights
+        # a module-level function, its inputs passed as arguments: a failed job's traceback then holds the
+        # model only in frame locals, which job.release clears (a closure's cells would keep it alive)
+        train_epoch = find_executable_batch_size(
+            _train_epoch, starting_batch_size=micro.size, reduce_batch_size_fn=micro.halve
+        )
+        trainer, watch = train_epoch(model, tokenizer, rows, cfg, out_dir, epoch, device, done, weights)
+        del weights, train_epoch
         checkpoint = str(out_dir / f"checkpoint-{trainer.state.global_step}")
         done[epoch] = checkpoint
         steps = len(watch.losses)
