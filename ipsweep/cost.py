@@ -22,7 +22,7 @@ from ipsweep import models, store
 from ipsweep.errors import ConfigError
 
 # The rule's effective rates per device kind. cpu: fitted to this repo's committed CPU sweeps (docs/results:
-# SmolLM2-135M fp32 LoRA on 2 shared cores); summed over each sweep the rule gives 0.79-1.38x the seconds
+# SmolLM2-135M fp32 LoRA on 2 shared cores); summed over each sweep the rule gives 0.78-1.70x the seconds
 # its records hold (single runs vary more with the machine's load), checked by tests/test_cost.py. cuda: not
 # measured here: HF+PEFT LoRA SFT of an 8B model on an A100 at 2,392 tokens/s (LLaMA-Factory's published
 # comparison), i.e. 4·N FLOPs per token at 77 TFLOP/s; decoding reads the weights once per step at 1.5 TB/s
