@@ -345,6 +345,6 @@ def finetune(
         steps = len(watch.losses)
         log_ = EpochLog(epoch, steps, sum(watch.losses) / max(steps, 1), watch.losses, checkpoint)
         if micro.size != cfg.batch_size:
-            log_.micro_batch = [micro.size, cfg.batch_size * cfg.grad_accum // micro.size]
+            log_.micro_batch = [micro.size, micro.effective // micro.size]
         on_epoch_end(log_, model)
     return model
