@@ -20,6 +20,9 @@ PROMPT_MODES = ("fixed", "mixed")
 SAMPLINGS = ("group_by_length", "random")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZATIONS = ("4bit",)  # model.quantization (null: none)
+# model.attn_implementation (null: transformers' default, sdpa where the model supports it)
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass
@@ -46,6 +49,15 @@ class ModelConfig:
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
     # auto (cuda where the job sees a GPU, else cpu) | cpu | cuda; the kind enters the signature
     device: str = "auto"
+    # 4bit: QLoRA (bitsandbytes NF4 with double quantization, LoRA on top; `pip install ipsweep[qlora]`).
+    # Enters the signature when set.
+    quantization: str | None = None
+    # the attention kernel (one of ATTN_IMPLEMENTATIONS); null: transformers' default. Enters the signature
+    # when set (kernels round differently in bf16).
+    attn_implementation: str | None = None
+    # null: the whole model on the job's one device, loaded straight onto it; auto: spread over every GPU the
+    # job sees (accelerate), for a model larger than one GPU. Placement only: not in the signature.
+    device_map: str | None = None
 
 
 @dataclass

@@ -191,10 +191,42 @@ def resolve_dtype(model_cfg, device: str | None = None) -> str:
 
 
 def numerics(model_cfg) -> dict:
-    """What, besides config, data and weights, changes a number: the device kind and the resolved dtype. Part
-    of every run signature and cache key, so a CPU fp32 smoke run and a GPU bf16 run never share a result."""
+    """What, besides config, data and weights, changes a number: the device kind and the resolved dtype, and
+    the quantization and attention kernel where one is asked for (absent otherwise, so runs made before these
+    options keep their signatures). Part of every run signature and cache key, so a CPU fp32 smoke run and a
+    GPU bf16 run never share a result."""
     device = resolve_device(model_cfg)
-    return {"device": device, "dtype": resolve_dtype(model_cfg, device)}
+    out = {"device": device, "dtype": resolve_dtype(model_cfg, device)}
+    for key in ("quantization", "attn_implementation"):
+        if model_cfg.get(key):
+            out[key] = model_cfg[key]
+    return out
+
+
+def load_options(model_cfg, device: str, dtype: str) -> dict:
+    """from_pretrained's keyword arguments for how the config asks the model to be loaded: on a GPU straight
+    onto it (the host never holds a full copy), or spread over the job's GPUs (device_map=auto); 4-bit
+    (QLoRA: NF4, double quantization, computing in the run's dtype); the attention kernel."""
+    import torch
+
+    out: dict = {}
+    if model_cfg.get("device_map"):
+        out["device_map"] = model_cfg.device_map
+    elif device == "cuda":
+        out["device_map"] = {"": 0}  # cuda:0 of the visible devices (docs/cluster.md, "One GPU per job")
+    if model_cfg.get("quantization") == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        out["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPES[dtype]),
+        )
+        out.setdefault("device_map", {"": 0} if device == "cuda" else {"": "cpu"})
+    if model_cfg.get("attn_implementation"):
+        out["attn_implementation"] = model_cfg.attn_implementation
+    return out
 
 
 def device_info() -> dict:
@@ -212,7 +244,8 @@ def device_info() -> dict:
     }
 
 
-def _load(path: str | Path, dtype: str, device: str = "cpu"):
+def _load(path: str | Path, dtype: str, device: str = "cpu", options: dict | None = None):
+    """`options`: from_pretrained's keyword arguments besides the dtype (load_options)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -230,10 +263,16 @@ def _load(path: str | Path, dtype: str, device: str = "cpu"):
             f"model '{path}' has no chat template; fix: use an instruct/chat model or a tokenizer that "
             "has one"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES[dtype]))
-    if device == "cuda":
-        # cuda:0 of the visible devices: a job uses one GPU (docs/cluster.md, "One GPU per job")
+    options = options or {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES[dtype]), **options)
+    if device == "cuda" and "device_map" not in options:
         model.to("cuda")
+    if "quantization_config" in options and device == "cpu":
+        # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs on the first evaluation, and its training
+        # path has no gradient for that layout (torch warns "an autograd kernel was not registered"): off
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return model, tokenizer
 
 
@@ -241,12 +280,37 @@ def load(model_cfg):
     """(model, tokenizer) from the source that `model_cfg._target_` names, with the device and dtype
     resolved as the run's signature has them."""
     n = numerics(model_cfg)
-    return source(model_cfg)(name=model_cfg.name, dtype=n["dtype"], path=model_cfg.path, device=n["device"])
+    found = source(model_cfg)
+    kwargs = {"name": model_cfg.name, "dtype": n["dtype"], "path": model_cfg.path, "device": n["device"]}
+    if isinstance(found, Loader):  # a plain function takes no options (check() refuses any)
+        return found(**kwargs)
+    return found(**kwargs, options=load_options(model_cfg, n["device"], n["dtype"]))
 
 
 def check(model_cfg) -> None:
-    """Pre-flight, without loading anything: raise ConfigError now if the job could not find its model."""
-    source(model_cfg).check(model_cfg)
+    """Pre-flight, without loading anything: raise ConfigError now if the job could not find its model or
+    load it as asked."""
+    found = source(model_cfg)
+    found.check(model_cfg)
+    asked = [k for k in ("quantization", "attn_implementation", "device_map") if model_cfg.get(k)]
+    if asked and isinstance(found, Loader):
+        raise ConfigError(
+            f"model._target_ '{model_cfg._target_}' is a plain loader function, which takes no "
+            f"model.{asked[0]}; fix: drop it, or load your model through a ModelSource (ipsweep/models.py)"
+        )
+    if model_cfg.get("quantization") and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"model.quantization={model_cfg.quantization} needs bitsandbytes, which is not installed; fix: "
+            "`pip install 'ipsweep[qlora]'` (or pip install bitsandbytes), or drop model.quantization"
+        )
+    if model_cfg.get("attn_implementation") in ("flash_attention_2", "flash_attention_3"):
+        package = "flash_attn" if model_cfg.attn_implementation == "flash_attention_2" else "flash_attn_3"
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"model.attn_implementation={model_cfg.attn_implementation} needs the {package} package, "
+                "which is not installed here; fix: install it on the GPU nodes' environment, or use "
+                "model.attn_implementation=sdpa"
+            )
 
 
 def weights_digest(model_cfg) -> str | None:
@@ -293,8 +357,9 @@ class ModelSource(ABC):
         return None
 
     @abstractmethod
-    def __call__(self, name: str | None = None, dtype: str = "fp32", path: str | None = None, device="cpu"):
-        """(model, tokenizer) in `dtype` on `device`."""
+    def __call__(self, name: str | None = None, dtype: str = "fp32", path=None, device="cpu", options=None):
+        """(model, tokenizer) in `dtype` on `device`; `options`: from_pretrained's further keyword arguments
+        (load_options)."""
 
 
 class Loader(ModelSource):
@@ -328,8 +393,8 @@ class Prepared(ModelSource):
         except PackageNotFoundError:
             return None  # check() reports the missing package
 
-    def __call__(self, name=None, dtype="fp32", path=None, device="cpu"):
-        return _load(self.prepare(), dtype, device)
+    def __call__(self, name=None, dtype="fp32", path=None, device="cpu", options=None):
+        return _load(self.prepare(), dtype, device, options)
 
     def folder(self, model_cfg) -> str | None:
         return str(self.prepare())
@@ -343,8 +408,8 @@ class Pretrained(ModelSource):
     def check(self, model_cfg) -> None:
         _pretrained_path(model_cfg.path)
 
-    def __call__(self, name=None, dtype="fp32", path=None, device="cpu"):
-        return _load(_pretrained_path(path), dtype, device)
+    def __call__(self, name=None, dtype="fp32", path=None, device="cpu", options=None):
+        return _load(_pretrained_path(path), dtype, device, options)
 
     def folder(self, model_cfg) -> str | None:
         return str(_pretrained_path(model_cfg.path))

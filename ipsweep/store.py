@@ -4,7 +4,8 @@ The signature hashes the *semantic* config: everything that can change a number,
 cannot. Excluded, by this reviewed list: the logger, the sweep name and paths, gradient checkpointing
 (it changes memory, not numbers), train.max_cut_share (a check) and setting.max_length (it enters as
 train.max_length), model.device and model.dtype as written (they enter resolved, with the inputs: `auto` on
-a CPU is cpu and fp32), the rest of the prompt library (only the
+a CPU is cpu and fp32; so do model.quantization and model.attn_implementation, where set), model.device_map
+(where the layers sit, not what they compute), the rest of the prompt library (only the
 run's own *training* prompt enters, by its text, placement and, when mixed, its paraphrases; so
 `train.prompt_mode` and `prompt_placement` enter through it), the test-time prompts and leak tests
 (a run is a trained model; each evaluation under a test prompt is added to its record when first
@@ -61,6 +62,9 @@ EXCLUDED = (
     "setting.max_length",
     "model.device",
     "model.dtype",
+    "model.quantization",
+    "model.attn_implementation",
+    "model.device_map",
     "setting.prompts",
     "eval.extra_test_prompts",
     "eval.test_grid",

@@ -20,12 +20,14 @@ from omegaconf import OmegaConf
 
 from ipsweep import models, prompts
 from ipsweep.config import (
+    ATTN_IMPLEMENTATIONS,
     DEVICES,
     DTYPES,
     ENGINES,
     ESTIMATORS,
     PLACEMENTS,
     PROMPT_MODES,
+    QUANTIZATIONS,
     SAMPLINGS,
     STATISTICS,
     SUBSETS,
@@ -117,6 +119,39 @@ def engine_problems(cfg) -> list[str]:
     return out
 
 
+def _loading_problems(cfg) -> list[str]:
+    """model.quantization, attn_implementation and device_map: known values, and combinations that work."""
+    m, out = cfg.model, []
+    if m.get("quantization") not in (None, *QUANTIZATIONS):
+        out.append(
+            f"model.quantization={m.quantization} is unknown; fix: one of {', '.join(QUANTIZATIONS)}, or null"
+        )
+    elif m.get("quantization"):
+        if cfg.eval.engine == "vllm":
+            out.append(
+                f"model.quantization={m.quantization} with eval.engine=vllm: the engine would serve the "
+                "unquantized base model, not the one the adapters were trained on; fix: eval.engine=hf"
+            )
+    if m.get("attn_implementation") not in (None, *ATTN_IMPLEMENTATIONS):
+        out.append(
+            f"model.attn_implementation={m.attn_implementation} is unknown; fix: one of "
+            f"{', '.join(ATTN_IMPLEMENTATIONS)}, or null for transformers' default"
+        )
+    elif str(m.get("attn_implementation")).startswith("flash") and m.get("device") == "cpu":
+        out.append(
+            f"model.attn_implementation={m.attn_implementation} runs on a GPU only, and model.device=cpu; "
+            "fix: model.attn_implementation=sdpa (or null)"
+        )
+    if m.get("device_map") not in (None, "auto"):
+        out.append(
+            f"model.device_map={m.device_map} is unknown; fix: auto (spread over the job's GPUs) or null "
+            "(the job's one device)"
+        )
+    elif m.get("device_map") and m.get("device") == "cpu":
+        out.append("model.device_map=auto spreads a model over GPUs, and model.device=cpu; fix: drop it")
+    return out
+
+
 def _problems(cfg) -> list[str]:
     t, e, out = cfg.train, cfg.eval, []
 
@@ -182,6 +217,7 @@ def _problems(cfg) -> list[str]:
         out.append(f"model.dtype={cfg.model.dtype} is unknown; fix: one of {', '.join(DTYPES)}")
     if cfg.model.get("device", "auto") not in DEVICES:
         out.append(f"model.device={cfg.model.device} is unknown; fix: one of {', '.join(DEVICES)}")
+    out += _loading_problems(cfg)
     if not 0 <= t.max_cut_share <= 1:
         out.append(
             f"train.max_cut_share={t.max_cut_share} must be a share in [0, 1]; fix: e.g. "
