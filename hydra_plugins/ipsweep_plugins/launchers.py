@@ -156,6 +156,10 @@ class LocalGpusLauncher(_Launcher):
     _EXECUTOR = "local"
     _OWN_KEYS = ("gpus", "jobs_per_gpu", "cpus_per_job", "max_jobs")
 
+    def gpu_slots(self) -> bool:
+        """Whether the slots are GPUs (not a CPU-only machine's cores)."""
+        return self.slots()[0] is not None
+
     def slots(self) -> list[str | None]:
         """One entry per concurrent job: its GPU id as CUDA_VISIBLE_DEVICES takes it (an index, a GPU-... UUID
         or a MIG-... id, as SLURM or a user gives them), or None on a CPU-only machine."""

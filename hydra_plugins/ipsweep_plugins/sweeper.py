@@ -24,8 +24,8 @@ from hydra.core.utils import filter_overrides
 from omegaconf import OmegaConf
 
 from hydra_plugins.ipsweep_plugins.compose import Composer
-from hydra_plugins.ipsweep_plugins.launchers import SlurmLauncher, require_slurm
-from ipsweep import cost, plan, status
+from hydra_plugins.ipsweep_plugins.launchers import LocalGpusLauncher, SlurmLauncher, require_slurm
+from ipsweep import cost, memory, plan, status
 from ipsweep.errors import ConfigError, SweepFailed
 from ipsweep.tracking import online_mode
 
@@ -131,6 +131,9 @@ class IpsweepSweeper(BasicSweeper):
             return []
         if isinstance(self.launcher, SlurmLauncher):
             require_slurm()  # before the sweep dir or manifest is written
+        if isinstance(self.launcher, LocalGpusLauncher) and self.launcher.gpu_slots():
+            # jobs that share a GPU must fit it together (ConfigError otherwise, before any job starts)
+            memory.report(points, self.config.hydra.launcher, self.launcher.jobs_per_gpu, refuse=True)
         for logger in {json.dumps(p["config"]["logger"], sort_keys=True) for p in points}:
             logger = json.loads(logger)
             if logger["backend"] == "wandb":
@@ -226,6 +229,9 @@ class IpsweepSweeper(BasicSweeper):
         print(status.table(rows))
         limit = self.config.hydra.launcher.get("timeout_min") if hasattr(self.launcher, "render") else None
         print("\n" + cost.estimate(points, done_epochs, cost.measured_rates(sweep_dir), limit))
+        jobs_per_gpu = getattr(self.launcher, "jobs_per_gpu", 1)
+        lines, _ = memory.report(points, self.config.hydra.launcher, jobs_per_gpu)
+        print("memory per job (an estimate on a GPU: ipsweep/memory.py):\n" + "\n".join(lines))
         print(f"\nlauncher: {self.config.hydra.launcher._target_.rsplit('.', 1)[-1]}")
         if hasattr(self.launcher, "render"):
             print(f"sbatch script for the array:\n{self.launcher.render(len(points))}")
