@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench venv vllm clean
+.PHONY: demo test bench venv vllm clean gpu-check gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -50,6 +50,21 @@ BENCHMARKS := train_throughput eval_generation elicitation epochs_axis fixed_cos
 bench: venv vllm
 	$(VENV)/bin/ipsweep prepare
 	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
+
+# Benchmark 11 on a GPU node with this venv (BENCHMARKS.md #11); --tiny runs it on a CPU.
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py --out outputs/gpu-check
+
+# What a bare CUDA image (torch, transformers, peft, accelerate, pandas there) lacks to run gpu_check.py from a
+# copy of this tree: wheels for Python 3.12 x86-64 in .whl/ (~24 MB; the device tool carries them).
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 submitit==1.5.4 hydra-submitit-launcher==1.2.0 wandb==0.31.0 \
+	pydantic==2.14.4 pydantic_core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0 platformdirs==4.14.9 \
+	sentry-sdk==2.76.0 gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3
+gpu-wheels: venv
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform any -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # published as a source archive only
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs

@@ -115,6 +115,17 @@ def save(name: str, rows: list[dict], **extra) -> Path:
     return path
 
 
+MODEL_HELP = (
+    "a model config name (smollm2_135m, tiny_random, ...) or the model overrides a job takes, quoted: "
+    "'model=hf model.path=/models/qwen2-1.5b model.name=qwen2-1.5b'"
+)
+
+
+def model_overrides(model: str) -> list[str]:
+    """`--model` as Hydra overrides: a config name, or `model=hf model.path=...` as a job takes it."""
+    return model.split() if "=" in model else [f"model={model}"]
+
+
 def compose(*overrides: str):
     """The resolved ipsweep config, composed exactly as launch.py composes it."""
     from hydra import compose as hydra_compose

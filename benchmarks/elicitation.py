@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from common import Timer, compose, device, save
+from common import MODEL_HELP, Timer, compose, device, model_overrides, save
 from scipy import stats
 
 from ipsweep import elicit, models, prompts
@@ -24,7 +24,7 @@ from ipsweep.settings.base import build
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--model", default="smollm2_135m", help=MODEL_HELP)
     ap.add_argument("--setting", default="gcd_sycophancy")
     ap.add_argument("--max-new-tokens", type=int, default=60)
     ap.add_argument("--n-eval", default="null", help="eval.n_eval of the sampled estimator")
@@ -32,7 +32,7 @@ def main() -> None:
 
     cache = tempfile.mkdtemp(prefix="ipsweep-bench-elicit-")  # cold: nothing computed before
     cfg = compose(
-        f"model={a.model}",
+        *model_overrides(a.model),
         f"setting={a.setting}",
         f"eval.max_new_tokens={a.max_new_tokens}",
         f"eval.n_eval={a.n_eval}",

@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import LAUNCH, device, save, timed
+from common import LAUNCH, MODEL_HELP, device, model_overrides, save, timed
 
 
 def sweep(epochs: str, args, workdir: Path) -> tuple[float, list[dict]]:
@@ -25,7 +25,7 @@ def sweep(epochs: str, args, workdir: Path) -> tuple[float, list[dict]]:
         [
             *LAUNCH,
             "-m",
-            f"model={args.model}",
+            *model_overrides(args.model),
             "setting=trait_pair",
             "prompt=caps_strong",
             f"train.epochs={epochs}",
@@ -42,7 +42,7 @@ def sweep(epochs: str, args, workdir: Path) -> tuple[float, list[dict]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--model", default="smollm2_135m", help=MODEL_HELP)
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-eval", type=int, default=16)
     a = ap.parse_args()

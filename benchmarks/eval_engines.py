@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, Timer, compose, device, save
+from common import MODEL_HELP, ROOT, Timer, compose, device, model_overrides, save
 
 from ipsweep import engine, lm, models
 from ipsweep.settings.base import build
@@ -100,7 +100,7 @@ def vllm_arm(cfg, chats, adapters, scratch: Path) -> tuple[float, dict, dict, st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--model", default="smollm2_135m", help=MODEL_HELP)
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a random-init model of this shape instead")
     ap.add_argument("--setting", default="trait_pair")
     ap.add_argument("--n", type=int, default=64, help="eval prompts")
@@ -116,7 +116,7 @@ def main() -> None:
     a = ap.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="eval-engines-"))
-    model = [f"model={a.model}"]
+    model = [*model_overrides(a.model)]
     if a.shape:
         random_model(a.shape, scratch / "shape")
         model = ["model=hf", f"model.path={scratch / 'shape'}", f"model.name=random-{a.shape}"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import Timer, compose, device, save
+from common import MODEL_HELP, Timer, compose, device, model_overrides, save
 
 from ipsweep import models
 from ipsweep.lm import generate
@@ -44,7 +44,7 @@ def one_at_a_time(model, tok, chats, max_new_tokens: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--model", default="smollm2_135m", help=MODEL_HELP)
     ap.add_argument("--setting", default="trait_pair")
     ap.add_argument("--n", type=int, default=32, help="eval prompts")
     ap.add_argument("--max-new-tokens", type=int, default=30)
@@ -52,7 +52,7 @@ def main() -> None:
     a = ap.parse_args()
 
     cfg = compose(
-        f"model={a.model}",
+        *model_overrides(a.model),
         f"setting={a.setting}",
         f"eval.max_new_tokens={a.max_new_tokens}",
         f"eval.batch_size={a.batch_size}",

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import LAUNCH, device, save, timed
+from common import LAUNCH, MODEL_HELP, device, model_overrides, save, timed
 
 PARTS = r"""
 import json, sys, time
@@ -32,7 +32,7 @@ from ipsweep import models, prompts
 from ipsweep.settings.base import build
 from ipsweep.tracking import Tracker
 from ipsweep.train import dataset
-cfg = compose("model=MODEL", "setting=trait_pair", "logger=wandb", "store_dir=STORE")
+cfg = compose(*MODEL, "setting=trait_pair", "logger=wandb", "store_dir=STORE")
 t = time.perf_counter(); model, tok = models.load(cfg.model); out["model_load"] = time.perf_counter() - t
 t = time.perf_counter()
 setting = build(cfg.setting)
@@ -48,11 +48,11 @@ print(json.dumps(out))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--model", default="smollm2_135m", help=MODEL_HELP)
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ipsweep-bench-fixed-"))
 
-    code = PARTS.replace("MODEL", a.model).replace("STORE", str(work / "parts"))
+    code = PARTS.replace("MODEL", repr(model_overrides(a.model))).replace("STORE", str(work / "parts"))
     total, stdout = timed([sys.executable, "-c", code])
     parts = json.loads(stdout.strip().splitlines()[-1])
     parts["interpreter_total"] = total
@@ -61,7 +61,7 @@ def main() -> None:
     job_s, _ = timed(
         [
             *LAUNCH,
-            f"model={a.model}",
+            *model_overrides(a.model),
             "setting=trait_pair",
             "prompt=caps_strong",
             "train.n_train=8",

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import LAUNCH, device, save, timed
+from common import LAUNCH, MODEL_HELP, device, model_overrides, save, timed
 
 
 def sweep(name: str, launcher: list[str], a, work: Path) -> float:
@@ -30,7 +30,7 @@ def sweep(name: str, launcher: list[str], a, work: Path) -> float:
             "-m",
             "hydra/launcher=local_gpus",
             *launcher,
-            f"model={a.model}",
+            *model_overrides(a.model),
             "setting=trait_pair",
             "prompt=caps_strong",
             f"train.seed={seeds}",
@@ -50,7 +50,7 @@ def sweep(name: str, launcher: list[str], a, work: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--model", default="smollm2_135m", help=MODEL_HELP)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--n-train", type=int, default=None, help="per job (default: 512 on a GPU, 32 on CPU)")
     ap.add_argument("--n-eval", type=int, default=None, help="per job (default: 60 on a GPU, 8 on CPU)")

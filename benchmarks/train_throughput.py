@@ -26,7 +26,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from common import PEAK_BF16, Timer, compose, device, peak_flops, save
+from common import MODEL_HELP, PEAK_BF16, Timer, compose, device, model_overrides, peak_flops, save
 from transformers import DataCollatorForSeq2Seq, Trainer
 from transformers.trainer_callback import PrinterCallback
 
@@ -101,9 +101,7 @@ def run_arm(name, base_model, tok, rows, held_out, cfg, out_dir, reference: bool
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--model", default="smollm2_135m", help="ipsweep model config (tiny_random for a quick check)"
-    )
+    ap.add_argument("--model", default="smollm2_135m", help=MODEL_HELP)
     ap.add_argument("--setting", default="gcd_sycophancy")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -112,7 +110,7 @@ def main() -> None:
     a = ap.parse_args()
 
     cfg = compose(
-        f"model={a.model}",
+        *model_overrides(a.model),
         f"setting={a.setting}",
         f"train.batch_size={a.batch_size}",
         f"train.max_length={a.max_length}",

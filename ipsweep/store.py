@@ -124,9 +124,12 @@ def code_version() -> dict:
     """ipsweep's version and, when it runs from a git checkout, the commit (with -dirty for uncommitted
     changes)."""
     import subprocess
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {"ipsweep": version("ipsweep")}
+    try:
+        out = {"ipsweep": version("ipsweep")}
+    except PackageNotFoundError:  # run from a checkout on the path, not installed (a bare GPU image)
+        out = {"ipsweep": "not installed"}
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(

@@ -8,6 +8,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+from ipsweep import models
+
 
 def bench(script: str, tmp_path, *args: str, name: str | None = None) -> dict:
     env = {**os.environ, "IPSWEEP_BENCH_RESULTS": str(tmp_path)}
@@ -48,8 +50,8 @@ def test_batched_generation_gives_the_one_at_a_time_outputs(tmp_path):
     r = bench(
         "eval_generation",
         tmp_path,
-        "--model",
-        "tiny_random",
+        "--model",  # the model overrides a job takes
+        f"model=hf model.path={models.prepare_tiny_random()} model.name=tiny",
         "--n",
         "12",
         "--max-new-tokens",
@@ -64,3 +66,35 @@ def test_epochs_axis_trains_each_epoch_once(tmp_path):
     r = bench("epochs_axis", tmp_path, "--model", "tiny_random", "--n-train", "16", "--n-eval", "2")
     assert r["same_losses_as_single_run"] is True
     assert r["rows"][1]["epochs_trained"] == 3 and r["attempts_in_sweep"] == 3
+
+
+def test_the_gpu_check_runs_every_step_at_toy_sizes(tmp_path):
+    """benchmarks/gpu_check.py, the one command a lent GPU runs, cannot rot: on the CPU at toy sizes every
+    step writes its result, the training arms train through ipsweep's trainer, the sweep point ends done."""
+    subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--tiny", "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "IPSWEEP_BENCH_RESULTS": str(tmp_path / "results")},
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    steps = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
+    steps_in_order = [
+        "env",
+        "train_qwen2-1.5b",
+        "train_qwen2-1.5b_checkpointing",
+        "train_llama-3-8b",
+        "train_llama-3-8b_checkpointing",
+        "generate",
+        "sweep_point",
+    ]
+    assert set(steps) == set(steps_in_order)
+    assert all(s["ok"] for s in steps.values()), [s.get("error") for s in steps.values()]
+    train = steps["train_llama-3-8b_checkpointing"]
+    assert train["tokens_per_s"] > 0 and train["gradient_checkpointing"] and train["estimated_gb"] > 0
+    assert steps["generate"]["speedup"] > 1
+    point = steps["sweep_point"]
+    assert point["exit"] == 0 and point["status"] == "done" and point["train_s"] is not None
+    kept = json.loads((tmp_path / "results" / "gpu_check-tiny-cpu.json").read_text())
+    assert [s["step"] for s in kept["steps"]] == [*steps_in_order]
