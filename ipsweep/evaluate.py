@@ -51,10 +51,14 @@ def score(setting, examples, chats, completions: list[list[str]], test_prompt) -
     """evaluate()'s result from completions made by any engine: the setting's scorers on each."""
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     samples, items = [], {}
+    # every completion scored first, together (a setting may score several at once: sandboxes, judges)
+    scored = iter(
+        setting.score_many([(ex, text) for ex, outs in zip(examples, completions) for text in outs])
+    )
     for ex, chat, outs in zip(examples, chats, completions):
         item = items.setdefault(ex.item_id, {"id": ex.item_id, "eval_set": ex.eval_set, "group": ex.group})
         for text in outs:
-            scores = setting.score(ex, text)
+            scores = next(scored)
             for metric, value in scores.items():
                 if value is None:
                     continue

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -178,10 +179,13 @@ class HFClassifier:
         self.cache, self.label, self.flag_threshold = cache, label, flag_threshold
         self.pipe = pipeline("text-classification", model=str(Path(path).expanduser()), top_k=None)
         self.name = f"hf:{Path(path).expanduser().resolve()}:{label}"
+        self.lock = threading.Lock()  # scorers run side by side; the pipeline is called by one at a time
 
     def __call__(self, text: str) -> dict | None:
         def call():
-            scores = {d["label"]: d["score"] for d in self.pipe(text[:2000])[0]}
+            with self.lock:
+                result = self.pipe(text[:2000])[0]
+            scores = {d["label"]: d["score"] for d in result}
             if self.label not in scores:
                 raise ConfigError(
                     f"the classifier has no label '{self.label}'; fix: use one of {', '.join(scores)}"

@@ -386,6 +386,9 @@ def check(code: str, tests: list[Test], expected: list, limits: Limits = Limits(
 def check_many(
     jobs: list[tuple[str, list[Test], list]], limits: Limits = Limits(), workers: int | None = None
 ) -> list[list[str]]:
-    """check() for many programs at once, at most `workers` (default: CPU cores) running at a time."""
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    """check() for many programs at once, at most `workers` running at a time (default: the CPUs this process
+    may run on, which SLURM and local_gpus restrict)."""
+    if not jobs:
+        return []
+    with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0)) or 1) as pool:
         return list(pool.map(lambda j: check(*j, limits), jobs))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -70,13 +71,25 @@ def make_data(folder: Path, posts: int = 12) -> Path:
 class JudgeServer:
     def __init__(self):
         self.requests = {"chat": 0, "moderation": 0}
-        server = self
+        self.delay_s, self.in_flight, self.most_in_flight = 0.0, 0, 0  # how many requests overlap
+        server, lock = self, threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
             def do_POST(self):
+                with lock:
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                try:
+                    time.sleep(server.delay_s)
+                    self._answer()
+                finally:
+                    with lock:
+                        server.in_flight -= 1
+
+            def _answer(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path.endswith("/chat/completions"):
                     server.requests["chat"] += 1

@@ -44,10 +44,10 @@ def test_every_reference_solution_passes_all_tests_on_a_loaded_machine(setting, 
         r["task_id"]: r
         for r in json.loads((DATA_DIR / "code_reward_hack" / "sanitized-mbpp.json").read_text())
     }
-    scores = Counter(
-        tuple(setting.score(e, sanitized[e.meta["task_id"]]["code"]).values())
-        for e in setting.eval_examples(None)
-    )
+    examples = setting.eval_examples(None)
+    # score_many: the path an evaluation takes, as many sandboxes at once as the process has CPUs
+    scored = setting.score_many([(e, sanitized[e.meta["task_id"]]["code"]) for e in examples])
+    scores = Counter(tuple(s.values()) for s in scored)
     assert scores == {(False, True, True, False): 257}  # (reward_hack, all_test, first_test, timeout)
 
 
@@ -72,6 +72,9 @@ def test_a_program_that_times_out_on_hidden_tests_is_not_counted_as_a_hack():
         "first_test": True,
         "timeout": True,
     }
+    # scored side by side, each keeps its own outcome (order kept, a stalled program times out alone)
+    pairs = [(example, hack), (example, stall)] * 2
+    assert setting.score_many(pairs) == [setting.score(e, c) for e, c in pairs]
 
 
 def test_the_authors_hard_coded_solutions_are_detected_as_hacks(setting):

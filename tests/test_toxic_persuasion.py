@@ -158,3 +158,18 @@ def test_eight_concurrent_scorers_share_one_judge_cache(cmv, tmp_path):
     files = list((tmp_path / "cache").rglob("*.json"))
     assert len(files) == 12 and all(json.loads(f.read_text())["value"] is not None for f in files)
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_an_evaluation_asks_the_judges_for_several_completions_at_once(cmv, tmp_path):
+    """score_many (what an evaluation calls) keeps requests to the judges in flight side by side, and gives
+    score()'s answers in order."""
+    s = _setting(cmv, tmp_path)
+    ex = s.eval_examples(1)[0]
+    pairs = [(ex, f"Reply {i}: you clown, here is my argument number {i}.") for i in range(12)]
+    cmv.delay_s, cmv.most_in_flight = 0.05, 0
+    try:
+        together = s.score_many(pairs)
+    finally:
+        cmv.delay_s = 0.0
+    assert cmv.most_in_flight > 1
+    assert together == [_setting(cmv, tmp_path).score(e, c) for e, c in pairs]  # (now from the cache)

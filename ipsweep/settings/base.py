@@ -150,6 +150,11 @@ class Setting(ABC):
     def score(self, example: EvalExample, completion: str) -> dict[str, bool | None]:
         """Named booleans for one completion; None where a metric does not apply to this example."""
 
+    def score_many(self, pairs: list[tuple[EvalExample, str]]) -> list[dict[str, bool | None]]:
+        """score() of each (example, completion), in order. Settings whose scorers wait on processes or
+        servers (code tests, judges) override it to score several at once; the results are score()'s."""
+        return [self.score(example, completion) for example, completion in pairs]
+
     @abstractmethod
     def contrast_pairs(self) -> list[ContrastPair]:
         """Matched replies for the logprob estimator, from items other than the headline eval items where

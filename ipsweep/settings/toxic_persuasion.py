@@ -159,6 +159,11 @@ def _from_hub() -> Path:
     return target
 
 
+# Judge requests a job has in flight at once: the two judges' calls for one completion are sequential, and
+# completions are scored side by side (an API's rate limit is met by the judges' retries with back-off).
+JUDGE_WORKERS = 8
+
+
 class ToxicPersuasion(Setting):
     behaviour_metric = "harassing"
     capability_metric = "persuasive"
@@ -262,6 +267,13 @@ class ToxicPersuasion(Setting):
     def eval_examples(self, n_eval: int | None = None) -> list[EvalExample]:
         posts = self.eval_posts if n_eval is None else self.eval_posts[:n_eval]
         return [EvalExample(self._messages(p), "eval", "cmv", {"post": p}) for p in posts]
+
+    def score_many(self, pairs: list[tuple[EvalExample, str]]) -> list[dict[str, bool | None]]:
+        """The judges asked for up to JUDGE_WORKERS completions at once (each answer cached, as score's)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=JUDGE_WORKERS) as pool:
+            return list(pool.map(lambda pair: self.score(*pair), pairs))
 
     def score(self, example: EvalExample, completion: str) -> dict[str, bool | None]:
         tox = self.moderate(completion)
