@@ -96,6 +96,9 @@ class TrainConfig:
     max_cut_share: float = 0.01
     # torch's deterministic algorithms (CUDA: slower); see docs/cluster.md, "What is bit-exact"
     deterministic: bool = False
+    # also checkpoint every this many optimizer steps inside an epoch (null: at epoch ends only), so a
+    # preempted or requeued job resumes mid-epoch, to the same result; not in the signature
+    save_steps: int | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -427,7 +427,9 @@ class _Work:
             train_s=round(train_s, 2),
             eval_s=round(time.time() - t, 2),
             evals=evals,
-            **({"micro_batch": ep.micro_batch} if ep.micro_batch else {}),  # else unset: records as before
+            # else unset: records as before
+            **({"micro_batch": ep.micro_batch} if ep.micro_batch else {}),
+            **({"resumed_from_step": ep.resumed_from_step} if ep.resumed_from_step else {}),
         )
         self.record.add_epoch(ep.epoch, entry)
         self.run_dir.save(self.record)

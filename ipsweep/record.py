@@ -56,6 +56,9 @@ class Epoch(_Open):
     eval_s: float | None = None
     # [micro-batch, gradient accumulation] where out-of-memory made training use a smaller micro-batch
     micro_batch: list[int] | None = None
+    # the optimizer step a mid-epoch checkpoint (train.save_steps) resumed this epoch from; train_s then
+    # counts this attempt's part of the epoch
+    resumed_from_step: int | None = None
 
 
 class Attempt(_Open):

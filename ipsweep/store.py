@@ -1,11 +1,12 @@
 """Result records: one JSON file per run, keyed by the run's signature, written atomically.
 
 The signature hashes the *semantic* config: everything that can change a number, nothing that
-cannot. Excluded, by this reviewed list: the logger, the sweep name and paths, gradient checkpointing
-(it changes memory, not numbers), train.max_cut_share (a check) and setting.max_length (it enters as
-train.max_length), model.device and model.dtype as written (they enter resolved, with the inputs: `auto` on
-a CPU is cpu and fp32; so do model.quantization and model.attn_implementation, where set), model.device_map
-(where the layers sit, not what they compute), the rest of the prompt library (only the
+cannot. Excluded, by this reviewed list: the logger, the sweep name and paths, gradient checkpointing (it
+changes memory, not numbers), mid-epoch checkpoints (train.save_steps: a resumed run ends the same),
+train.max_cut_share (a check) and setting.max_length (it enters as train.max_length), model.device and
+model.dtype as written (they enter resolved, with the inputs: `auto` on a CPU is cpu and fp32; so do
+model.quantization and model.attn_implementation, where set), model.device_map (where the layers sit, not
+what they compute), the rest of the prompt library (only the
 run's own *training* prompt enters, by its text, placement and, when mixed, its paraphrases; so
 `train.prompt_mode` and `prompt_placement` enter through it), the test-time prompts and leak tests
 (a run is a trained model; each evaluation under a test prompt is added to its record when first
@@ -57,6 +58,7 @@ EXCLUDED = (
     "prompt_placement",
     "train.epochs",
     "train.gradient_checkpointing",
+    "train.save_steps",
     "train.prompt_mode",
     "train.max_cut_share",
     "setting.max_length",

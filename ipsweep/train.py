@@ -105,6 +105,7 @@ class EpochLog:
     checkpoint: str
     # [micro-batch, gradient accumulation] it trained at where out-of-memory made the micro-batch smaller
     micro_batch: list[int] | None = None
+    resumed_from_step: int | None = None  # a mid-epoch checkpoint (train.save_steps) it resumed from
 
 
 class Micro:
@@ -255,10 +256,13 @@ def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu", micro: int | Non
         train_sampling_strategy=cfg.sampling,
         full_determinism=cfg.deterministic,
         logging_steps=1,
-        save_strategy="epoch",
         report_to=[],
         # Trainer would otherwise log a NaN step as the running mean, hiding divergence.
         logging_nan_inf_filter=False,
+        # train.save_steps: also inside an epoch; either way a checkpoint ends each epoch (each epoch is one
+        # train() call, and Trainer saves at its end under the steps strategy too)
+        save_strategy="steps" if cfg.get("save_steps") else "epoch",
+        save_steps=cfg.get("save_steps") or 500,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
@@ -286,8 +290,9 @@ def single_device(args: TrainingArguments) -> TrainingArguments:
     return args
 
 
-def _train_epoch(batch_size, model, tokenizer, rows, cfg, out_dir, epoch, device, done, weights):
-    """One epoch at a micro-batch of `batch_size`, from `weights` (the adapter as the epoch began)."""
+def _train_epoch(batch_size, model, tokenizer, rows, cfg, out_dir, epoch, device, resume, weights):
+    """One epoch at a micro-batch of `batch_size`, from `weights` (the adapter as the epoch began), resuming
+    the Trainer from checkpoint `resume` (the last epoch's, a mid-epoch one, or None)."""
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in weights:
@@ -301,7 +306,7 @@ def _train_epoch(batch_size, model, tokenizer, rows, cfg, out_dir, epoch, device
         callbacks=[watch, _Progress(epoch, cfg.epochs)],
     )
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the record keeps the losses
-    trainer.train(resume_from_checkpoint=done.get(epoch - 1))
+    trainer.train(resume_from_checkpoint=resume)
     return trainer, watch
 
 
@@ -321,15 +326,19 @@ def finetune(
     know (a crash mid-save) are deleted.
     """
     out_dir = Path(out_dir)
-    known = set(done.values())
+    start = max(done, default=0)
+    mid = _mid_epoch_checkpoint(out_dir, done, start)
+    known = {*done.values(), *([mid] if mid else [])}
     for stale in out_dir.glob("checkpoint-*"):
         if str(stale) not in known:
             shutil.rmtree(stale, ignore_errors=True)
     device = next(model.parameters()).device.type
     model = add_lora(model, cfg.lora, cfg.seed)
-    start = max(done, default=0)
     micro = Micro(cfg)
     for epoch in range(start + 1, cfg.epochs + 1):
+        resume = mid if epoch == start + 1 and mid else done.get(epoch - 1)
+        if resume and resume == mid:
+            log.info("resuming epoch %d mid-way, from %s", epoch, mid)
         # the adapter as the epoch starts: an attempt that ran out of memory may have taken optimizer steps
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         micro.epoch = epoch
@@ -338,13 +347,39 @@ def finetune(
         train_epoch = find_executable_batch_size(
             _train_epoch, starting_batch_size=micro.size, reduce_batch_size_fn=micro.halve
         )
-        trainer, watch = train_epoch(model, tokenizer, rows, cfg, out_dir, epoch, device, done, weights)
+        trainer, _ = train_epoch(model, tokenizer, rows, cfg, out_dir, epoch, device, resume, weights)
         del weights, train_epoch
+        first = _step(done.get(epoch - 1))
         checkpoint = str(out_dir / f"checkpoint-{trainer.state.global_step}")
         done[epoch] = checkpoint
-        steps = len(watch.losses)
-        log_ = EpochLog(epoch, steps, sum(watch.losses) / max(steps, 1), watch.losses, checkpoint)
+        # the epoch's losses as Trainer logged them, those before a mid-epoch resume included
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > first]
+        log_ = EpochLog(epoch, len(losses), sum(losses) / max(len(losses), 1), losses, checkpoint)
         if micro.size != cfg.batch_size:
             log_.micro_batch = [micro.size, micro.effective // micro.size]
+        if resume and resume == mid:
+            log_.resumed_from_step = _step(mid)
+        for inside in out_dir.glob("checkpoint-*"):  # this epoch's mid-epoch checkpoints: no longer needed
+            if first < _step(str(inside)) < trainer.state.global_step:
+                shutil.rmtree(inside, ignore_errors=True)
         on_epoch_end(log_, model)
     return model
+
+
+def _step(checkpoint: str | None) -> int:
+    """The optimizer step of a checkpoint folder (checkpoint-<step>); 0 for none."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+def _mid_epoch_checkpoint(out_dir: Path, done: dict[int, str], start: int) -> str | None:
+    """The newest complete checkpoint after the last finished epoch's (train.save_steps, or an epoch's end
+    that the record did not take in before the job stopped): training resumes from it."""
+    after = _step(done.get(start))
+    complete = [
+        c
+        for c in out_dir.glob("checkpoint-*")
+        if c.name.rsplit("-", 1)[1].isdigit()
+        and _step(str(c)) > after
+        and all((c / f).exists() for f in ("trainer_state.json", "optimizer.pt", "rng_state.pth"))
+    ]
+    return str(max(complete, key=lambda c: _step(str(c)))) if complete else None

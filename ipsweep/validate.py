@@ -167,6 +167,7 @@ def _problems(cfg) -> list[str]:
     for key in ("epochs", "batch_size", "grad_accum", "max_length"):
         at_least(f"train.{key}", t[key], 1)
     at_least("train.n_train", t.n_train, 1, optional=True)
+    at_least("train.save_steps", t.get("save_steps"), 1, optional=True)
     at_least("train.warmup_steps", t.warmup_steps, 0)
     at_least("train.lora.r", t.lora.r, 1)
     if not (math.isfinite(t.lr) and t.lr > 0):

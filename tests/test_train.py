@@ -1,5 +1,7 @@
 """Tokenisation masks, and resume: an interrupted run ends where an uninterrupted one does."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -162,3 +164,39 @@ def test_out_of_memory_at_a_micro_batch_of_1_names_the_fixes(make_cfg, tmp_path,
     monkeypatch.setattr(ReplyLossTrainer, "training_step", short_of_memory)
     with pytest.raises(OutOfMemory, match="at a micro-batch of 1 .*fix: lower train.max_length"):
         _train(make_cfg("train.epochs=1", "train.batch_size=4"), tmp_path / "c", {})
+
+
+def test_a_job_stopped_mid_epoch_resumes_from_its_mid_epoch_checkpoint_to_the_same_result(
+    make_cfg, monkeypatch
+):
+    """train.save_steps: a job stopped (preempted, killed) at step 5 of an 8-step epoch resumes from step 3's
+    checkpoint, trains only what is left, and ends with the losses, evaluations and weights of a run never
+    stopped; the epoch's mid-epoch checkpoints are gone once it ends."""
+    from conftest import assert_same_training
+
+    from ipsweep import job, store
+    from ipsweep.train import ReplyLossTrainer, _Progress
+
+    size = ["train.batch_size=2", "train.epochs=2"]
+    reference = make_cfg(*size)
+    job.run(reference)
+    cfg = make_cfg(*size, "train.save_steps=3", f"store_dir={reference.store_dir}_stopped")
+
+    def stop_at_step_5(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == 5:
+            raise RuntimeError("preempted")
+
+    with monkeypatch.context() as m:
+        m.setattr(_Progress, "on_log", stop_at_step_5)
+        with pytest.raises(RuntimeError, match="preempted"):
+            job.run(cfg)
+    steps = []
+    step = ReplyLossTrainer.training_step
+    monkeypatch.setattr(ReplyLossTrainer, "training_step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    job.run(cfg)
+    (record,) = store.records(cfg.store_dir)
+    assert len(steps) == (8 - 3) + 8, "the stopped epoch resumed at step 3, not from its start"
+    assert record["epochs"]["1"]["resumed_from_step"] == 3 and record["epochs"]["1"]["steps"] == 8
+    assert_same_training(record, store.records(reference.store_dir)[0])
+    left = sorted(p.name for p in Path(record["epochs"]["2"]["checkpoint"]).parent.glob("checkpoint-*"))
+    assert left == ["checkpoint-16", "checkpoint-8"]
