@@ -273,7 +273,7 @@ class _Work:
                 self._keep(0, test_prompt.name, {**result, "protocol": self._protocol("hf")})
             self.run_dir.save(record)
         for epoch in sorted(e for e in missing if e > 0 and str(e) in record.epochs):
-            self._evaluate_checkpoint(epoch, self._test_prompts(missing[epoch]))
+            self._evaluate_checkpoint(model, epoch, self._test_prompts(missing[epoch]))
 
     def _test_prompts(self, names: list[str]) -> list:
         return [t for t in self.point.test_prompts if t.name in names]
@@ -396,18 +396,20 @@ class _Work:
         self.run_dir.write_samples(epoch, test_prompt, result["samples"])
         self.record.add_evaluation(epoch, test_prompt, Evaluation.of(result))
 
-    def _evaluate_checkpoint(self, epoch: int, test_prompts: list) -> None:
-        """Evaluate an epoch trained earlier: its saved adapter on a fresh copy of the base model, so
-        training state is untouched."""
+    def _evaluate_checkpoint(self, base, epoch: int, test_prompts: list) -> None:
+        """Evaluate an epoch trained earlier (e.g. a PTST point on the control's run): its saved adapter put
+        onto the loaded base model, then taken off again (`unload`: the base's own layers back, untouched), so
+        no second copy of the base is loaded and training goes on from the model as loaded."""
         from peft import PeftModel
 
-        base, _ = models.load(self.cfg.model)
-        model = PeftModel.from_pretrained(base, self.record.epochs[str(epoch)].checkpoint)
-        for test_prompt in test_prompts:
-            checkpoint, step = self.record.epochs[str(epoch)].checkpoint, self.record.steps_before(epoch + 1)
-            self._keep(epoch, test_prompt.name, self._evaluate(model, test_prompt, checkpoint, step))
+        checkpoint, step = self.record.epochs[str(epoch)].checkpoint, self.record.steps_before(epoch + 1)
+        model = PeftModel.from_pretrained(base, checkpoint)
+        try:
+            for test_prompt in test_prompts:
+                self._keep(epoch, test_prompt.name, self._evaluate(model, test_prompt, checkpoint, step))
+        finally:
+            model.unload()
         self.run_dir.save(self.record)
-        del model, base
 
     def _on_epoch_end(self, ep, model) -> None:
         train_s = time.time() - self.epoch_start

@@ -352,3 +352,26 @@ def test_a_slurm_sweep_planned_on_a_login_node_pins_the_device_its_jobs_get(tmp_
     assert "model.device=cuda" not in mine.stdout
     names = {json.dumps(sorted(re.findall(r"trait_pair-\w+-s0-[0-9a-f]{12}", p.stdout))) for p in (gpu, cpu)}
     assert len(names) == 2, "a cuda plan and a cpu plan must name different runs"
+
+
+def test_a_point_that_reuses_a_run_evaluates_its_saved_adapters_on_the_model_it_loaded(make_cfg, monkeypatch):
+    """A PTST point on a control run trained earlier: its epoch-1 adapter goes onto the base model the job
+    loaded (no second copy, which on a GPU would need twice the weights' memory), comes off again, and the
+    job trains on from the model as loaded: the same evaluations, losses and weights as a run that trained
+    and evaluated both epochs in one go."""
+    from conftest import assert_same_training
+
+    from ipsweep import job
+
+    job.run(make_cfg("train.epochs=1"))
+    loads = []
+    load = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: loads.append(1) or load(*a, **k))
+    cfg = make_cfg("prompt=safety", "train.epochs=2")
+    job.run(cfg)
+    assert len(loads) == 1, "the base model is loaded once"
+    (record,) = store.records(cfg.store_dir)
+    assert {"none", "safety"} <= set(record["epochs"]["1"]["evals"])
+    reference = make_cfg("prompt=safety", "train.epochs=2", f"store_dir={cfg.store_dir}_reference")
+    job.run(reference)
+    assert_same_training(record, store.records(reference.store_dir)[0])
