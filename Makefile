@@ -32,6 +32,9 @@ $(VENV)/.installed: pyproject.toml
 	# The lowest transformers pyproject allows (a current CUDA image's version), as an overlay that one test trains
 	# under (tests/test_gpu_path.py), so the floor is run, not claimed. It needs huggingface_hub < 2.
 	$(PY) -m pip install -q --no-deps --target $(VENV)/transformers-floor transformers==5.17.0 huggingface_hub==1.33.0
+	# bitsandbytes (model.quantization=4bit) as an overlay the QLoRA tests put on the path (tests/test_loading.py):
+	# installed in the venv, importing peft would load it in every job (~1 s).
+	$(PY) -m pip install -q --no-deps --target $(VENV)/qlora 'bitsandbytes==0.50.2'
 	touch $@
 
 demo: venv

@@ -4,41 +4,82 @@ what of it enters a run's identity, and bad values refused before any job starts
 
 from __future__ import annotations
 
-import warnings
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import TINY, launch
+from conftest import ROOT, TINY, launch
 
-from ipsweep import job, models, store
+from ipsweep import models, store
 from ipsweep.errors import ConfigError
 from ipsweep.plan import plan
 
+QLORA_OVERLAY = ROOT / ".venv" / "qlora"  # bitsandbytes, installed there by the Makefile (`make venv`)
 
-def test_a_qlora_job_trains_a_4bit_base_and_is_its_own_run(make_cfg):
+# Run with the overlay on the path (as `pip install 'ipsweep[qlora]'` would have it): the whole job on a 4-bit
+# tiny model, with the warnings it raised.
+QLORA_JOB = """
+import json, sys, warnings
+sys.path.insert(0, "tests")
+from conftest import TINY, CONF
+from hydra import compose, initialize_config_dir
+import bitsandbytes as bnb
+from ipsweep import job, models, store
+from ipsweep.plan import plan
+store_dir, cache = sys.argv[1], sys.argv[2]
+with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    def make(*o):
+        return compose("config", overrides=[*TINY, f"store_dir={store_dir}", f"elicit.cache_dir={cache}", *o])
+    cfg = make("model.quantization=4bit", "train.epochs=2", "train.lr=5e-3")
+    plain = make("train.epochs=2", "train.lr=5e-3")
+model, _ = models.load(cfg.model)
+q_proj = model.model.layers[0].self_attn.q_proj
+del model
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    job.run(cfg)
+print(json.dumps({
+    "linear4bit": isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_type == "nf4",
+    "no_gradient_warnings": [str(w.message)[:200] for w in caught if "autograd kernel" in str(w.message)],
+    "own_run": plan(cfg).signature != plan(plain).signature,
+}))
+"""
+
+
+def test_a_qlora_job_trains_a_4bit_base_and_is_its_own_run(tmp_path):
     """The whole job (evaluate, train, evaluate, record) on a 4-bit NF4 base: the base's linear layers really
-    are 4-bit, the adapter trains (the loss falls), and the run is not the unquantized one."""
-    cfg = make_cfg("model.quantization=4bit", "train.epochs=2", "train.lr=5e-3")
-    model, _ = models.load(cfg.model)
-    import bitsandbytes as bnb
-
-    q_proj = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_type == "nf4"
-    del model
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        job.run(cfg)
-    # every backward pass went through a kernel with a gradient (bitsandbytes' CPU inference layout has none)
-    assert not [w for w in caught if "autograd kernel was not registered" in str(w.message)]
-    (record,) = store.records(cfg.store_dir)
-    assert record["status"] == "done"
-    assert record["config"]["inputs"]["quantization"] == "4bit"
+    are 4-bit, every backward pass has a gradient kernel (bitsandbytes' CPU inference layout has none), the
+    adapter trains (the loss falls), and the run is not the unquantized one."""
+    assert (QLORA_OVERLAY / "bitsandbytes").is_dir(), f"no bitsandbytes in {QLORA_OVERLAY}; run `make venv`"
+    env = {**os.environ, "PYTHONPATH": str(QLORA_OVERLAY), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", QLORA_JOB, str(tmp_path / "sweep"), str(tmp_path / "cache")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"linear4bit": True, "no_gradient_warnings": [], "own_run": True}
+    (record,) = store.records(tmp_path / "sweep")
+    assert record["status"] == "done" and record["config"]["inputs"]["quantization"] == "4bit"
     first, last = record["epochs"]["1"]["losses"], record["epochs"]["2"]["losses"]
     assert sum(last) / len(last) < sum(first) / len(first)
-    assert plan(cfg).signature != plan(make_cfg("train.epochs=2", "train.lr=5e-3")).signature
 
 
-def test_quantization_and_attention_kernel_enter_the_identity_and_placement_does_not(make_cfg):
+def test_quantization_without_bitsandbytes_is_refused_before_any_job(make_cfg):
+    with pytest.raises(ConfigError, match="needs bitsandbytes, which is not installed; fix: `pip install"):
+        plan(make_cfg("model.quantization=4bit"))
+
+
+def test_quantization_and_attention_kernel_enter_the_identity_and_placement_does_not(make_cfg, monkeypatch):
+    monkeypatch.syspath_prepend(str(QLORA_OVERLAY))  # the pre-flight looks for bitsandbytes
+
     def sig(*o):
         return plan(make_cfg(*o)).signature
 
@@ -82,7 +123,8 @@ def test_the_attention_kernel_asked_for_is_the_one_the_model_runs(make_cfg):
         (["model.quantization=4bit", "eval.engine=vllm"], "serve the unquantized base model"),
     ],
 )
-def test_bad_loading_options_are_refused_before_any_job(make_cfg, overrides, message):
+def test_bad_loading_options_are_refused_before_any_job(make_cfg, monkeypatch, overrides, message):
+    monkeypatch.syspath_prepend(str(QLORA_OVERLAY))
     with pytest.raises(ConfigError, match=message):
         plan(make_cfg(*overrides))
 
