@@ -1,6 +1,8 @@
 """The sweeper and the local launcher: pre-flight checks, dry run, bounded concurrency, GPU pinning."""
 
-from conftest import TINY, launch
+import os
+
+from conftest import TINY, ipsweep_cli, launch
 
 from ipsweep.store import records
 
@@ -53,7 +55,7 @@ def test_slurm_preset_renders_the_gpu_request_in_the_sbatch_script(tmp_path):
         "--dry-run",
         sweep_dir=tmp_path / "sweep",
     )
-    script = proc.stdout.split("sbatch script for the array:")[1]
+    script = proc.stdout.split("sbatch script for the array")[1]
     for line in [
         "--gpus-per-node=1",
         "--cpus-per-task=8",
@@ -96,6 +98,8 @@ def test_local_gpus_pins_each_job_to_one_gpu_and_bounds_concurrency(tmp_path):
             == 1
         )
     assert _max_overlap([(a["start_s"], a["end_s"]) for a in attempts]) == 2
+    # each GPU slot's job gets its share of the cores for tokenisation and scoring (2 slots, 2 cores here)
+    assert all(a["torch_threads"] == max(1, (os.cpu_count() or 1) // 2) for a in attempts)
 
 
 def test_local_gpus_on_cpu_caps_jobs_and_threads(tmp_path):
@@ -133,7 +137,7 @@ def test_slurm_dry_run_renders_without_slurm_and_submission_fails_first(tmp_path
     monkeypatch.setenv("PATH", _path_without_slurm())
     args = ["-m", *TINY, "prompt=none,caps_strong", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"]
     proc = launch(*args, "--dry-run", sweep_dir=tmp_path / "preview")
-    assert "#SBATCH --partition=gpu\n" in proc.stdout.split("sbatch script for the array:")[1]
+    assert "#SBATCH --partition=gpu\n" in proc.stdout.split("sbatch script for the array")[1]
     sweep = tmp_path / "sweep"
     proc = launch(*args, sweep_dir=sweep, check=False)
     assert proc.returncode == 1
@@ -209,3 +213,21 @@ def test_dry_run_counts_the_work_and_times_it_by_earlier_runs(tmp_path):
     launch(*TINY, sweep_dir=tmp_path / "earlier")  # a finished run beside: the estimate is timed by it
     proc = launch(*sweep, sweep_dir=tmp_path / "next")
     assert "tiny_random on trait_pair (cpu): ~" in proc.stdout and "timed by 1 earlier runs" in proc.stdout
+
+
+def test_points_that_share_a_run_run_as_one_task(tmp_path):
+    """train.epochs=2,1 and a PTST prompt on the control's run: four points, one training. They run as one
+    task (one submitted job, the 2-epoch point first), so none waits on the run while holding a slot; the
+    SLURM dry run renders an array of one task."""
+    sweep = tmp_path / "sweep"
+    points = ["prompt=none,safety", "train.epochs=2,1"]
+    local = ["hydra/launcher=local_gpus", "hydra.launcher.gpus=[]", "hydra.launcher.max_jobs=2"]
+    launch("-m", *TINY, *points, *local, sweep_dir=sweep)
+    jobs = [d for d in (sweep / ".submitit").iterdir() if d.name.isdigit()]  # one folder per submitted job
+    assert len(jobs) == 1, "one submitted job for the four points"
+    (record,) = records(sweep)
+    assert record["status"] == "done" and sorted(record["epochs"]) == ["0", "1", "2"]
+    assert all({"none", "safety"} <= set(record["epochs"][e]["evals"]) for e in ("1", "2"))
+    assert record["attempts"][0]["resumed_from_epoch"] == 0 and "4 done" in ipsweep_cli("status", str(sweep))
+    dry = launch("-m", *TINY, *points, "hydra/launcher=slurm", "--dry-run", sweep_dir=tmp_path / "dry")
+    assert "sbatch script for the array (1 tasks:" in dry.stdout and "--array=0-0" in dry.stdout

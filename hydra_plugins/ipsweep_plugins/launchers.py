@@ -8,8 +8,10 @@
   slot's GPU (CUDA_VISIBLE_DEVICES). With no GPU, the slots are the machine's cores divided by
   `cpus_per_job`, and each job's thread pools are capped to its share.
 
-Both requeue a job that receives the timeout/preemption signal (submitit's checkpoint), and the
-requeued job resumes from its last finished epoch (the run record knows which).
+Both run the points that share a run (`train.epochs=2,1`, a PTST point on the control's run) as one task, the
+longest first, so no job waits on another's run while holding a GPU. Both requeue a task that receives the
+timeout/preemption signal (submitit's checkpoint), and the requeued task resumes from its last checkpoint
+(the run record knows which).
 """
 
 import logging
@@ -70,6 +72,24 @@ def require_slurm() -> None:
         )
 
 
+class Task:
+    """The sweep points that share one run, in one job: the point with the most epochs first, then the others,
+    which find their epochs trained and only add their evaluations (a PTST prompt, a shorter epochs value), on
+    the adapters of the model they load. So no job waits on another's run while it holds a GPU. A requeued
+    task runs its points again: the finished ones skip."""
+
+    def __init__(self, launcher: "_Launcher"):
+        self.launcher = launcher
+
+    def __call__(self, points: list[tuple]) -> list[JobReturn]:
+        return [self.launcher(*point) for point in points]
+
+    def checkpoint(self, points: list[tuple]) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, points)
+
+
 class _Launcher(BaseSubmititLauncher):
     """hydra-submitit-launcher's job callable and checkpoint (requeue), with submission split out."""
 
@@ -79,6 +99,16 @@ class _Launcher(BaseSubmititLauncher):
         super().__init__(**params)
         for key in self._OWN_KEYS:
             setattr(self, key, self.params.pop(key))
+        # job number -> (run folder, epochs), from the sweeper's pre-flight: points of one run form a task
+        self.runs: dict[int, tuple[str, int]] = {}
+
+    def tasks(self, params: list[tuple]) -> list[list[tuple]]:
+        """The points grouped by the run they share (a point's own number where the sweeper said nothing),
+        each group the longest first; groups in the order of their first point."""
+        groups: dict[str, list[tuple]] = {}
+        for p in params:
+            groups.setdefault(self.runs.get(p[2], (f"#{p[2]}", 0))[0], []).append(p)
+        return [sorted(g, key=lambda p: -self.runs.get(p[2], ("", 0))[1]) for g in groups.values()]
 
     def _executor_params(self) -> dict:
         """Resource settings for submitit; unset (null) ones are left to the cluster's defaults."""
@@ -132,7 +162,7 @@ class SlurmLauncher(_Launcher):
         return executor
 
     def render(self, n_jobs: int) -> str:
-        """The sbatch script this launcher would submit for an array of n_jobs."""
+        """The sbatch script this launcher would submit for an array of n_jobs tasks."""
         slurm = self.executor(preview=True)._executor
         # what map_array sets: renders as --array=0-<n-1>%<parallelism>
         slurm.parameters["map_count"] = n_jobs
@@ -140,15 +170,25 @@ class SlurmLauncher(_Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         executor = self.executor()
-        jobs = executor.map_array(self, *zip(*self._job_params(job_overrides, initial_job_idx)))
-        log.info("submitted %d jobs as SLURM array %s", len(jobs), jobs[0].job_id.split("_")[0])
+        tasks = self.tasks(self._job_params(job_overrides, initial_job_idx))
+        jobs = executor.map_array(Task(self), tasks)
+        log.info(
+            "submitted %d points as %d tasks, SLURM array %s",
+            len(job_overrides),
+            len(jobs),
+            jobs[0].job_id.split("_")[0],
+        )
         if self.wait:
-            return [j.results()[0] for j in jobs]
+            done = {p[2]: r for task, j in zip(tasks, jobs) for p, r in zip(task, j.results()[0])}
+            return [done[i] for i in range(initial_job_idx, initial_job_idx + len(job_overrides))]
         sweep_dir = self.config.hydra.sweep.dir
         log.info("not waiting (hydra.launcher.wait=false); follow with: ipsweep status %s", sweep_dir)
+        queued = {p[2]: (p[0], j.job_id) for task, j in zip(tasks, jobs) for p in task}
         return [
-            JobReturn(overrides=list(o), status=JobStatus.COMPLETED, _return_value=f"queued as {j.job_id}")
-            for o, j in zip(job_overrides, jobs)
+            JobReturn(
+                overrides=queued[i][0], status=JobStatus.COMPLETED, _return_value=f"queued as {queued[i][1]}"
+            )
+            for i in range(initial_job_idx, initial_job_idx + len(job_overrides))
         ]
 
 
@@ -211,14 +251,16 @@ class LocalGpusLauncher(_Launcher):
             else f"{self.cpus_per_job} CPU(s) each",
         )
 
-        def one(params: tuple) -> JobReturn:
+        def one(task: list[tuple]) -> list[JobReturn]:
             slot = free.get()
             try:
-                return self._executor_for(slot, threads).submit(self, *params).results()[0]
+                return self._executor_for(slot, threads).submit(Task(self), task).results()[0]
             except Exception as e:  # noqa: BLE001 - a job killed from outside (OOM killer, kill -9): the sweep goes on
-                return JobReturn(overrides=params[0], status=JobStatus.FAILED, _return_value=e)
+                return [JobReturn(overrides=p[0], status=JobStatus.FAILED, _return_value=e) for p in task]
             finally:
                 free.put(slot)
 
+        tasks = self.tasks(self._job_params(job_overrides, initial_job_idx))
         with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-            return list(pool.map(one, self._job_params(job_overrides, initial_job_idx)))
+            done = {p[2]: r for task, rs in zip(tasks, pool.map(one, tasks)) for p, r in zip(task, rs)}
+        return [done[i] for i in range(initial_job_idx, initial_job_idx + len(job_overrides))]

@@ -129,6 +129,8 @@ class IpsweepSweeper(BasicSweeper):
         if self.dry_run:
             self._print_plan(points, sweep_dir)
             return []
+        if isinstance(self.launcher, (SlurmLauncher, LocalGpusLauncher)):  # points of one run: one task
+            self.launcher.runs = {p["num"]: (p["run_dir"], p["epochs"]) for p in points}
         if isinstance(self.launcher, SlurmLauncher):
             require_slurm()  # before the sweep dir or manifest is written
         if isinstance(self.launcher, LocalGpusLauncher) and self.launcher.gpu_slots():
@@ -234,6 +236,9 @@ class IpsweepSweeper(BasicSweeper):
         print("memory per job (an estimate on a GPU: ipsweep/memory.py):\n" + "\n".join(lines))
         print(f"\nlauncher: {self.config.hydra.launcher._target_.rsplit('.', 1)[-1]}")
         if hasattr(self.launcher, "render"):
-            print(f"sbatch script for the array:\n{self.launcher.render(len(points))}")
+            print(
+                f"sbatch script for the array ({trainings} tasks: points that share a run run in one task, "
+                f"the one with the most epochs first):\n{self.launcher.render(trainings)}"
+            )
         print("resolved config of job #0 (`python launch.py <overrides> --cfg job` shows any one):")
         print(OmegaConf.to_yaml(points[0]["config"]))
