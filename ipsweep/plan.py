@@ -74,7 +74,8 @@ def plan(cfg, settings: dict | None = None) -> Point:
                 for p in prompts.library(cfg.setting).values()
             ]
         )
-        extra += [leak for p in sources for leak in prompts.leak_prompts(p)]
+        unrelated = prompts.unrelated_prompt(prompts.library(cfg.setting), prompt.name)
+        extra += [leak for p in sources for leak in prompts.leak_prompts(p, unrelated)]
     key = json.dumps(OmegaConf.to_container(cfg.setting, resolve=True), sort_keys=True)
     settings = {} if settings is None else settings
     if key not in settings:

@@ -27,7 +27,7 @@ from ipsweep.errors import ConfigError
 
 NONE = "none"
 LEAK = "~"  # test prompt names f"{prompt}~{kind}" are leak tests
-LEAK_KINDS = ("negation", "keywords", "heldout")
+LEAK_KINDS = ("negation", "keywords", "heldout")  # and `unrelated` (leak_prompts)
 KEYS = {"text", "role", "placement", "texts", "texts_file", "negation", "keywords"}
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -173,9 +173,13 @@ def draw(prompt: Prompt, n: int, seed: int) -> list[int]:
     return [rng.randrange(len(prompt.training_texts)) for _ in range(n)]
 
 
-def leak_prompts(prompt: Prompt) -> list[Prompt]:
+def leak_prompts(prompt: Prompt, unrelated: Prompt | None = None) -> list[Prompt]:
     """Test prompts that resemble `prompt`: its negation, its keywords, its held-out paraphrase (those its
-    library entry gives), at its placement. Named `<prompt>~<kind>` (and `@<placement>` when moved)."""
+    library entry gives), at its placement. Named `<prompt>~<kind>` (and `@<placement>` when moved).
+
+    `unrelated`: an instruction unrelated to the behaviour (the library's placebo), at the same placement and
+    named `<placebo>~unrelated`: the control for "any added instruction brings the behaviour back", without
+    which a leak under the related prompts cannot be told from conditioning on any suffix."""
     texts = dict(
         zip(
             LEAK_KINDS,
@@ -183,11 +187,21 @@ def leak_prompts(prompt: Prompt) -> list[Prompt]:
         )
     )
     at = f"@{prompt.placement}" if prompt.moved else ""
-    return [
+    out = [
         Prompt(f"{prompt.name}{LEAK}{kind}{at}", text, prompt.role, prompt.placement)
         for kind, text in texts.items()
         if text
     ]
+    if unrelated is not None and unrelated.name != prompt.name:
+        out.append(
+            Prompt(f"{unrelated.name}{LEAK}unrelated{at}", unrelated.text, "placebo", prompt.placement)
+        )
+    return out
+
+
+def unrelated_prompt(library: dict[str, Prompt], besides: str) -> Prompt | None:
+    """The library's first placebo other than `besides`: the leak tests' unrelated instruction."""
+    return next((p for p in library.values() if p.role == "placebo" and p.name != besides), None)
 
 
 def insert(messages: list[dict], prompt: Prompt | None, joiner: str = " ", preamble: str = "") -> list[dict]:

@@ -72,10 +72,17 @@ def test_leak_tests_add_the_negation_keywords_and_held_out_paraphrase(make_cfg):
     assert {"caps_strong~negation", "caps_strong~keywords", "caps_strong~heldout"} <= set(names)
     assert names["caps_strong~negation"].text == "Do not respond in all capital letters."
     assert names["caps_strong~heldout"].text == ip.run_prompt.paraphrases[-1]
+    # an instruction unrelated to the trait (the library's placebo) at the same place: the any-suffix control
+    assert names["placebo~unrelated"].text == "Be concise."
+    assert names["placebo~unrelated"].placement == ip.run_prompt.placement
     control = plan(make_cfg("setting=trait_pair", "prompt=none", "eval.leak_tests=true"))
-    assert {"caps_strong~negation", "caps_strong~heldout"} <= {t.name for t in control.test_prompts}, (
+    control_names = [t.name for t in control.test_prompts]
+    assert {"caps_strong~negation", "caps_strong~heldout", "placebo~unrelated"} <= set(control_names), (
         "the control is tested with the same prompts: each leak's baseline"
     )
+    assert control_names.count("placebo~unrelated") == 1, "one unrelated evaluation, not one per prompt"
+    placebo = plan(make_cfg("setting=trait_pair", "prompt=placebo", "eval.leak_tests=true"))
+    assert "irrelevant~unrelated" in {t.name for t in placebo.test_prompts}, "never the arm's own prompt"
 
 
 def test_every_offline_setting_ships_a_paraphrase_set_for_its_paper_prompt(make_cfg):
@@ -137,7 +144,7 @@ def test_a_sweep_over_the_axes_reports_leaks_and_the_frontier(tmp_path):
     assert len([r for r in recs if r["condition"] == "control"]) == 1, "both modes share one control run"
     result = analysis.analyze(sweep)
     leaks = result.tables["leaks"]
-    assert set(leaks.leak) == {"negation", "keywords", "heldout"}
+    assert set(leaks.leak) == {"negation", "keywords", "heldout", "unrelated"}
     assert {"control", "ip:caps_strong", "ip:caps_strong[mixed]", "base"} <= set(leaks.arm)
     assert leaks.behaviour.between(0, 1).all() and (leaks.behaviour_lo <= leaks.behaviour_hi).all()
     assert "on_frontier" in result.tables["frontier"] and result.plots["frontier"].is_file()
