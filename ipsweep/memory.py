@@ -205,12 +205,16 @@ def report(
     for key, nums in groups.items():
         model, train, eval_, kind = json.loads(key)
         cfg = OmegaConf.create({"model": model, "train": train, "eval": eval_})
-        config = model_config(cfg.model)
-        if config is None:
-            lines.append(f"  {model['name']}: no memory estimate (no config.json for it on this machine)")
+        try:
+            config = model_config(cfg.model)
+            if config is None:
+                lines.append(f"  {model['name']}: no memory estimate (no config.json for it on this machine)")
+                continue
+            dtype = models.resolve_dtype(cfg.model, kind or models.resolve_device(cfg.model))
+            need = estimate(shape(config, cfg.train.lora), cfg, dtype)
+        except Exception as e:  # noqa: BLE001 - an estimate must not stop the dry run (custom model code, ...)
+            lines.append(f"  {model['name']}: no memory estimate (its config cannot be read here: {e})")
             continue
-        dtype = models.resolve_dtype(cfg.model, kind or models.resolve_device(cfg.model))
-        need = estimate(shape(config, cfg.train.lora), cfg, dtype)
         largest = max(largest, need.peak / 1e9)
         jobs = f"job #{nums[0]}" + (f" and {len(nums) - 1} more like it" if len(nums) > 1 else "")
         line = f"  {jobs} ({model['name']}, {dtype}): {need.describe()}"

@@ -152,3 +152,10 @@ def test_the_dry_run_prints_each_jobs_memory_against_the_gpu_the_launcher_asks_f
         sweep_dir=tmp_path / "b",
     )
     assert "EXCEEDS the 24 GB of the A10 asked for" in big.stdout
+
+
+def test_a_model_the_estimate_cannot_read_gets_no_estimate_and_the_dry_run_goes_on(make_cfg, monkeypatch):
+    monkeypatch.setattr(memory, "model_config", lambda model_cfg: {"model_type": "not-a-model-type"})
+    points = [{"num": 0, "config": OmegaConf.to_container(make_cfg(), resolve=True)}]
+    lines, largest = memory.report(points, None)
+    assert "no memory estimate (its config cannot be read here" in lines[0] and largest == 0
