@@ -94,18 +94,9 @@ def model_parameters(model_cfg: dict) -> tuple[int, Path] | None:
     None where no local folder holds them (a plain loader function, a hub id not in the cache)."""
     from safetensors import safe_open
 
-    cfg = OmegaConf.create(model_cfg)
-    folder = models.source(cfg).folder(cfg)
-    if folder is None:
+    local = models.local_folder(OmegaConf.create(model_cfg))
+    if local is None:
         return None
-    local = Path(folder).expanduser()
-    if not local.is_dir():
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(folder, "config.json")
-        if not isinstance(cached, str):
-            return None
-        local = Path(cached).parent
     files = sorted(local.glob("*.safetensors"))
     if not files:
         return None

@@ -63,9 +63,7 @@ def _cached(cfg, kind: str, key_data: dict, compute) -> dict:
 def _model_key(cfg) -> dict:
     """The model's config without device, dtype, quantization and attention kernel as written (they enter
     resolved, with the inputs) and without its placement."""
-    return store.without(
-        _plain(cfg.model), "device", "dtype", "quantization", "attn_implementation", "device_map"
-    )
+    return store.without(_plain(cfg.model), *models.RESOLVED)
 
 
 def _setting_key(cfg, setting) -> dict:

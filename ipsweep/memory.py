@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from ipsweep import models
 
@@ -151,16 +150,8 @@ def estimate(s: Shape, cfg, dtype: str) -> Estimate:
 
 def model_config(model_cfg) -> dict | None:
     """The model's config.json from its local folder (or the hub cache); None where none is here."""
-    folder = models.source(model_cfg).folder(model_cfg)
-    if folder is None:
-        return None
-    local = Path(folder).expanduser()
-    path = local / "config.json"
-    if not local.is_dir():
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(folder, "config.json")
-        path = Path(cached) if isinstance(cached, str) else None
+    local = models.local_folder(model_cfg)
+    path = local / "config.json" if local else None
     return json.loads(path.read_text()) if path and path.is_file() else None
 
 
@@ -215,18 +206,18 @@ def report(
         except Exception as e:  # noqa: BLE001 - an estimate must not stop the dry run (custom model code, ...)
             lines.append(f"  {model['name']}: no memory estimate (its config cannot be read here: {e})")
             continue
-        largest = max(largest, need.peak / 1e9)
+        each = need.peak / 1e9
+        largest = max(largest, each)
         jobs = f"job #{nums[0]}" + (f" and {len(nums) - 1} more like it" if len(nums) > 1 else "")
         line = f"  {jobs} ({model['name']}, {dtype}): {need.describe()}"
         if device:
             gb, what = device
-            fits = jobs_per_gpu * need.peak / 1e9 <= gb
+            fits = jobs_per_gpu * each <= gb
             line += f"; {'fits' if fits else 'EXCEEDS'} the {gb:.0f} GB of {what}"
             if jobs_per_gpu > 1:
                 line += f" at {jobs_per_gpu} jobs per GPU"
             if not fits and refuse:
-                most = int(gb // (need.peak / 1e9))
-                each = need.peak / 1e9
+                most = int(gb // each)
                 raise ConfigError(
                     f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: {jobs_per_gpu} jobs of {each:.1f} "
                     f"GB each (estimate) exceed the {gb:.0f} GB of {what}; fix: hydra.launcher.jobs_per_gpu="

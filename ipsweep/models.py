@@ -190,6 +190,11 @@ def resolve_dtype(model_cfg, device: str | None = None) -> str:
     return "bf16" if (device or resolve_device(model_cfg)) == "cuda" else "fp32"
 
 
+# model keys that do not enter a run's identity or a cache key as written: numerics() gives the resolved
+# device and dtype, and the quantization and attention kernel where set; the placement changes no number
+RESOLVED = ("device", "dtype", "quantization", "attn_implementation", "device_map")
+
+
 def numerics(model_cfg) -> dict:
     """What, besides config, data and weights, changes a number: the device kind and the resolved dtype, and
     the quantization and attention kernel where one is asked for (absent otherwise, so runs made before these
@@ -210,11 +215,13 @@ def load_options(model_cfg, device: str, dtype: str) -> dict:
     import torch
 
     out: dict = {}
+    quantized = model_cfg.get("quantization") == "4bit"
     if model_cfg.get("device_map"):
         out["device_map"] = model_cfg.device_map
-    elif device == "cuda":
-        out["device_map"] = {"": 0}  # cuda:0 of the visible devices (docs/cluster.md, "One GPU per job")
-    if model_cfg.get("quantization") == "4bit":
+    elif device == "cuda" or quantized:  # bitsandbytes places the weights as it quantizes them
+        # cuda:0 of the visible devices (docs/cluster.md, "One GPU per job")
+        out["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+    if quantized:
         from transformers import BitsAndBytesConfig
 
         out["quantization_config"] = BitsAndBytesConfig(
@@ -223,7 +230,6 @@ def load_options(model_cfg, device: str, dtype: str) -> dict:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPES[dtype]),
         )
-        out.setdefault("device_map", {"": 0} if device == "cuda" else {"": "cpu"})
     if model_cfg.get("attn_implementation"):
         out["attn_implementation"] = model_cfg.attn_implementation
     return out
@@ -311,6 +317,21 @@ def check(model_cfg) -> None:
                 "which is not installed here; fix: install it on the GPU nodes' environment, or use "
                 "model.attn_implementation=sdpa"
             )
+
+
+def local_folder(model_cfg) -> Path | None:
+    """The local folder of the model's files, a hub id's cached snapshot included; None where none is here
+    (a plain loader function, a hub id not in the cache). Loads nothing."""
+    folder = source(model_cfg).folder(model_cfg)
+    if folder is None:
+        return None
+    local = Path(folder).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(folder, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def weights_digest(model_cfg) -> str | None:

@@ -336,8 +336,9 @@ def finetune(
     model = add_lora(model, cfg.lora, cfg.seed)
     micro = Micro(cfg)
     for epoch in range(start + 1, cfg.epochs + 1):
-        resume = mid if epoch == start + 1 and mid else done.get(epoch - 1)
-        if resume and resume == mid:
+        mid_way = bool(mid) and epoch == start + 1
+        resume = mid if mid_way else done.get(epoch - 1)
+        if mid_way:
             log.info("resuming epoch %d mid-way, from %s", epoch, mid)
         # the adapter as the epoch starts: an attempt that ran out of memory may have taken optimizer steps
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -357,16 +358,16 @@ def finetune(
         log_ = EpochLog(epoch, len(losses), sum(losses) / max(len(losses), 1), losses, checkpoint)
         if micro.size != cfg.batch_size:
             log_.micro_batch = [micro.size, micro.effective // micro.size]
-        if resume and resume == mid:
+        if mid_way:
             log_.resumed_from_step = _step(mid)
         for inside in out_dir.glob("checkpoint-*"):  # this epoch's mid-epoch checkpoints: no longer needed
-            if first < _step(str(inside)) < trainer.state.global_step:
+            if first < _step(inside) < trainer.state.global_step:
                 shutil.rmtree(inside, ignore_errors=True)
         on_epoch_end(log_, model)
     return model
 
 
-def _step(checkpoint: str | None) -> int:
+def _step(checkpoint: str | Path | None) -> int:
     """The optimizer step of a checkpoint folder (checkpoint-<step>); 0 for none."""
     return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
 
@@ -379,7 +380,7 @@ def _mid_epoch_checkpoint(out_dir: Path, done: dict[int, str], start: int) -> st
         c
         for c in out_dir.glob("checkpoint-*")
         if c.name.rsplit("-", 1)[1].isdigit()
-        and _step(str(c)) > after
+        and _step(c) > after
         and all((c / f).exists() for f in ("trainer_state.json", "optimizer.pt", "rng_state.pth"))
     ]
-    return str(max(complete, key=lambda c: _step(str(c)))) if complete else None
+    return str(max(complete, key=_step)) if complete else None
