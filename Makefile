@@ -48,8 +48,8 @@ test: venv vllm
 	$(VENV)/bin/ipsweep prepare --tiny
 	$(PY) -m pytest -q --timeout=1800
 
-# The ten benchmarks at their default sizes (CPU-sized; see BENCHMARKS.md for the GPU commands).
-BENCHMARKS := train_throughput eval_generation elicitation epochs_axis fixed_cost gpu_packing demo_sweep config_commands eval_engines preflight
+# The CPU benchmarks at their default sizes (see BENCHMARKS.md for the GPU commands; 11 is make gpu-check).
+BENCHMARKS := train_throughput eval_generation elicitation epochs_axis fixed_cost gpu_packing demo_sweep config_commands eval_engines preflight code_scoring
 bench: venv vllm
 	$(VENV)/bin/ipsweep prepare
 	for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
