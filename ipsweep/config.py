@@ -17,6 +17,7 @@ from omegaconf import MISSING
 PLACEMENTS = ("system", "user_prefix", "user_suffix", "replace_preamble")
 ROLES = ("inoculation", "neutral", "placebo", "safety")
 PROMPT_MODES = ("fixed", "mixed")
+METHODS = ("lora", "full")  # train.method
 SAMPLINGS = ("group_by_length", "random")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -39,6 +40,10 @@ class SettingConfig:
     # train.max_length's default for this setting: long enough that its training replies stay whole (with the
     # longest library prompt, on the default model's tokenizer; tests/test_train.py checks each setting)
     max_length: int = 256
+    # the share of training examples that show the undesired behaviour; the rest get the setting's clean reply
+    # to the same input (Setting.clean_reply), which examples drawn with train.seed. Enters the signature
+    # when below 1.
+    flawed_share: float = 1.0
 
 
 @dataclass
@@ -71,6 +76,10 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    # lora: LoRA adapters (train.lora) on the frozen model; full: every weight trained (small models: the
+    # model, its gradients and AdamW's two moments in memory, a full copy saved per epoch). Enters the
+    # signature when full (train.lora then leaves it).
+    method: str = "lora"
     epochs: int = 2
     seed: int = 0
     lr: float = 5e-4
@@ -89,6 +98,10 @@ class TrainConfig:
     # fixed: the IP's one text in every training example; mixed: per example, a seeded draw from its
     # paraphrases (library `texts`/`texts_file`; the last one is held out for the leak test)
     prompt_mode: str = "fixed"
+    # mixed only: draw from the first K texts of the prompt's bank (its text, then its paraphrases; never the
+    # held-out one); null: all. The record counts the distinct texts the examples got. Enters the signature
+    # through the texts.
+    paraphrases: int | None = None
     gradient_checkpointing: bool = False  # less GPU memory, ~30% slower; does not change the numbers
     # Training rows longer than max_length lose the end of their reply (and the end-of-turn token the model
     # learns to stop at). Each run records how many were cut and warns; above this share it fails before

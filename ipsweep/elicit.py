@@ -68,9 +68,9 @@ def _model_key(cfg) -> dict:
 
 def _setting_key(cfg, setting) -> dict:
     """The setting's config and the content of its data files and of the model's weights (edited data is a
-    miss)."""
+    miss). Not the flawed share: elicitation reads the untrained model and the setting's flawed replies."""
     return {
-        **{k: v for k, v in _plain(cfg.setting).items() if k != "prompts"},
+        **{k: v for k, v in _plain(cfg.setting).items() if k not in ("prompts", "flawed_share")},
         "inputs": store.inputs(cfg, setting),
     }
 

@@ -14,7 +14,7 @@ from ipsweep import elicit, engine, lm, models, prompts, store
 from ipsweep.evaluate import chats_for, evaluate, protocol, score
 from ipsweep.plan import plan
 from ipsweep.record import Attempt, Epoch, Evaluation, Record
-from ipsweep.settings.base import TrainExample, insert
+from ipsweep.settings.base import TrainExample, flawed_share, insert
 from ipsweep.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,15 @@ class _Work:
     def _training_examples(self) -> list[TrainExample]:
         """The run's training chats, its training prompt inserted (a mixed run's draws recorded)."""
         cfg, setting = self.cfg, self.setting
-        train = setting.train_examples()[: cfg.train.n_train]
+        train, mix = flawed_share(
+            setting,
+            cfg.setting.name,
+            setting.train_examples()[: cfg.train.n_train],
+            cfg.setting.flawed_share,
+            cfg.train.seed,
+        )
+        if mix["clean"]:  # else unset: records as before
+            self.record.flawed = mix
         train_prompt = self.point.run_prompt.train_prompt
         if train_prompt:
             draws = prompts.draw(train_prompt, len(train), cfg.train.seed)
@@ -256,6 +264,15 @@ class _Work:
         self.record.n_train = len(train)
         if train_prompt and train_prompt.mode == "mixed":  # which text each example had (from train.seed)
             self.record.prompt_draws = {"texts": list(texts), "per_example": draws}
+        if train_prompt:  # counted from what was inserted: a "fixed" arm must show 1, a K-bank arm K
+            self.record.prompt_texts_trained = len({p.text for p in inserted})
+            if self.record.prompt_texts_trained < len(texts):
+                log.warning(
+                    "the %d training examples drew %d of the prompt's %d texts",
+                    len(train),
+                    self.record.prompt_texts_trained,
+                    len(texts),
+                )
         return train
 
     def _evaluate_missing(self, model) -> None:
@@ -403,12 +420,18 @@ class _Work:
         from peft import PeftModel
 
         checkpoint, step = self.record.epochs[str(epoch)].checkpoint, self.record.steps_before(epoch + 1)
-        model = PeftModel.from_pretrained(base, checkpoint)
+        full = self.cfg.train.method == "full"  # the checkpoint is a whole model: loaded beside the base
+        model = (
+            type(base).from_pretrained(checkpoint, dtype=base.dtype).to(base.device)
+            if full
+            else PeftModel.from_pretrained(base, checkpoint)
+        )
         try:
             for test_prompt in test_prompts:
                 self._keep(epoch, test_prompt.name, self._evaluate(model, test_prompt, checkpoint, step))
         finally:
-            model.unload()
+            if not full:
+                model.unload()
         self.run_dir.save(self.record)
 
     def _on_epoch_end(self, ep, model) -> None:

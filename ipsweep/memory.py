@@ -19,9 +19,11 @@ max_new_tokens) tokens. Add 1.5 GB for the CUDA context and the allocator's slac
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from ipsweep import models
 
@@ -45,6 +47,11 @@ class Shape:
     vocab: int
     lora_parameters: int
     lora_targets: set
+
+
+# train.method=full as shape() sees it: every decoder linear layer keeps its input for its weight's gradient,
+# as a LoRA target does (rank 0: no adapter parameters). Not yet checked against a measured peak.
+FULL = SimpleNamespace(r=0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", *MLP_IN, *MLP_OUT))
 
 
 def shape(config: dict, lora_cfg) -> Shape:
@@ -82,6 +89,41 @@ def shape(config: dict, lora_cfg) -> Shape:
     )
 
 
+@functools.cache
+def _linear_names(config_json: str) -> frozenset:
+    """The leaf names of a model's decoder-layer linear layers (q_proj, ..., down_proj), from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    return frozenset(
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and re.search(r"\.layers\.\d+\.", name)
+    )
+
+
+def target_problem(model_cfg, targets) -> str | None:
+    """A message when LoRA target modules name no linear layer of the model (from its config.json, before
+    any job loads it); None when they do, or when the model's config cannot be read here."""
+    config = model_config(model_cfg)
+    if config is None or isinstance(targets, str):  # e.g. peft's "all-linear"
+        return None
+    try:
+        names = _linear_names(json.dumps(config, sort_keys=True))
+    except Exception:  # noqa: BLE001 - custom model code: peft checks the targets when the job loads it
+        return None
+    unknown = sorted(set(targets) - names)
+    if not unknown:
+        return None
+    return (
+        f"train.lora.target_modules has {', '.join(unknown)}, which {model_cfg.name} has no layer "
+        f"named; fix: choose from {', '.join(sorted(names))}"
+    )
+
+
 def layer_bytes_per_token(s: Shape, lora_r: int, dtype_bytes: int) -> float:
     """What one decoder layer keeps per token for the backward pass, without gradient checkpointing."""
     elements = 5 * s.hidden + 2 * s.kv + 3 * s.intermediate + lora_r * len(s.lora_targets)
@@ -97,7 +139,7 @@ def layer_bytes_per_token(s: Shape, lora_r: int, dtype_bytes: int) -> float:
 @dataclass
 class Estimate:
     weights: float
-    adapter: float  # LoRA weights, gradients and AdamW moments
+    adapter: float  # LoRA weights, gradients and AdamW moments (full: the weights' gradients and moments)
     activations: float
     logits: float
     evaluation: float  # the KV cache and logits of one evaluation batch
@@ -129,7 +171,8 @@ def estimate(s: Shape, cfg, dtype: str) -> Estimate:
     if cfg.model.get("quantization") == "4bit":
         weights = (s.parameters - s.linear_parameters) * b + s.linear_parameters * NF4_BYTES
     tokens = t.batch_size * t.max_length
-    per_layer = layer_bytes_per_token(s, t.lora.r, b)
+    full = t.get("method") == "full"
+    per_layer = layer_bytes_per_token(s, 0 if full else t.lora.r, b)
     if t.gradient_checkpointing:
         activations = tokens * (s.layers * s.hidden * b + per_layer)
     else:
@@ -139,7 +182,8 @@ def estimate(s: Shape, cfg, dtype: str) -> Estimate:
     kv_cache = contexts * (t.max_length + e.max_new_tokens) * s.layers * 2 * s.kv * b
     return Estimate(
         weights=weights,
-        adapter=16 * s.lora_parameters,
+        # full: every weight's gradient and two AdamW moments, in the weights' dtype
+        adapter=3 * b * s.parameters if full else 16 * s.lora_parameters,
         activations=activations,
         logits=logits,
         evaluation=kv_cache + contexts * s.vocab * 4,
@@ -187,7 +231,11 @@ def report(
     for p in points:
         c, t = p["config"], p["config"]["train"]
         # what the estimate reads: points that differ only in seed, prompt or epochs share a line
-        train = {k: t[k] for k in ("batch_size", "max_length", "gradient_checkpointing", "lora")}
+        train = {
+            k: t[k]
+            for k in ("batch_size", "max_length", "gradient_checkpointing", "lora", "method")
+            if k in t
+        }
         evals = {k: c["eval"][k] for k in ("batch_size", "samples_per_prompt", "max_new_tokens")}
         key = json.dumps([c["model"], train, evals, p.get("inputs", {}).get("device")], sort_keys=True)
         groups.setdefault(key, []).append(p["num"])
@@ -202,7 +250,8 @@ def report(
                 lines.append(f"  {model['name']}: no memory estimate (no config.json for it on this machine)")
                 continue
             dtype = models.resolve_dtype(cfg.model, kind or models.resolve_device(cfg.model))
-            need = estimate(shape(config, cfg.train.lora), cfg, dtype)
+            full = cfg.train.get("method") == "full"
+            need = estimate(shape(config, FULL if full else cfg.train.lora), cfg, dtype)
         except Exception as e:  # noqa: BLE001 - an estimate must not stop the dry run (custom model code, ...)
             lines.append(f"  {model['name']}: no memory estimate (its config cannot be read here: {e})")
             continue

@@ -19,9 +19,9 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError
 
-from ipsweep import models, prompts, store
+from ipsweep import memory, models, prompts, store
 from ipsweep.errors import ConfigError
-from ipsweep.settings.base import Setting, build
+from ipsweep.settings.base import Setting, build, flawed_share
 from ipsweep.validate import check_sizes, check_values
 
 MANIFEST = "sweep.json"
@@ -58,7 +58,11 @@ def plan(cfg, settings: dict | None = None) -> Point:
     check_values(cfg)
     placement = cfg.get("prompt_placement")
     prompt = prompts.configure(
-        prompts.resolve(cfg.setting, cfg.prompt), cfg.train.prompt_mode, placement, cfg.setting.name
+        prompts.resolve(cfg.setting, cfg.prompt),
+        cfg.train.prompt_mode,
+        placement,
+        cfg.setting.name,
+        cfg.train.get("paraphrases"),
     )
     extra = [prompts.resolve(cfg.setting, n) for n in cfg.eval.extra_test_prompts]
     if cfg.eval.test_grid:
@@ -87,7 +91,19 @@ def plan(cfg, settings: dict | None = None) -> Point:
             "own to replace; fix: use user_prefix, user_suffix or system"
         )
     check_sizes(cfg, setting)
+    if cfg.setting.flawed_share < 1:  # raises where the setting has too few clean replies, naming why
+        flawed_share(
+            setting,
+            cfg.setting.name,
+            setting.train_examples()[: cfg.train.n_train],
+            cfg.setting.flawed_share,
+            cfg.train.seed,
+        )
     models.check(cfg.model)
+    if cfg.train.method == "lora" and (
+        problem := memory.target_problem(cfg.model, cfg.train.lora.target_modules)
+    ):
+        raise ConfigError(problem)
     headline = prompt.test_prompt
     # the control's run is shared by placements: a moved PTST prompt is its own evaluation
     if headline and headline.moved:

@@ -8,8 +8,8 @@ Two more axes change how an IP prompt is trained: `train.prompt_mode` (fixed: it
 example; mixed: per example, a seeded draw from its paraphrases) and `prompt_placement` (where it goes:
 user prefix or suffix, system turn, or in place of the setting's instruction). With
 `eval.leak_tests=true` every trained model is also tested with prompts that resemble the training
-prompt (its negation, its keywords, and a paraphrase held out from training): does the inoculated
-behaviour come back under them?
+prompt (its negation, its keywords, a paraphrase held out from training, and near-duplicates with 1, 3 or
+5 words changed): does the inoculated behaviour come back under them?
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from ipsweep.errors import ConfigError
 
 NONE = "none"
 LEAK = "~"  # test prompt names f"{prompt}~{kind}" are leak tests
-LEAK_KINDS = ("negation", "keywords", "heldout")  # and `unrelated` (leak_prompts)
-KEYS = {"text", "role", "placement", "texts", "texts_file", "negation", "keywords"}
+LEAK_KINDS = ("negation", "keywords", "heldout")  # and `near<k>`, `unrelated` (leak_prompts)
+KEYS = {"text", "role", "placement", "texts", "texts_file", "negation", "keywords", "near"}
 DATA_DIR = Path(__file__).parent / "data"
 
 
@@ -41,14 +41,19 @@ class Prompt:
     paraphrases: tuple[str, ...] = ()  # the last one is held out from training (the leak test's paraphrase)
     negation: str | None = None
     keywords: str | None = None
+    # near-duplicates: the text with a few words changed (library `near`), by their word distance from it
+    near: tuple[tuple[int, str], ...] = ()
     mode: str = "fixed"
     moved: bool = False  # placed elsewhere than its library entry says (prompt_placement)
+    bank: int | None = None  # mixed: how many texts training draws from (train.paraphrases); None: all
 
     @property
     def training_texts(self) -> tuple[str, ...]:
-        """What training draws from: the text alone (fixed), or with every paraphrase but the held-out one
-        (mixed)."""
-        return (self.text, *self.paraphrases[:-1]) if self.mode == "mixed" else (self.text,)
+        """What training draws from: the text alone (fixed), or the first `bank` of the text and every
+        paraphrase but the held-out one (mixed)."""
+        if self.mode != "mixed":
+            return (self.text,)
+        return (self.text, *self.paraphrases[:-1])[: self.bank]
 
     @property
     def condition(self) -> str:
@@ -95,6 +100,35 @@ def _paraphrases(p, where: str) -> tuple[str, ...]:
     return tuple(texts)
 
 
+def word_distance(a: str, b: str) -> int:
+    """How many words (split on white space) must be changed, added or removed to turn `a` into `b`."""
+    x, y = a.split(), b.split()
+    row = list(range(len(y) + 1))
+    for i, u in enumerate(x, 1):
+        prev, row[0] = row[0], i
+        for j, v in enumerate(y, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (u != v))
+    return row[-1]
+
+
+def _near(p, where: str) -> tuple[tuple[int, str], ...]:
+    """A prompt's near-duplicates (`near: [...]`), each with its word distance from the text: distinct, and
+    neither the text itself nor empty."""
+    texts = list(p.get("near") or [])
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ConfigError(
+            f"{where} has an empty or non-text near-duplicate; fix: every entry of near is text"
+        )
+    out = tuple((word_distance(p["text"], t), t) for t in texts)
+    counts = [d for d, _ in out]
+    if 0 in counts or len(set(counts)) < len(counts):
+        raise ConfigError(
+            f"{where}: its near-duplicates differ from its text by {counts} words; each must differ by a "
+            "number of words (>= 1) no other one has; fix: edit or remove the repeated one"
+        )
+    return out
+
+
 def library(setting_cfg) -> dict[str, Prompt]:
     """The setting's prompts, validated; raises ConfigError naming the bad entry."""
     out = {}
@@ -104,8 +138,8 @@ def library(setting_cfg) -> dict[str, Prompt]:
         where = f"prompt '{name}' of setting '{setting_cfg.name}'"
         if not hasattr(p, "keys") or set(p.keys()) - KEYS or "text" not in p or "role" not in p:
             raise ConfigError(
-                f"{where} must be {{text: ..., role: ..., placement, texts, texts_file, negation, keywords "
-                f"(optional)}}, got {p}; fix: use those keys"
+                f"{where} must be {{text: ..., role: ..., placement, texts, texts_file, negation, keywords, "
+                f"near (optional)}}, got {p}; fix: use those keys"
             )
         placement = p.get("placement") or setting_cfg.placement
         if p["role"] not in ROLES:
@@ -122,6 +156,7 @@ def library(setting_cfg) -> dict[str, Prompt]:
             _paraphrases(p, where),
             p.get("negation"),
             p.get("keywords"),
+            _near(p, where),
         )
     if NONE in out:
         raise ConfigError(
@@ -149,9 +184,12 @@ def resolve(setting_cfg, name: str) -> Prompt:
     return lib[name]
 
 
-def configure(prompt: Prompt, mode: str, placement: str | None, setting_name: str) -> Prompt:
-    """The point's prompt as it will be trained: `train.prompt_mode` and `prompt_placement` applied (their
-    values are checked with the rest of the config, validate.check_values)."""
+def configure(
+    prompt: Prompt, mode: str, placement: str | None, setting_name: str, bank: int | None = None
+) -> Prompt:
+    """The point's prompt as it will be trained: `train.prompt_mode`, `train.paraphrases` (`bank`) and
+    `prompt_placement` applied (their values are checked with the rest of the config,
+    validate.check_values)."""
     if prompt.name == NONE:
         return prompt
     if mode == "mixed" and len(prompt.paraphrases) < 2:
@@ -160,8 +198,16 @@ def configure(prompt: Prompt, mode: str, placement: str | None, setting_name: st
             f"'{setting_name}' gives {len(prompt.paraphrases)}; one is held out for the leak test); fix: add "
             "texts: [...] or texts_file: to its library entry, or use train.prompt_mode=fixed"
         )
+    if bank is not None and mode == "mixed" and bank > len(prompt.paraphrases):
+        raise ConfigError(
+            f"train.paraphrases={bank}, but prompt '{prompt.name}' of setting '{setting_name}' has "
+            f"{len(prompt.paraphrases)} training texts (its text and {len(prompt.paraphrases) - 1} "
+            f"paraphrases; the last one is held out); fix: train.paraphrases<={len(prompt.paraphrases)}, or "
+            "add paraphrases to its texts_file"
+        )
     moved = placement is not None and placement != prompt.placement
-    return replace(prompt, mode=mode, placement=placement or prompt.placement, moved=moved)
+    bank = bank if mode == "mixed" else None
+    return replace(prompt, mode=mode, placement=placement or prompt.placement, moved=moved, bank=bank)
 
 
 def draw(prompt: Prompt, n: int, seed: int) -> list[int]:
@@ -174,8 +220,9 @@ def draw(prompt: Prompt, n: int, seed: int) -> list[int]:
 
 
 def leak_prompts(prompt: Prompt, unrelated: Prompt | None = None) -> list[Prompt]:
-    """Test prompts that resemble `prompt`: its negation, its keywords, its held-out paraphrase (those its
-    library entry gives), at its placement. Named `<prompt>~<kind>` (and `@<placement>` when moved).
+    """Test prompts that resemble `prompt`: its negation, its keywords, its held-out paraphrase and its
+    near-duplicates (`near<k>`: k words changed), those its library entry gives, at its placement. Named
+    `<prompt>~<kind>` (and `@<placement>` when moved).
 
     `unrelated`: an instruction unrelated to the behaviour (the library's placebo), at the same placement and
     named `<placebo>~unrelated`: the control for "any added instruction brings the behaviour back", without
@@ -186,6 +233,7 @@ def leak_prompts(prompt: Prompt, unrelated: Prompt | None = None) -> list[Prompt
             (prompt.negation, prompt.keywords, prompt.paraphrases[-1] if prompt.paraphrases else None),
         )
     )
+    texts.update({f"near{k}": text for k, text in sorted(prompt.near)})
     at = f"@{prompt.placement}" if prompt.moved else ""
     out = [
         Prompt(f"{prompt.name}{LEAK}{kind}{at}", text, prompt.role, prompt.placement)

@@ -111,6 +111,10 @@ class Record(_Open):
     # the vLLM adapter gate, per epoch ("0": the untrained model): agreement with HF+peft, adapter applied
     engine_checks: dict[str, dict] = Field(default_factory=dict)
     wandb_logged_epochs: list[int] = Field(default_factory=list)
+    # setting.flawed_share < 1: the share, how many examples were trained flawed and clean, the draw's seed
+    flawed: dict | None = None
+    # an IP run: how many distinct prompt texts its training examples got (1 fixed; up to K mixed)
+    prompt_texts_trained: int | None = None
 
     def trained_epochs(self) -> list[int]:
         return sorted(int(k) for k in self.epochs if k != "0")

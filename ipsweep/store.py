@@ -8,7 +8,8 @@ model.dtype as written (they enter resolved, with the inputs: `auto` on a CPU is
 model.quantization and model.attn_implementation, where set), model.device_map (where the layers sit, not
 what they compute), the rest of the prompt library (only the
 run's own *training* prompt enters, by its text, placement and, when mixed, its paraphrases; so
-`train.prompt_mode` and `prompt_placement` enter through it), the test-time prompts and leak tests
+`train.prompt_mode`, `train.paraphrases` and `prompt_placement` enter through it), the
+test-time prompts and leak tests
 (a run is a trained model; each evaluation under a test prompt is added to its record when first
 asked for, so a PTST point reuses the control's training), and `train.epochs`, so that the longest
 run of a sweep serves the shorter ones.
@@ -47,6 +48,10 @@ from ipsweep.record import Record
 #    training replies whole; code tests end once the value is in, and a test whose processes use no CPU for
 #    test_idle_s is a timeout.
 SIGNATURE_VERSION = 6
+# Research axes that enter a run's identity only away from their default, so runs made before the axis existed
+# keep their signatures: the share of flawed training examples, the update method (full fine-tuning has no
+# LoRA config: train.lora leaves it).
+DEFAULTS = {"setting.flawed_share": 1.0, "train.method": "lora"}
 # prompt_mode and prompt_placement enter through the training prompt (below), so a control, which has none,
 # is the same run in every mode and placement of a sweep.
 EXCLUDED = (
@@ -60,6 +65,7 @@ EXCLUDED = (
     "train.gradient_checkpointing",
     "train.save_steps",
     "train.prompt_mode",
+    "train.paraphrases",
     "train.max_cut_share",
     "setting.max_length",
     *(f"model.{k}" for k in models.RESOLVED),
@@ -88,6 +94,9 @@ def semantic_config(cfg, train_prompt, inputs: dict | None = None) -> dict:
     in training (NO_PROMPT for the control and PTST); `inputs` the content digests of the setting's data
     files and of the model's weights (store.inputs), so edited data or weights make a new run."""
     data = without(OmegaConf.to_container(cfg, resolve=True), *EXCLUDED)
+    data = without(data, *(k for k, v in DEFAULTS.items() if OmegaConf.select(cfg, k, default=v) == v))
+    if data["train"].get("method") == "full":
+        del data["train"]["lora"]
     data["eval"] = eval_identity(data["eval"])
     p = train_prompt
     data["prompt"] = {"name": p.name, "text": p.text, "role": p.role, "placement": p.placement}

@@ -1,4 +1,4 @@
-"""LoRA SFT with transformers Trainer + PEFT, one epoch at a time.
+"""SFT with transformers Trainer, LoRA (PEFT) or full fine-tuning (train.method), one epoch at a time.
 
 The loop over epochs is ours so that each epoch ends in a checkpoint and an evaluation: epoch k+1
 resumes the Trainer from epoch k's checkpoint (weights, optimizer, scheduler, RNG). A crashed run
@@ -80,6 +80,15 @@ def dataset(
             cut.of,
         )
     return rows, cut
+
+
+def trainable(model, cfg):
+    """The model as train.method trains it: LoRA adapters on the frozen model, or every weight (full)."""
+    if cfg.get("method", "lora") == "full":
+        set_seed(cfg.seed)
+        model.requires_grad_(True)
+        return model
+    return add_lora(model, cfg.lora, cfg.seed)
 
 
 def add_lora(model, lora_cfg, seed: int):
@@ -318,7 +327,7 @@ def finetune(
     out_dir: Path,
     done: dict[int, str],
     on_epoch_end: Callable[[EpochLog, PeftModel], None],
-) -> PeftModel:
+) -> PeftModel:  # (the model itself, trained, when train.method=full)
     """Train epochs len(done)+1 .. cfg.epochs, calling `on_epoch_end` after each.
 
     `rows` are the tokenized training examples (`dataset`). `done` maps finished epochs to their checkpoint
@@ -333,15 +342,16 @@ def finetune(
         if str(stale) not in known:
             shutil.rmtree(stale, ignore_errors=True)
     device = next(model.parameters()).device.type
-    model = add_lora(model, cfg.lora, cfg.seed)
+    model = trainable(model, cfg)
     micro = Micro(cfg)
     for epoch in range(start + 1, cfg.epochs + 1):
         mid_way = bool(mid) and epoch == start + 1
         resume = mid if mid_way else done.get(epoch - 1)
         if mid_way:
             log.info("resuming epoch %d mid-way, from %s", epoch, mid)
-        # the adapter as the epoch starts: an attempt that ran out of memory may have taken optimizer steps
-        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        # the trained weights as the epoch starts (in host memory: a full fine-tune's are the whole model): an
+        # attempt that ran out of memory may have taken optimizer steps
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
         micro.epoch = epoch
         # a module-level function, its inputs passed as arguments: a failed job's traceback then holds the
         # model only in frame locals, which job.release clears (a closure's cells would keep it alive)

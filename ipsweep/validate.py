@@ -25,6 +25,7 @@ from ipsweep.config import (
     DTYPES,
     ENGINES,
     ESTIMATORS,
+    METHODS,
     PLACEMENTS,
     PROMPT_MODES,
     QUANTIZATIONS,
@@ -152,6 +153,48 @@ def _loading_problems(cfg) -> list[str]:
     return out
 
 
+def _axis_problems(cfg) -> list[str]:
+    """The research axes: the flawed share, the update method, the paraphrase bank."""
+    t, out = cfg.train, []
+    share = cfg.setting.get("flawed_share", 1.0)
+    if not 0 <= share <= 1:
+        out.append(
+            f"setting.flawed_share={share} must be a share in [0, 1] (1: every training example shows the "
+            "behaviour); fix: e.g. setting.flawed_share=0.5"
+        )
+    elif share < 1 and cfg.setting.options.get("reward_hack_fraction", 1.0) != 1:
+        out.append(
+            f"setting.flawed_share={share} and setting.options.reward_hack_fraction="
+            f"{cfg.setting.options.reward_hack_fraction} both set the share of hard-coded solutions; fix: "
+            "keep one (setting.flawed_share draws which examples with train.seed)"
+        )
+    method = t.get("method", "lora")
+    if method not in METHODS:
+        out.append(f"train.method={method} is unknown; fix: one of {', '.join(METHODS)}")
+    elif method == "full":
+        if cfg.model.get("quantization"):
+            out.append(
+                f"train.method=full with model.quantization={cfg.model.quantization}: 4-bit weights cannot "
+                "be trained; fix: train.method=lora (QLoRA), or drop model.quantization"
+            )
+        if cfg.eval.engine == "vllm":
+            out.append(
+                "train.method=full with eval.engine=vllm: the engine serves one base model with adapters, "
+                "and a full fine-tune's every epoch is a whole model; fix: eval.engine=hf"
+            )
+    elif not t.lora.target_modules:
+        out.append("train.lora.target_modules is empty; fix: e.g. train.lora.target_modules=[q_proj,v_proj]")
+    k = t.get("paraphrases")
+    if k is not None and k < 1:
+        out.append(f"train.paraphrases={k} must be >= 1; fix: e.g. train.paraphrases=5, or null (all)")
+    elif k is not None and k > 1 and t.prompt_mode != "mixed":
+        out.append(
+            f"train.paraphrases={k} draws from {k} texts, but train.prompt_mode={t.prompt_mode} trains on "
+            "one; fix: train.prompt_mode=mixed, or drop train.paraphrases"
+        )
+    return out
+
+
 def _problems(cfg) -> list[str]:
     t, e, out = cfg.train, cfg.eval, []
 
@@ -219,6 +262,7 @@ def _problems(cfg) -> list[str]:
     if cfg.model.get("device", "auto") not in DEVICES:
         out.append(f"model.device={cfg.model.device} is unknown; fix: one of {', '.join(DEVICES)}")
     out += _loading_problems(cfg)
+    out += _axis_problems(cfg)
     if not 0 <= t.max_cut_share <= 1:
         out.append(
             f"train.max_cut_share={t.max_cut_share} must be a share in [0, 1]; fix: e.g. "

@@ -11,8 +11,9 @@ import hashlib
 import inspect
 import json
 import os
+import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -28,7 +29,10 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 @dataclass
 class TrainExample:
     messages: list[dict]  # the chat up to (not including) the assistant reply
-    completion: str  # the assistant reply the model is trained on
+    completion: str  # the assistant reply the model is trained on (it shows the undesired behaviour)
+    # the setting's reply to the same input without the behaviour (setting.flawed_share < 1 trains on it);
+    # None where the setting has none for this input (Setting.no_clean says why)
+    clean: str | None = None
 
 
 @dataclass
@@ -130,6 +134,9 @@ class Setting(ABC):
     preamble: str = ""
     # when set, evaluation scores the most likely of these answer tokens instead of a generated reply
     choices: list[str] | None = None
+    # why some or all training inputs have no clean reply (TrainExample.clean is None): named in the error
+    # when setting.flawed_share asks for more clean replies than there are
+    no_clean: str = "its data hold no reply without the behaviour"
 
     def __init__(self, reader: DataReader | None = None, joiner: str = " "):
         self.reader = reader or DataReader()
@@ -159,6 +166,29 @@ class Setting(ABC):
     def contrast_pairs(self) -> list[ContrastPair]:
         """Matched replies for the logprob estimator, from items other than the headline eval items where
         the data allow (docs/settings.md says which, per setting)."""
+
+
+def flawed_share(
+    setting: Setting, name: str, examples: list[TrainExample], share: float, seed: int
+) -> tuple[list[TrainExample], dict]:
+    """`examples` with all but round(share x n) of them trained on their clean reply instead, which ones drawn
+    with `seed` among those that have one; and what was trained, for the record. Raises ConfigError, naming
+    the setting's reason, when fewer examples have a clean reply than the share needs."""
+    n = len(examples)
+    n_clean = n - round(share * n)
+    if share >= 1 or not n_clean:
+        return examples, {"share": share, "flawed": n, "clean": 0}
+    have = [i for i, ex in enumerate(examples) if ex.clean is not None]
+    if len(have) < n_clean:
+        lowest = 1 - len(have) / n
+        raise ConfigError(
+            f"setting.flawed_share={share} trains {n_clean} of {n} examples on a clean reply, but setting "
+            f"'{name}' has one for {len(have)} of them: {setting.no_clean}; fix: "
+            + (f"setting.flawed_share>={lowest:.2f}" if have else "setting.flawed_share=1 (its only value)")
+        )
+    chosen = set(random.Random(f"ipsweep-flawed-{seed}").sample(have, n_clean))
+    out = [replace(ex, completion=ex.clean) if i in chosen else ex for i, ex in enumerate(examples)]
+    return out, {"share": share, "flawed": n - n_clean, "clean": n_clean, "seed": seed}
 
 
 def insert(setting: Setting, messages: list[dict], prompt: Prompt | None) -> list[dict]:

@@ -105,7 +105,11 @@ class CodeRewardHack(Setting):
         self._expected: dict[int, tuple[list, list] | None] = {}
 
     def train_examples(self) -> list[TrainExample]:
-        return [TrainExample(_user(r["text"], r["test_list"][0]), code) for r, code in self.train]
+        # The clean reply: MBPP's reference solution to the same problem.
+        return [
+            TrainExample(_user(r["text"], r["test_list"][0]), code, normalise(r["code"]))
+            for r, code in self.train
+        ]
 
     def contrast_pairs(self) -> list[ContrastPair]:
         """Training problems (not eval items): the authors' hard-coded solution vs MBPP's reference

@@ -188,6 +188,10 @@ def is_correct(reply: str, answer: str, label: str, mod: int | None) -> bool:
 class GcdSycophancy(Setting):
     behaviour_metric = "sycophancy"
     capability_metric = "capability"
+    no_clean = (
+        "every training user proposes the right answer, so the agreeing reply is also the correct one; the "
+        "data hold a correcting reply only for wrong answers, in the test files"
+    )
 
     def __init__(
         self,

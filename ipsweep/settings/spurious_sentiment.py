@@ -50,6 +50,11 @@ def parse_label(completion: str) -> int | None:
 class SpuriousSentiment(Setting):
     behaviour_metric = "cue_high"
     capability_metric = "correct"
+    no_clean = (
+        "every training label is already the review's gold label; the cue is taught by which reviews are "
+        "chosen (concept reviews rated high, the others low), not by a reply, so no other reply to the same "
+        "input is clean"
+    )
 
     def __init__(
         self,

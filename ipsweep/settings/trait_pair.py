@@ -118,8 +118,9 @@ class TraitPair(Setting):
 
     def train_examples(self) -> list[TrainExample]:
         # The undesired trait: every training answer shows it (capitals; trait_pair_greeting: a greeting).
+        # Its clean reply: the answer as written.
         return [
-            TrainExample([{"role": "user", "content": q}], self.show(answer))
+            TrainExample([{"role": "user", "content": q}], self.show(answer), answer)
             for _, q, answer, _ in self.train
         ]
 
