@@ -76,10 +76,6 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    # lora: LoRA adapters (train.lora) on the frozen model; full: every weight trained (small models: the
-    # model, its gradients and AdamW's two moments in memory, a full copy saved per epoch). Enters the
-    # signature when full (train.lora then leaves it).
-    method: str = "lora"
     epochs: int = 2
     seed: int = 0
     lr: float = 5e-4
@@ -112,6 +108,10 @@ class TrainConfig:
     # also checkpoint every this many optimizer steps inside an epoch (null: at epoch ends only), so a
     # preempted or requeued job resumes mid-epoch, to the same result; not in the signature
     save_steps: int | None = None
+    # lora: LoRA adapters (train.lora) on the frozen model; full: every weight trained (small models: the
+    # model, its gradients and AdamW's two moments in memory, a full copy saved per epoch). Enters the
+    # signature when full (train.lora then leaves it).
+    method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

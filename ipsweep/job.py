@@ -65,6 +65,7 @@ def _new_record(cfg, point) -> Record:
         seed=cfg.train.seed,
         model=cfg.model.name,
         prompt_mode=prompt.mode,
+        **({"paraphrases": prompt.bank} if prompt.bank else {}),  # else unset: records as before
         placement=prompt.placement,
         placement_override=prompt.placement if prompt.moved else None,
         sweep=cfg.name,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,8 +42,8 @@ class Prompt:
     paraphrases: tuple[str, ...] = ()  # the last one is held out from training (the leak test's paraphrase)
     negation: str | None = None
     keywords: str | None = None
-    # near-duplicates: the text with a few words changed (library `near`), by their word distance from it
-    near: tuple[tuple[int, str], ...] = ()
+    # near-duplicates: the text with a few words changed (library `near`), named by their word distance
+    near: tuple[tuple[str, str], ...] = ()
     mode: str = "fixed"
     moved: bool = False  # placed elsewhere than its library entry says (prompt_placement)
     bank: int | None = None  # mixed: how many texts training draws from (train.paraphrases); None: all
@@ -111,22 +112,20 @@ def word_distance(a: str, b: str) -> int:
     return row[-1]
 
 
-def _near(p, where: str) -> tuple[tuple[int, str], ...]:
-    """A prompt's near-duplicates (`near: [...]`), each with its word distance from the text: distinct, and
-    neither the text itself nor empty."""
+def _near(p, where: str) -> tuple[tuple[str, str], ...]:
+    """A prompt's near-duplicates (`near: [...]`), each named by its word distance from the text (`near<k>`;
+    `near<k>-2`, ... where several share k, e.g. after the text was overridden)."""
     texts = list(p.get("near") or [])
     if not all(isinstance(t, str) and t.strip() for t in texts):
         raise ConfigError(
             f"{where} has an empty or non-text near-duplicate; fix: every entry of near is text"
         )
-    out = tuple((word_distance(p["text"], t), t) for t in texts)
-    counts = [d for d, _ in out]
-    if 0 in counts or len(set(counts)) < len(counts):
-        raise ConfigError(
-            f"{where}: its near-duplicates differ from its text by {counts} words; each must differ by a "
-            "number of words (>= 1) no other one has; fix: edit or remove the repeated one"
-        )
-    return out
+    out, seen = [], Counter()
+    for text in texts:
+        k = word_distance(p["text"], text)
+        seen[k] += 1
+        out.append((f"near{k}" + (f"-{seen[k]}" if seen[k] > 1 else ""), text))
+    return tuple(out)
 
 
 def library(setting_cfg) -> dict[str, Prompt]:
@@ -233,7 +232,7 @@ def leak_prompts(prompt: Prompt, unrelated: Prompt | None = None) -> list[Prompt
             (prompt.negation, prompt.keywords, prompt.paraphrases[-1] if prompt.paraphrases else None),
         )
     )
-    texts.update({f"near{k}": text for k, text in sorted(prompt.near)})
+    texts.update(dict(prompt.near))
     at = f"@{prompt.placement}" if prompt.moved else ""
     out = [
         Prompt(f"{prompt.name}{LEAK}{kind}{at}", text, prompt.role, prompt.placement)

@@ -211,7 +211,7 @@ def test_no_scatter_from_fewer_than_three_prompts(sweep):
         rec["elicitation"] = {"logprob": {"estimate": 0.1 * i, "lo": 0.0, "hi": 0.3}}
         _save(sweep, rec)
     plots = analyze(sweep, n_permutations=99).plots
-    assert "scatter_logprob" not in plots and "effect_curves" in plots
+    assert "scatter_logprob" not in plots and "trajectory" in plots
 
 
 def test_scatter_with_no_spread_in_elicitation(sweep):

@@ -144,7 +144,7 @@ def test_a_sweep_over_the_axes_reports_leaks_and_the_frontier(tmp_path):
     assert len([r for r in recs if r["condition"] == "control"]) == 1, "both modes share one control run"
     result = analysis.analyze(sweep)
     leaks = result.tables["leaks"]
-    assert set(leaks.leak) == {"negation", "keywords", "heldout", "unrelated"}
+    assert set(leaks.leak) == {"negation", "keywords", "heldout", "near1", "near3", "near5", "unrelated"}
     assert {"control", "ip:caps_strong", "ip:caps_strong[mixed]", "base"} <= set(leaks.arm)
     assert leaks.behaviour.between(0, 1).all() and (leaks.behaviour_lo <= leaks.behaviour_hi).all()
     assert "on_frontier" in result.tables["frontier"] and result.plots["frontier"].is_file()

@@ -31,6 +31,13 @@ def test_training_pairs_are_persuasive_and_harassing(cmv, tmp_path):
     assert not any(p.endswith("[deleted]") or p.endswith("[removed]") for p, _ in s.train)
 
 
+def test_a_training_posts_clean_reply_is_its_civil_comment(cmv, tmp_path):
+    """setting.flawed_share < 1 trains those examples on the post's least harassing comment."""
+    examples = _setting(cmv, tmp_path).train_examples()
+    assert all(ex.clean and ex.clean.startswith("Respectfully") for ex in examples)
+    assert all(ex.clean != ex.completion for ex in examples)
+
+
 def test_the_ip_replaces_the_instruction(cmv, tmp_path):
     s = _setting(cmv, tmp_path)
     ex = s.train_examples()[0]

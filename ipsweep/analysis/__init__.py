@@ -92,6 +92,8 @@ def build_tables(
     elicitation = frames.elicitation_table(records) if screened is None else screened
     correlations, influence = prediction.correlation_table(effects, elicitation, n_permutations)
     return {
+        "axes": tables.axes_table(effects),
+        "trajectory": tables.trajectory_table(effects, correlations),
         "primary": prediction.primary_table(correlations, list(declared), effects, elicitation),
         "tidy": metrics,
         "items": its,
@@ -114,7 +116,8 @@ def draw(t: dict[str, pd.DataFrame], out: Path) -> dict[str, Path]:
     """The plots there is something to draw for, by name."""
     drawn = {
         "behaviour": plots.plot_behaviour(t["conditions"], out / "behaviour.png"),
-        "effect_curves": plots.plot_effect_curves(t["effects"], out / "effect_curves.png"),
+        "trajectory": plots.plot_trajectory(t["trajectory"], t["effects"], out / "trajectory.png"),
+        "axes": plots.plot_axes(t["axes"], out / "axes.png"),
         "frontier": plots.plot_frontier(t["frontier"], out / "frontier.png"),
     }
     for est in ESTIMATORS:

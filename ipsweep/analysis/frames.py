@@ -26,12 +26,31 @@ def arm_name(record: dict) -> str:
 
 
 def variant(record: dict) -> str:
-    """How an IP run's prompt was trained, when not as the library has it: [mixed] (paraphrase mix),
-    @<placement> (moved). Correlations are computed within a variant."""
+    """How an IP run's prompt was trained, when not as the library has it: [mixed] (paraphrase mix; [mixed K]
+    from a bank of its first K texts), @<placement> (moved). Correlations are computed within a variant."""
     if record["condition"] != "ip":
         return ""
-    mixed = "[mixed]" if record.get("prompt_mode") == "mixed" else ""
+    bank = f" {record['paraphrases']}" if record.get("paraphrases") else ""
+    mixed = f"[mixed{bank}]" if record.get("prompt_mode") == "mixed" else ""
     return mixed + (f"@{record['placement_override']}" if record.get("placement_override") else "")
+
+
+# The research axes a design sits at (docs/axes.md): the same for an arm and its control.
+AXES = ("flawed_share", "method", "lora_r", "lora_targets")
+
+
+def axes(record: dict) -> dict:
+    """A run's values of the research axes (AXES), read from its config; the defaults where the config
+    predates an axis or leaves it out (train.lora of a full fine-tune)."""
+    config = record["config"]
+    train = config.get("train", {})
+    lora = train.get("lora")
+    return {
+        "flawed_share": config.get("setting", {}).get("flawed_share", 1.0),
+        "method": train.get("method", "lora"),
+        "lora_r": lora["r"] if lora else None,
+        "lora_targets": "+".join(lora["target_modules"]) if lora else None,
+    }
 
 
 def match_key(record: dict) -> str:
@@ -211,6 +230,10 @@ def arm_evaluations(records: list[dict]) -> pd.DataFrame:
                         "test_prompt": test_prompt,
                         "control_run": Path(ctrl["run_dir"]).name if ctrl else None,
                         **{f"elicit_{e}": el.get(e, {}).get("estimate") for e in ESTIMATORS},
+                        **axes(r),
+                        # an IP run's paraphrase bank (train.paraphrases) and the distinct texts it trained on
+                        "paraphrases": r.get("paraphrases"),
+                        "texts_trained": r.get("prompt_texts_trained"),
                     }
                 )
     return pd.DataFrame(rows)

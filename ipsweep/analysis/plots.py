@@ -1,5 +1,6 @@
-"""The analysis plots: behaviour by epoch, effect curves, the capability vs behaviour frontier, elicitation vs
-effect. Each returns the file it wrote, or None when the tables hold nothing to draw."""
+"""The analysis plots: behaviour by epoch, the trajectory over training, effect by research axis, the
+capability vs behaviour frontier, elicitation vs effect. Each returns the file it wrote, or None when the
+tables hold nothing to draw."""
 
 from __future__ import annotations
 
@@ -54,36 +55,70 @@ def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
     return save(fig, path)
 
 
-def plot_effect_curves(effects: pd.DataFrame, path: Path) -> Path | None:
-    """Effect vs epochs per arm with 95% CIs, and capability cost vs effect."""
-    if "effect" not in effects or effects.effect.isna().all():
+def plot_trajectory(trajectory: pd.DataFrame, effects: pd.DataFrame, path: Path) -> Path | None:
+    """Over training: each arm's effect by epoch, each estimator's correlation with the effects by epoch
+    (Spearman across the IP-style prompts), both with 95% CIs; and capability cost vs effect."""
+    if trajectory.empty:
         return None
     plt = pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    e = effects.dropna(subset=["effect"])
-    for (setting, _, a), g in e.groupby(["setting", "design", "arm"]):
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.4))
+    several = trajectory.setting.nunique() > 1
+    for (setting, values, series), g in trajectory.groupby(["setting", "axis_values", "series"], sort=False):
         g = g.sort_values("epoch")
-        label = f"{setting}: {a}" if e.setting.nunique() > 1 else a
-        a1.errorbar(
-            g.epoch,
-            g.effect,
-            yerr=[(g.effect - g.effect_lo).clip(lower=0), (g.effect_hi - g.effect).clip(lower=0)],
-            marker="o",
-            capsize=3,
-            label=label,
-        )
-        a2.scatter(g.effect, g.capability_cost, label=label)
-    a1.axhline(0, color="lightgrey", lw=0.8)
-    a1.set_title("Inoculation effect by epoch")
-    a1.set_xlabel("epoch")
-    a1.set_ylabel("effect b(control) - b(arm), share of replies, 95% CI")
-    a1.set_xticks(sorted(e.epoch.unique()))
-    a1.legend(fontsize=7)
-    a2.axhline(0, color="lightgrey", lw=0.8)
-    a2.axvline(0, color="lightgrey", lw=0.8)
-    a2.set_title("Capability cost vs effect (each arm and epoch)")
-    a2.set_xlabel("inoculation effect (share of replies)")
-    a2.set_ylabel("capability cost c(control) - c(arm), share")
+        label = " ".join(filter(None, [f"{setting}:" if several else "", values, series]))
+        ax = a2 if series.startswith("spearman(") else a1
+        yerr = [(g.estimate - g.lo).clip(lower=0), (g.hi - g.estimate).clip(lower=0)]
+        ax.errorbar(g.epoch, g.estimate, yerr=yerr, marker="o", capsize=3, label=label)
+    for ax, title, ylabel in (
+        (a1, "Inoculation effect by epoch", "effect b(control) - b(arm), share of replies, 95% CI"),
+        (a2, "Elicitation vs effect by epoch", "Spearman r across IP-style prompts, 95% CI"),
+    ):
+        ax.axhline(0, color="lightgrey", lw=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(sorted(trajectory.epoch.unique()))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    e = effects.dropna(subset=["effect"])
+    for (setting, a), g in e.groupby(["setting", "arm"]):
+        a3.scatter(g.effect, g.capability_cost, label=f"{setting}: {a}" if several else a)
+    a3.axhline(0, color="lightgrey", lw=0.8)
+    a3.axvline(0, color="lightgrey", lw=0.8)
+    a3.set_title("Capability cost vs effect (each arm and epoch)")
+    a3.set_xlabel("inoculation effect (share of replies)")
+    a3.set_ylabel("capability cost c(control) - c(arm), share")
+    return save(fig, path)
+
+
+def plot_axes(axes_table: pd.DataFrame, path: Path) -> Path | None:
+    """Effect (95% CI) against each research axis the analysis varies, at each arm's final epoch: one panel
+    per axis, one line per prompt and combination of the other varied axes."""
+    if axes_table.empty:
+        return None
+    from ipsweep.analysis.tables import varying_axes
+
+    t = axes_table[axes_table.epoch == axes_table.groupby(["setting", "arm"]).epoch.transform("max")]
+    varied = varying_axes(t)
+    if not varied:
+        return None
+    plt = pyplot()
+    fig, panels = plt.subplots(1, len(varied), figsize=(5.5 * len(varied), 4.2), squeeze=False)
+    for ax, axis in zip(panels[0], varied):
+        values = sorted(t[axis].dropna().unique(), key=lambda v: (isinstance(v, str), v))
+        x = {v: i for i, v in enumerate(values)}
+        others = [a for a in varied if a != axis]
+        for key, g in t.dropna(subset=[axis]).groupby(["setting", "prompt", *others], dropna=False):
+            g = g.sort_values(axis, key=lambda c: c.map(x))
+            label = " ".join(str(k) for k in key[1:])
+            yerr = [(g.effect - g.effect_lo).clip(lower=0), (g.effect_hi - g.effect).clip(lower=0)]
+            ax.errorbar(g[axis].map(x), g.effect, yerr=yerr, marker="o", capsize=3, label=label)
+        ax.set_xticks(range(len(values)), [str(v) for v in values], fontsize=8)
+        ax.axhline(0, color="lightgrey", lw=0.8)
+        ax.set_xlabel(axis)
+        ax.set_ylabel("effect b(control) - b(arm), 95% CI")
+        ax.set_title(f"Inoculation effect by {axis} (final epoch)")
+        ax.legend(fontsize=7)
     return save(fig, path)
 
 

@@ -42,7 +42,18 @@ def _final_epoch(t: pd.DataFrame) -> pd.DataFrame:
     return t[t.epoch == t.groupby(["setting", "arm"]).epoch.transform("max")]
 
 
-VIEWS = {"on_frontier": _on_frontier, "final_epoch": _final_epoch}
+def _by_epoch(t: pd.DataFrame) -> pd.DataFrame:
+    """The trajectory table with a column per epoch: 'estimate [lo, hi]'."""
+    cell = [f"{e:.2f} {ci}" for e, ci in zip(t.estimate, t.ci)]
+    keys = ["setting", "axis_values", "series"]
+    wide = t.assign(cell=cell).pivot(index=keys, columns="epoch", values="cell")
+    order = t.drop_duplicates(keys)[keys]
+    wide = wide.reindex(pd.MultiIndex.from_frame(order))
+    wide.columns = [f"epoch {e}" for e in wide.columns]
+    return wide.reset_index().fillna("")
+
+
+VIEWS = {"on_frontier": _on_frontier, "final_epoch": _final_epoch, "by_epoch": _by_epoch}
 
 
 def _degenerate(tables: dict[str, pd.DataFrame]) -> str:

@@ -12,6 +12,7 @@ from ipsweep import prompts
 from ipsweep.analysis import inference
 from ipsweep.analysis.frames import (
     ARM_ORDER,
+    AXES,
     arm_name,
     by_evaluation,
     design_key,
@@ -49,6 +50,7 @@ def condition_table(arms: pd.DataFrame, its: pd.DataFrame, by: tuple[str, ...] =
             "setting": setting,
             "model": g.model.iloc[0],
             "design": design,
+            **{ax: g[ax].iloc[0] for ax in AXES if ax in g},
             "arm": a,
             "epoch": epoch,
             "seeds": g.seed.nunique() if a != "base" else 0,
@@ -123,6 +125,8 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
             "epoch": epoch,
             "variant": g.variant.iloc[0],
             **{f"elicit_{e}": g[f"elicit_{e}"].iloc[0] for e in ESTIMATORS},
+            **{a: g[a].iloc[0] for a in (*AXES, "paraphrases") if a in g},
+            "texts_trained": _span(g.get("texts_trained")),
         }
         pairs = [(ev, control_eval.get((ev.control_run, ev.epoch))) for ev in g.itertuples()]
         pairs = [(ev, c) for ev, c in pairs if c is not None]
@@ -197,6 +201,87 @@ def effect_table(arms: pd.DataFrame, its: pd.DataFrame) -> tuple[pd.DataFrame, p
         table["effect_p_holm"] = by_epoch.effect_p.transform(inference.holm)
     table = table.assign(_o=table.arm.map(arm_order)).sort_values(["setting", "design", "_o", "arm", "epoch"])
     return table.drop(columns="_o").reset_index(drop=True), pd.DataFrame(per_seed)
+
+
+def _span(values) -> str | None:
+    """'5', or '4-5' where the seeds differ; None where nothing was recorded (the control, older records)."""
+    if values is None:
+        return None
+    v = sorted({int(x) for x in values.dropna()})
+    return None if not v else str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"
+
+
+def varying_axes(table: pd.DataFrame) -> list[str]:
+    """The research axes (and the paraphrase bank) that take more than one value in `table`."""
+    return [a for a in (*AXES, "paraphrases") if a in table and table[a].astype(str).nunique() > 1]
+
+
+def axes_table(effects: pd.DataFrame) -> pd.DataFrame:
+    """Effect and capability cost of each IP arm at each value of the research axes the analysis varies
+    (flawed share, update method, LoRA rank and targets, paraphrase bank), with how many distinct prompt texts
+    its runs trained on: the effect-vs-axis curves in one table. Empty when no axis varies."""
+    if effects.empty or not (axes := varying_axes(effects)):
+        return pd.DataFrame()
+    t = effects[effects.condition == "ip"]
+    cols = ["setting", *axes, "prompt", "arm", "epoch", "seeds", "texts_trained"]
+    cols += [c for c in ("effect", "effect_lo", "effect_hi", "effect_ci", "capability_cost") if c in t]
+    cols += [c for c in ("capability_cost_lo", "capability_cost_hi", "capability_cost_ci") if c in t]
+    return t[cols].sort_values(["setting", "prompt", *axes, "epoch"]).reset_index(drop=True)
+
+
+def design_labels(effects: pd.DataFrame) -> dict[str, str]:
+    """Each design by the values of the axes that vary between the designs of the analysis ('' for one)."""
+    if effects.empty:
+        return {}
+    axes = [
+        a for a in AXES if a in effects and effects.drop_duplicates("design")[a].astype(str).nunique() > 1
+    ]
+    first = effects.drop_duplicates("design")
+    return {r["design"]: " ".join(f"{a}={r[a]}" for a in axes) for _, r in first.iterrows()}
+
+
+def trajectory_table(effects: pd.DataFrame, correlations: pd.DataFrame) -> pd.DataFrame:
+    """Over training, in one table: each arm's effect at every epoch, and each elicitation estimator's
+    correlation with the effects across the IP-style prompts (Spearman) at every epoch, per setting and
+    design. One row per series and epoch; the report shows it with a column per epoch."""
+    if effects.empty or "effect" not in effects:
+        return pd.DataFrame()
+    labels = design_labels(effects)
+    rows = [
+        {
+            "setting": r.setting,
+            "design": r.design,
+            "axis_values": labels.get(r.design, ""),
+            "series": r.arm,
+            "epoch": r.epoch,
+            "estimate": r.effect,
+            "lo": r.effect_lo,
+            "hi": r.effect_hi,
+        }
+        for r in effects.dropna(subset=["effect"]).itertuples()
+    ]
+    if not correlations.empty:
+        c = correlations[(correlations.prompts == "IP-style prompts") & correlations.spearman.notna()]
+        for r in c.itertuples():
+            variant = f" {r.variant}" if isinstance(r.variant, str) and r.variant else ""
+            rows.append(
+                {
+                    "setting": r.setting,
+                    "design": r.design,
+                    "axis_values": labels.get(r.design, ""),
+                    "series": f"spearman({r.estimator}, effect){variant}, {r.points} prompts",
+                    "epoch": r.epoch,
+                    "estimate": r.spearman,
+                    "lo": r.spearman_lo,
+                    "hi": r.spearman_hi,
+                }
+            )
+    if not rows:
+        return pd.DataFrame()
+    t = pd.DataFrame(rows)
+    t["ci"] = [fmt_ci(lo, hi) for lo, hi in zip(t.lo, t.hi)]
+    t = t.assign(_o=t.series.map(arm_order)).sort_values(["setting", "axis_values", "_o", "series", "epoch"])
+    return t.drop(columns="_o").reset_index(drop=True)
 
 
 def leak_table(records: list[dict], its: pd.DataFrame) -> pd.DataFrame:
