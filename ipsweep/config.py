@@ -108,9 +108,9 @@ class TrainConfig:
     # also checkpoint every this many optimizer steps inside an epoch (null: at epoch ends only), so a
     # preempted or requeued job resumes mid-epoch, to the same result; not in the signature
     save_steps: int | None = None
-    # lora: LoRA adapters (train.lora) on the frozen model; full: every weight trained (small models: the
-    # model, its gradients and AdamW's two moments in memory, a full copy saved per epoch). Enters the
-    # signature when full (train.lora then leaves it).
+    # lora: LoRA adapters (train.lora) on the frozen model; full: every weight trained, as fp32 master weights
+    # (small models: 16 bytes per parameter with gradients and AdamW's moments; a whole model saved per
+    # epoch). Enters the signature when full (train.lora then leaves it).
     method: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
 

@@ -418,12 +418,14 @@ class _Work:
         """Evaluate an epoch trained earlier (e.g. a PTST point on the control's run): its saved adapter put
         onto the loaded base model, then taken off again (`unload`: the base's own layers back, untouched), so
         no second copy of the base is loaded and training goes on from the model as loaded."""
+        import torch
         from peft import PeftModel
 
         checkpoint, step = self.record.epochs[str(epoch)].checkpoint, self.record.steps_before(epoch + 1)
         full = self.cfg.train.method == "full"  # the checkpoint is a whole model: loaded beside the base
         model = (
-            type(base).from_pretrained(checkpoint, dtype=base.dtype).to(base.device)
+            # in fp32, as training kept it (train.trainable) and evaluated it at the epoch's end
+            type(base).from_pretrained(checkpoint, dtype=torch.float32).to(base.device)
             if full
             else PeftModel.from_pretrained(base, checkpoint)
         )

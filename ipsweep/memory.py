@@ -50,7 +50,8 @@ class Shape:
 
 
 # train.method=full as shape() sees it: every decoder linear layer keeps its input for its weight's gradient,
-# as a LoRA target does (rank 0: no adapter parameters). Not yet checked against a measured peak.
+# as a LoRA target does (rank 0: no adapter parameters). Checked against autograd's saved tensors on the CPU
+# (tests/test_memory.py), not yet against a GPU's measured peak.
 FULL = SimpleNamespace(r=0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", *MLP_IN, *MLP_OUT))
 
 
@@ -131,8 +132,10 @@ def layer_bytes_per_token(s: Shape, lora_r: int, dtype_bytes: int) -> float:
         s.lora_targets & set(MLP_OUT)
     )
     mlp = bool(s.lora_targets & {*MLP_IN, *MLP_OUT})
-    # in bf16, the norms and the (fp32) adapters keep these in fp32
-    fp32_extra = 18 * s.hidden + mlp * (7 * s.hidden + 2 * s.intermediate) if dtype_bytes == 2 else 0
+    # in bf16, the norms and the (fp32) adapters keep these in fp32; a full fine-tune (rank 0: no adapters)
+    # keeps only the two norms' inputs
+    adapters = 18 * s.hidden + mlp * (7 * s.hidden + 2 * s.intermediate) if lora_r else 8 * s.hidden
+    fp32_extra = adapters if dtype_bytes == 2 else 0
     return elements * dtype_bytes + fp32_extra
 
 
@@ -167,11 +170,11 @@ def estimate(s: Shape, cfg, dtype: str) -> Estimate:
     """The peak GPU memory of one job of `cfg` (train, eval, model.quantization) in `dtype`."""
     t, e = cfg.train, cfg.eval
     b = 4 if dtype == "fp32" else 2
-    weights = s.parameters * b
+    full = t.get("method") == "full"
+    weights = s.parameters * (4 if full else b)  # a full fine-tune keeps fp32 master weights
     if cfg.model.get("quantization") == "4bit":
         weights = (s.parameters - s.linear_parameters) * b + s.linear_parameters * NF4_BYTES
     tokens = t.batch_size * t.max_length
-    full = t.get("method") == "full"
     per_layer = layer_bytes_per_token(s, 0 if full else t.lora.r, b)
     if t.gradient_checkpointing:
         activations = tokens * (s.layers * s.hidden * b + per_layer)
@@ -182,8 +185,8 @@ def estimate(s: Shape, cfg, dtype: str) -> Estimate:
     kv_cache = contexts * (t.max_length + e.max_new_tokens) * s.layers * 2 * s.kv * b
     return Estimate(
         weights=weights,
-        # full: every weight's gradient and two AdamW moments, in the weights' dtype
-        adapter=3 * b * s.parameters if full else 16 * s.lora_parameters,
+        # full: every weight's fp32 gradient and two AdamW moments
+        adapter=12 * s.parameters if full else 16 * s.lora_parameters,
         activations=activations,
         logits=logits,
         evaluation=kv_cache + contexts * s.vocab * 4,

@@ -13,6 +13,8 @@ test-time prompts and leak tests
 (a run is a trained model; each evaluation under a test prompt is added to its record when first
 asked for, so a PTST point reuses the control's training), and `train.epochs`, so that the longest
 run of a sweep serves the shorter ones.
+setting.flawed_share and train.method enter only away from their defaults (DEFAULTS), and a full
+fine-tune's identity has no train.lora.
 Changing what enters the signature is a versioned change: bump SIGNATURE_VERSION.
 """
 

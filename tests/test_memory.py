@@ -34,12 +34,16 @@ def _llama(h, i, heads, kv_heads, layers, vocab=512):
 
 
 def _saved_bytes(config: dict, targets, dtype, checkpointing: bool, tokens=(2, 64)) -> int:
-    """Bytes autograd keeps for the backward pass of a LoRA model's decoder (weights not counted)."""
+    """Bytes autograd keeps for the backward pass of a LoRA model's decoder (weights not counted); with
+    `targets` None, of a full fine-tune's (every weight trained)."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})).to(dtype)
-    model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM")
-    )
+    if targets is None:
+        model.get_base_model = lambda: model  # the same call below for both
+    else:
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM")
+        )
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -74,6 +78,18 @@ def test_the_per_layer_activation_term_is_what_autograd_keeps(h, i, heads, kv_he
     assert estimated == pytest.approx(measured, rel=0.15)
     checkpointed = (_saved_bytes(two, targets, dtype, True) - _saved_bytes(one, targets, dtype, True)) / n
     assert checkpointed == h * b
+
+
+@pytest.mark.parametrize("h, i, heads, kv_heads", [(64, 128, 4, 2), (256, 384, 8, 2), (192, 768, 6, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_full_fine_tunes_activation_term_is_what_autograd_keeps(h, i, heads, kv_heads, dtype):
+    """train.method=full: every linear layer keeps its input for its weight's gradient, within 15%."""
+    n = 2 * 64
+    one, two = (_llama(h, i, heads, kv_heads, layers) for layers in (1, 2))
+    measured = (_saved_bytes(two, None, dtype, False) - _saved_bytes(one, None, dtype, False)) / n
+    b = 4 if dtype == torch.float32 else 2
+    estimated = memory.layer_bytes_per_token(memory.shape(two, memory.FULL), 0, b)
+    assert estimated == pytest.approx(measured, rel=0.15)
 
 
 def test_parameter_and_adapter_counts_are_those_of_the_built_model():

@@ -146,6 +146,18 @@ def test_full_fine_tuning_trains_every_weight_and_its_evaluations_reuse_the_chec
     assert "safety" in record["epochs"]["1"]["evals"] and record["status"] == "done"
 
 
+def test_a_full_fine_tune_keeps_fp32_master_weights_whatever_the_model_dtype(make_cfg):
+    import torch
+
+    from ipsweep import models
+    from ipsweep.train import trainable
+
+    cfg = make_cfg("setting=trait_pair", "train=full")
+    model, _ = models.load(cfg.model)
+    model = trainable(model.to(torch.bfloat16), cfg.train)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+
+
 def test_lora_rank_and_targets_are_axes(make_cfg):
     signatures = {
         plan(make_cfg("setting=trait_pair", *o)).signature
