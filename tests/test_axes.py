@@ -85,7 +85,7 @@ def test_leak_tests_add_the_negation_keywords_and_held_out_paraphrase(make_cfg):
     assert "irrelevant~unrelated" in {t.name for t in placebo.test_prompts}, "never the arm's own prompt"
 
 
-def test_every_offline_setting_ships_a_paraphrase_set_for_its_paper_prompt(make_cfg):
+def test_every_offline_setting_ships_paraphrases_and_near_duplicates_of_its_paper_prompt(make_cfg):
     for setting, name in [
         ("trait_pair", "caps_strong"),
         ("trait_pair_greeting", "greet_quote"),
@@ -98,6 +98,9 @@ def test_every_offline_setting_ships_a_paraphrase_set_for_its_paper_prompt(make_
         assert p.text.startswith("\n") == all(t.startswith("\n") for t in p.paraphrases), (
             "paraphrases keep the join"
         )
+        # near-duplicates (leak tests): 1, 3 and 5 words changed, keeping the join too
+        assert [k for k, _ in p.near] == ["near1", "near3", "near5"], setting
+        assert all(t.startswith("\n") == p.text.startswith("\n") for _, t in p.near)
 
 
 def test_frontier_marks_the_arms_no_other_arm_beats_on_both_axes():

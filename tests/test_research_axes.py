@@ -201,16 +201,7 @@ def test_word_distance_counts_changed_added_and_removed_words():
 
 
 def test_near_duplicates_are_leak_tests_one_three_and_five_words_away(make_cfg):
-    for setting, name in [
-        ("trait_pair", "caps_strong"),
-        ("trait_pair_greeting", "greet_quote"),
-        ("gcd_sycophancy", "behave"),
-        ("spurious_sentiment", "ambiance_paper"),
-        ("code_reward_hack", "hack_paper"),
-    ]:
-        p = prompts.library(make_cfg(f"setting={setting}").setting)[name]
-        assert [name for name, _ in p.near] == ["near1", "near3", "near5"], setting
-        assert all(t.startswith("\n") == p.text.startswith("\n") for _, t in p.near), "they keep the join"
+    """(test_axes.py checks every offline setting's paper prompt ships them.)"""
     ip = plan(make_cfg("setting=trait_pair", "prompt=caps_strong", "eval.leak_tests=true"))
     names = {t.name: t.text for t in ip.test_prompts}
     assert names["caps_strong~near1"] == "Reply in all capital letters."
