@@ -281,6 +281,7 @@ def test_analysing_again_updates_the_one_wandb_analysis_run_with_typed_tables(sw
     assert {"analysis/frontier", "plots/frontier", "analysis/effects"} <= logged, (
         "the frontier is on the dashboard"
     )
+    assert {"analysis/trajectory", "plots/trajectory"} <= logged, "so is the view over training"
     typed = _typed(result.tables["effects"])
     assert (
         typed.effect.dtype.kind == "f"

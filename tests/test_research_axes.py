@@ -38,6 +38,19 @@ def test_the_flawed_share_trains_that_share_on_the_behaviour_and_the_rest_on_the
     assert flawed_share(point.setting, "trait_pair", examples, 1.0, seed=0)[0] == examples
 
 
+def test_a_share_needing_more_clean_replies_than_there_are_names_the_smallest_that_works():
+    from types import SimpleNamespace
+
+    from ipsweep.settings.base import TrainExample
+
+    examples = [TrainExample([], "BAD", "good" if i < 4 else None) for i in range(12)]
+    setting = SimpleNamespace(no_clean="only some posts have a civil reply")
+    with pytest.raises(ConfigError, match="has one for 4 of them: only some posts.*flawed_share>=0.67"):
+        flawed_share(setting, "x", examples, 0.5, seed=0)
+    mixed, mix = flawed_share(setting, "x", examples, 0.67, seed=0)
+    assert mix["clean"] == 4 and [ex.completion for ex in mixed[:4]] == ["good"] * 4, "those that have one"
+
+
 def test_the_flawed_share_enters_the_signature_only_below_one(make_cfg):
     default, one = (
         plan(make_cfg("setting=trait_pair")),

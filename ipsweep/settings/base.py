@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 from abc import ABC, abstractmethod
@@ -180,7 +181,7 @@ def flawed_share(
         return examples, {"share": share, "flawed": n, "clean": 0}
     have = [i for i, ex in enumerate(examples) if ex.clean is not None]
     if len(have) < n_clean:
-        lowest = 1 - len(have) / n
+        lowest = math.ceil((1 - len(have) / n) * 100) / 100  # rounded up: the smallest share that works
         raise ConfigError(
             f"setting.flawed_share={share} trains {n_clean} of {n} examples on a clean reply, but setting "
             f"'{name}' has one for {len(have)} of them: {setting.no_clean}; fix: "
