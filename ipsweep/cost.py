@@ -67,15 +67,18 @@ def _rates_of(record: dict) -> tuple[float | None, float | None]:
 
 
 def measured_rates(sweep_dir: Path) -> dict[tuple, dict]:
-    """Per (model, setting, device kind): median rates over the finished runs of this sweep dir and its
-    siblings, and how many runs they come from."""
+    """Per (model, setting, device kind, train.method): median rates over the finished runs of this sweep dir
+    and its siblings, and how many runs they come from."""
     found: dict[tuple, list] = {}
     parent = Path(sweep_dir).parent
     for sweep in sorted(parent.iterdir()) if parent.is_dir() else []:
         for record in store.records(sweep):
             if record.get("status") == "done":
-                device = record.get("config", {}).get("inputs", {}).get("device", "?")
-                found.setdefault((record["model"], record["setting"], device), []).append(_rates_of(record))
+                config = record.get("config", {})
+                device = config.get("inputs", {}).get("device", "?")
+                method = config.get("train", {}).get("method", "lora")
+                key = (record["model"], record["setting"], device, method)
+                found.setdefault(key, []).append(_rates_of(record))
     rates = {}
     for key, pairs in found.items():
         train = [t for t, _ in pairs if t is not None]
@@ -144,7 +147,10 @@ def rule_seconds(runs: list[dict], device: str) -> tuple[list[float], str] | Non
         return None
     seconds = []
     for r, per_example in zip(runs, per_run):
-        train = r["example_epochs"] * per_example * (6 if r["checkpointing"] else 4) * n / rates["train"]
+        # FLOPs per token and parameter: forward 2, backward 2 (+2 for every weight's gradient in a full
+        # fine-tune, +2 to recompute the forward with gradient checkpointing)
+        flops = 4 + 2 * r.get("full", False) + 2 * r["checkpointing"]
+        train = r["example_epochs"] * per_example * flops * n / rates["train"]
         decode = max(2 * n / rates["decode"], n * r["bytes"] / (rates["bandwidth"] * r["batch"]))
         seconds.append(train + r["item_tokens"] * decode)
     basis = (
@@ -164,7 +170,12 @@ def trainings(points: list[dict], done_epochs: dict[str, int]) -> list[dict]:
         run = runs.setdefault(
             p["run_dir"],
             {
-                "key": (c["model"]["name"], p["setting"], p["inputs"].get("device", "?")),
+                "key": (
+                    c["model"]["name"],
+                    p["setting"],
+                    p["inputs"].get("device", "?"),
+                    c["train"].get("method", "lora"),
+                ),
                 "jobs": [],
                 "epochs": 0,
                 "test_prompts": set(),
@@ -176,6 +187,7 @@ def trainings(points: list[dict], done_epochs: dict[str, int]) -> list[dict]:
                 "setting_cfg": c["setting"],
                 "max_length": c["train"]["max_length"],
                 "checkpointing": bool(c["train"].get("gradient_checkpointing")),
+                "full": c["train"].get("method") == "full",
                 "batch": c["eval"]["batch_size"],
                 "bytes": 4 if p["inputs"].get("dtype") == "fp32" else 2,
             },
@@ -204,7 +216,8 @@ def estimate(points: list[dict], done_epochs: dict[str, int], rates: dict, limit
     ]
     for key in sorted({r["key"] for r in work}):
         mine = [r for r in work if r["key"] == key]
-        model, setting, device = key
+        model, setting, device, method = key
+        where = f"{device}, full fine-tune" if method == "full" else device
         rate = rates.get(key)
         if rate is not None:
             seconds = [r["example_epochs"] * rate["train"] + r["item_tokens"] * rate["eval"] for r in mine]
@@ -213,7 +226,7 @@ def estimate(points: list[dict], done_epochs: dict[str, int], rates: dict, limit
             ruled = rule_seconds(mine, device)
             if ruled is None:
                 lines.append(
-                    f"  {model} on {setting} ({device}): no finished run to time it by and no rule for it "
+                    f"  {model} on {setting} ({where}): no finished run to time it by and no rule for it "
                     f"(no parameter count, or no rate for {device}), so no time estimate for its "
                     f"{len(mine)} trainings; one finished point of it gives one"
                 )
@@ -221,7 +234,7 @@ def estimate(points: list[dict], done_epochs: dict[str, int], rates: dict, limit
             seconds, basis = ruled
         unit = "GPU" if device == "cuda" else device
         lines.append(
-            f"  {model} on {setting} ({device}): ~{_duration(sum(seconds))} of {unit} time for {len(mine)} "
+            f"  {model} on {setting} ({where}): ~{_duration(sum(seconds))} of {unit} time for {len(mine)} "
             f"trainings, the longest ~{_duration(max(seconds))} ({basis})"
         )
         if limit_min:

@@ -30,7 +30,7 @@ def test_cost_estimate_uses_the_measured_rates_and_warns_at_the_time_limit():
             "eval": {"samples_per_prompt": 1, "max_new_tokens": 10, "batch_size": 32},
         },
     }
-    rates = {("qwen", "trait_pair", "cuda"): {"train": 3.0, "eval": 0.01, "runs": 4}}
+    rates = {("qwen", "trait_pair", "cuda", "lora"): {"train": 3.0, "eval": 0.01, "runs": 4}}
     # 100 examples x 2 epochs x 3 s + 2 prompts x 2 epochs x 50 items x 10 tokens x 0.01 s = 600 + 20 s
     text = cost.estimate([point], {}, rates, limit_min=10)
     assert "~10 min of GPU time for 1 trainings" in text and "timed by 4 earlier runs" in text
@@ -41,6 +41,12 @@ def test_cost_estimate_uses_the_measured_rates_and_warns_at_the_time_limit():
     # no earlier run and no rule for the device: no time, and it says why
     mps = {**point, "inputs": {"device": "mps"}}
     assert "no finished run to time it by and no rule for it" in cost.estimate([mps], {}, {}, None)
+    # a full fine-tune is timed by earlier full fine-tunes only, and says so
+    full = {**mps, "config": {**point["config"], "train": {**point["config"]["train"], "method": "full"}}}
+    rates_mps = {("qwen", "trait_pair", "mps", "lora"): rates[("qwen", "trait_pair", "cuda", "lora")]}
+    assert "(mps, full fine-tune): no finished run to time it by" in cost.estimate(
+        [full], {}, rates_mps, None
+    )
 
 
 @pytest.mark.parametrize("sweep", sorted(p.name for p in RESULTS.iterdir() if p.is_dir()))
@@ -57,6 +63,7 @@ def test_the_rule_times_each_committed_cpu_sweep_within_2x(sweep):
             "n_train": record["n_train"],
             "max_length": c["train"]["max_length"],
             "checkpointing": False,
+            "full": c["train"].get("method") == "full",
             "batch": c["eval"].get("batch_size", 32),
             "bytes": 4,
             "example_epochs": record["n_train"] * len(epochs),
