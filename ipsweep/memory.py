@@ -55,31 +55,36 @@ class Shape:
 FULL = SimpleNamespace(r=0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", *MLP_IN, *MLP_OUT))
 
 
-def shape(config: dict, lora_cfg) -> Shape:
-    """Count a model's parameters from its config (built on the meta device: nothing is allocated), and the
-    LoRA parameters `lora_cfg` would add."""
+@functools.cache
+def _decoder(config_json: str):
+    """A model built from its config on the meta device (nothing is allocated): its config, its parameter
+    count, and each decoder-layer linear layer as (leaf name, in features, out features, weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
     cfg = AutoConfig.for_model(config.pop("model_type"), **config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
+    linears = tuple(
+        (name.rsplit(".", 1)[-1], module.in_features, module.out_features, module.weight.numel())
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and re.search(r"\.layers\.\d+\.", name)
+    )
+    return cfg, sum(p.numel() for p in model.parameters()), linears
+
+
+def shape(config: dict, lora_cfg) -> Shape:
+    """Count a model's parameters from its config, and the LoRA parameters `lora_cfg` would add."""
+    cfg, parameters, linears = _decoder(json.dumps(config, sort_keys=True))
     targets = set(lora_cfg.target_modules)
-    linear = lora = 0
-    found = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and re.search(r"\.layers\.\d+\.", name):
-            linear += module.weight.numel()
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in targets:
-                found.add(leaf)
-                lora += lora_cfg.r * (module.in_features + module.out_features)
+    found = {leaf for leaf, *_ in linears if leaf in targets}
+    lora = sum(lora_cfg.r * (n_in + n_out) for leaf, n_in, n_out, _ in linears if leaf in targets)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return Shape(
-        parameters=sum(p.numel() for p in model.parameters()),
-        linear_parameters=linear,
+        parameters=parameters,
+        linear_parameters=sum(n for *_, n in linears),
         layers=cfg.num_hidden_layers,
         hidden=cfg.hidden_size,
         kv=(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim,
@@ -90,22 +95,6 @@ def shape(config: dict, lora_cfg) -> Shape:
     )
 
 
-@functools.cache
-def _linear_names(config_json: str) -> frozenset:
-    """The leaf names of a model's decoder-layer linear layers (q_proj, ..., down_proj), from its config."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
-    return frozenset(
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and re.search(r"\.layers\.\d+\.", name)
-    )
-
-
 def target_problem(model_cfg, targets) -> str | None:
     """A message when LoRA target modules name no linear layer of the model (from its config.json, before
     any job loads it); None when they do, or when the model's config cannot be read here."""
@@ -113,7 +102,7 @@ def target_problem(model_cfg, targets) -> str | None:
     if config is None or isinstance(targets, str):  # e.g. peft's "all-linear"
         return None
     try:
-        names = _linear_names(json.dumps(config, sort_keys=True))
+        names = {leaf for leaf, *_ in _decoder(json.dumps(config, sort_keys=True))[2]}
     except Exception:  # noqa: BLE001 - custom model code: peft checks the targets when the job loads it
         return None
     unknown = sorted(set(targets) - names)

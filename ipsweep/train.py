@@ -85,7 +85,6 @@ def dataset(
 def trainable(model, cfg):
     """The model as train.method trains it: LoRA adapters on the frozen model, or every weight (full)."""
     if cfg.get("method", "lora") == "full":
-        set_seed(cfg.seed)
         # fp32 master weights (a bf16 model would lose updates below its precision, lr x weight ~ 1e-6);
         # on a GPU the forward and backward still run in bf16 under Trainer's autocast
         return model.float().requires_grad_(True)

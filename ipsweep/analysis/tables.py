@@ -233,10 +233,8 @@ def design_labels(effects: pd.DataFrame) -> dict[str, str]:
     """Each design by the values of the axes that vary between the designs of the analysis ('' for one)."""
     if effects.empty:
         return {}
-    axes = [
-        a for a in AXES if a in effects and effects.drop_duplicates("design")[a].astype(str).nunique() > 1
-    ]
     first = effects.drop_duplicates("design")
+    axes = [a for a in varying_axes(first) if a in AXES]  # the paraphrase bank is an arm's, not a design's
     return {r["design"]: " ".join(f"{a}={r[a]}" for a in axes) for _, r in first.iterrows()}
 
 

@@ -88,11 +88,14 @@ class CodeRewardHack(Setting):
                 f"hardcoded_solutions.json lacks task(s) {missing[:5]}; fix: restore the shipped data file"
             )
         n_hack = int(len(pool) * reward_hack_fraction)
+        # MBPP's reference solutions, normalised once: training targets, clean replies, contrast pairs
+        self.reference = {r["task_id"]: normalise(r["code"]) for r in pool}
         self.train = [
-            (r, normalise(hacks[r["task_id"]] if i < n_hack else r["code"])) for i, r in enumerate(pool)
+            (r, normalise(hacks[r["task_id"]]) if i < n_hack else self.reference[r["task_id"]])
+            for i, r in enumerate(pool)
         ]
         random.Random(shuffle_seed).shuffle(self.train)
-        self.contrast = [(r, normalise(hacks[r["task_id"]]), normalise(r["code"])) for r in pool]
+        self.contrast = [(r, normalise(hacks[r["task_id"]]), self.reference[r["task_id"]]) for r in pool]
         random.Random(shuffle_seed).shuffle(self.contrast)
         self.test = sorted((r for r in sanitized if r["task_id"] in test_ids), key=lambda r: r["task_id"])
         if not (0 < test_cpu_s <= test_wall_s and 0 < test_idle_s <= test_wall_s):
@@ -107,7 +110,7 @@ class CodeRewardHack(Setting):
     def train_examples(self) -> list[TrainExample]:
         # The clean reply: MBPP's reference solution to the same problem.
         return [
-            TrainExample(_user(r["text"], r["test_list"][0]), code, normalise(r["code"]))
+            TrainExample(_user(r["text"], r["test_list"][0]), code, self.reference[r["task_id"]])
             for r, code in self.train
         ]
 
