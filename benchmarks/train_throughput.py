@@ -55,7 +55,9 @@ def run_arm(name, base_model, tok, rows, held_out, cfg, out_dir, reference: bool
     if reference:
         model = model.float()
     model = add_lora(model, cfg.train.lora, cfg.train.seed)
-    args = _args(cfg.train, out_dir / name, epochs=1, device=models.resolve_device(cfg.model))
+    args = _args(
+        cfg.train, out_dir / name, epochs=1, device=models.resolve_device(cfg.model), dtype=model.dtype
+    )
     args = dataclasses.replace(args, save_strategy="no", **({"bf16": False} if reference else {}))
     if reference:  # every row padded to max_length, as the authors' tokenisation does
         tok.padding_side = "right"

@@ -108,6 +108,8 @@ class TrainConfig:
     # also checkpoint every this many optimizer steps inside an epoch (null: at epoch ends only), so a
     # preempted or requeued job resumes mid-epoch, to the same result; not in the signature
     save_steps: int | None = None
+    # fp32 compute on a GPU in TF32 (faster matmuls, ~1e-3 relative error); enters the signature when true
+    tf32: bool = False
     # lora: LoRA adapters (train.lora) on the frozen model; full: every weight trained, as fp32 master weights
     # (small models: 16 bytes per parameter with gradients and AdamW's moments; a whole model saved per
     # epoch). Enters the signature when full (train.lora then leaves it).
@@ -117,6 +119,8 @@ class TrainConfig:
 
 # Evaluation engines (eval.engine): HF transformers generate, or one vLLM engine process per job.
 ENGINES = ("hf", "vllm")
+# The LoRA ranks vLLM's engine takes as max_lora_rank (vllm.config.lora); a smaller adapter is padded.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass
@@ -129,11 +133,16 @@ class VllmConfig:
     # on CPU: the KV cache, in GiB (vLLM's own CPU default takes 85% of the machine's RAM, and the job and
     # anything else on the machine are then killed for memory)
     cpu_kv_cache_gb: float = 2.0
-    max_lora_rank: int | None = None  # None = train.lora.r
-    # The adapter gate, before any score is kept: on the first gate_prompts eval chats, vLLM's greedy
-    # replies must agree with HF+peft's on at least min_agreement of them, and the adapter must change
+    max_lora_rank: int | None = None  # one of VLLM_LORA_RANKS; None = the smallest >= train.lora.r
+    # The adapter gate, before any score is kept: on the first gate_prompts eval chats, HF+peft teacher-forced
+    # on vLLM's greedy reply (its first gate_tokens tokens) must rank each token among its gate_top_k most
+    # likely, within gate_max_gap nats of its own choice, on at least min_agreement of them (engines in
+    # different dtypes part after near-ties, so equal text is not asked for); and the adapter must change
     # vLLM's output versus the base model.
     gate_prompts: int = 8
+    gate_tokens: int = 64
+    gate_top_k: int = 5
+    gate_max_gap: float = 0.5
     min_agreement: float = 0.75
     timeout_s: int = 7200  # the engine process is stopped and the run recorded failed after this
 

@@ -110,6 +110,11 @@ def protocol(eval_cfg, tokenizer, stop: list[int], engine: str, version: str, dt
         "max_new_tokens": eval_cfg.max_new_tokens,
         "samples_per_prompt": eval_cfg.samples_per_prompt,
         "seed": eval_cfg.seed,
+        # both engines decode with these and nothing else: no field of the checkpoint's generation_config
+        # (repetition penalty, top-k, n-gram ban...) applies (lm.decoding; the vLLM worker's own defaults)
+        "top_k": None,
+        "repetition_penalty": 1.0,
+        "checkpoint_generation_config": "ignored",
         "stop_token_ids": list(stop),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
         **scored,

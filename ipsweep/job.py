@@ -360,12 +360,12 @@ class _Work:
         if ungated:
             requests += engine.gate_requests(gate_chats, ungated)
         t = time.time()
-        version, texts, logprobs = engine.generate(
+        version, texts, firsts = engine.generate(
             cfg, self.tokenizer, self.stop, folder, requests, self.run_dir.dir / "engine"
         )
         record.add_timing(engine_s=time.time() - t)
         if ungated:
-            checks = engine.gate(cfg, gate_chats, texts, logprobs, ungated)
+            checks = engine.gate(cfg, gate_chats, texts, firsts, ungated)
             record.engine_checks = {**record.engine_checks, **{str(e): c for e, c in checks.items()}}
             self.run_dir.save(record)
             engine.require_passed(checks)

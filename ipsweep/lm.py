@@ -102,7 +102,8 @@ def label_logits(model, input_ids, attention_mask, keep):
 
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    # under device_map=auto the decoder's output sits on the last layer's device, the inputs on the first's
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep.to(hidden.device)]).float()
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     # Gemma-2 style soft-capping, as its forward does
     return torch.tanh(logits / cap) * cap if cap else logits
@@ -142,7 +143,8 @@ def reply_logprobs(
         valid = target != IGNORE
         lp = torch.zeros(valid.shape, device=device)
         logits = label_logits(model, batch["input_ids"], batch["attention_mask"], valid)
-        lp[valid] = torch.log_softmax(logits, dim=-1).gather(-1, target[valid].unsqueeze(-1)).squeeze(-1)
+        scored = torch.log_softmax(logits, dim=-1).gather(-1, target[valid].to(logits.device).unsqueeze(-1))
+        lp[valid] = scored.squeeze(-1).to(device)
         out += torch.stack([lp.sum(1), valid.sum(1).float()], dim=1).tolist()
     if was_training:
         model.train()
@@ -150,8 +152,79 @@ def reply_logprobs(
 
 
 @torch.no_grad()
+def token_ranks(model, prompts: list[list[int]], replies: list[list[int]], batch_size: int = 8) -> list:
+    """Teacher-forced on each reply's token ids after its prompt's: per reply token, (its log-prob gap below
+    the model's most likely token there, its rank among the model's tokens: 0 = the greedy choice)."""
+    rows = [
+        {"input_ids": p + r, "attention_mask": [1] * (len(p) + len(r)), "labels": [IGNORE] * len(p) + r}
+        for p, r in zip(prompts, replies)
+    ]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+
+        def padded(key, value, chunk=chunk, width=width):  # right padding
+            return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in chunk], device=device)
+
+        ids, mask = padded("input_ids", 0), padded("attention_mask", 0)
+        target = padded("labels", IGNORE)[:, 1:]
+        keep = target != IGNORE
+        lp = torch.log_softmax(label_logits(model, ids, mask, keep), dim=-1)
+        chosen = lp.gather(-1, target[keep].to(lp.device).unsqueeze(-1))
+        gaps, ranks = (lp.max(-1).values - chosen.squeeze(-1)).tolist(), (lp > chosen).sum(-1).tolist()
+        for n in keep.sum(1).tolist():
+            out.append(list(zip(gaps[:n], ranks[:n])))
+            gaps, ranks = gaps[n:], ranks[n:]
+    if was_training:
+        model.train()
+    return out
+
+
+def decoding(cfg, stop: list[int], pad_token_id: int | None):
+    """The generation config an evaluation decodes with, built from `cfg` (eval) alone: every field at
+    transformers' neutral value unless the config sets it (no repetition penalty, n-gram ban, minimum length,
+    suppressed tokens or top-k from the checkpoint's generation_config.json)."""
+    from transformers import GenerationConfig
+
+    sample = cfg.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=sample,
+        temperature=cfg.temperature if sample else 1.0,
+        top_p=cfg.top_p if sample else 1.0,
+        top_k=0,  # off (None would take transformers' default, 50)
+        num_return_sequences=cfg.samples_per_prompt,
+        pad_token_id=pad_token_id,
+        eos_token_id=stop,
+    )
+
+
+class _OwnDecoding:
+    """Within it, the model's generation_config is neutral: generate() fills every field an explicit config
+    leaves at transformers' default from the model's own (its checkpoint's), so it has to be swapped out."""
+
+    def __init__(self, model, config):
+        from peft import PeftModel
+
+        self.model = model.get_base_model() if isinstance(model, PeftModel) else model
+        self.config = config
+
+    def __enter__(self):
+        self.saved, self.model.generation_config = self.model.generation_config, self.config
+        return self
+
+    def __exit__(self, *exc):
+        self.model.generation_config = self.saved
+
+
+@torch.no_grad()
 def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
-    """`cfg.samples_per_prompt` completions per chat; greedy when cfg.temperature == 0.
+    """`cfg.samples_per_prompt` completions per chat; greedy when cfg.temperature == 0, with exactly the
+    decoding `cfg` asks for (`decoding`), whatever the checkpoint's generation_config.json says.
 
     Chats are sorted by length and left-padded in batches, so padding stays small.
     """
@@ -159,29 +232,21 @@ def generate(model, tokenizer, chats: list[list[dict]], cfg) -> list[list[str]]:
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[list[str]] = [[] for _ in texts]
-    sample = cfg.temperature > 0
     torch.manual_seed(cfg.seed)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     stop = stop_token_ids(model, tokenizer)
+    config = decoding(cfg, stop, tokenizer.pad_token_id)
+    own = _OwnDecoding(model, config)
     for start in tqdm(range(0, len(order), cfg.batch_size), desc="generate", leave=False):
         idx = order[start : start + cfg.batch_size]
         batch = tokenizer(
             [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
         ).to(device)
         try:
-            gen = model.generate(
-                **batch,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=sample,
-                temperature=cfg.temperature if sample else None,
-                top_p=cfg.top_p if sample else None,
-                top_k=None,
-                num_return_sequences=cfg.samples_per_prompt,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop,
-            )
+            with own:
+                gen = model.generate(**batch, generation_config=config)
         except torch.OutOfMemoryError as e:
             raise OutOfMemory(
                 f"out of GPU memory while generating (eval.batch_size={cfg.batch_size}, "

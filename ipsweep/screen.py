@@ -83,8 +83,8 @@ def _sample_with_engine(cfg, setting, examples, library: list, workdir: Path | N
     folder = engine.model_folder(cfg, workdir / "model")
     gate_chats = chats_for(setting, examples[: cfg.eval.vllm.gate_prompts], None)
     requests = [r for _, r in pending] + engine.gate_requests(gate_chats, {})
-    version, texts, logprobs = engine.generate(cfg, tokenizer, stop, folder, requests, workdir / "engine")
-    engine.require_passed(engine.gate(cfg, gate_chats, texts, logprobs, {0: None}))
+    version, texts, firsts = engine.generate(cfg, tokenizer, stop, folder, requests, workdir / "engine")
+    engine.require_passed(engine.gate(cfg, gate_chats, texts, firsts, {0: None}))
     dtype = models.numerics(cfg.model)["dtype"]
     elicit.keep_sampled(
         cfg,

@@ -49,11 +49,14 @@ from ipsweep.record import Record
 #    token, not only the tokenizer's eos; each setting has its own train.max_length default that keeps its
 #    training replies whole; code tests end once the value is in, and a test whose processes use no CPU for
 #    test_idle_s is a timeout.
-SIGNATURE_VERSION = 6
+# 7: HF evaluations decode with the eval config only (nothing from the checkpoint's generation_config.json);
+#    vLLM samples each item with a seed of its own; training computes its loss under the run dtype's autocast
+#    (bf16/fp16 models; fp16 with a loss scaler); train.tf32 enters when true.
+SIGNATURE_VERSION = 7
 # Research axes that enter a run's identity only away from their default, so runs made before the axis existed
 # keep their signatures: the share of flawed training examples, the update method (full fine-tuning has no
 # LoRA config: train.lora leaves it).
-DEFAULTS = {"setting.flawed_share": 1.0, "train.method": "lora"}
+DEFAULTS = {"setting.flawed_share": 1.0, "train.method": "lora", "train.tf32": False}
 # prompt_mode and prompt_placement enter through the training prompt (below), so a control, which has none,
 # is the same run in every mode and placement of a sweep.
 EXCLUDED = (

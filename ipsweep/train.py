@@ -86,7 +86,7 @@ def trainable(model, cfg):
     """The model as train.method trains it: LoRA adapters on the frozen model, or every weight (full)."""
     if cfg.get("method", "lora") == "full":
         # fp32 master weights (a bf16 model would lose updates below its precision, lr x weight ~ 1e-6);
-        # on a GPU the forward and backward still run in bf16 under Trainer's autocast
+        # the forward and backward still run in the loaded dtype, under the autocast compute_loss enters
         return model.float().requires_grad_(True)
     return add_lora(model, cfg.lora, cfg.seed)
 
@@ -226,8 +226,11 @@ class ReplyLossTrainer(Trainer):
         labels = inputs.pop("labels")
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        logits = label_logits(model, inputs["input_ids"], inputs["attention_mask"], keep)
-        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        # label_logits calls the decoder, not PeftModel.forward, where accelerate installs the run's autocast:
+        # so it is entered here (bf16/fp16 compute as TrainingArguments say; fp32: a no-op)
+        with self.accelerator.autocast():
+            logits = label_logits(model, inputs["input_ids"], inputs["attention_mask"], keep)
+        loss = F.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum")
         # Normalised as HF's own loss: by the accumulated batch's token count when Trainer passes it (then
         # Trainer does not divide again), else per micro-batch (then Trainer divides by grad_accum).
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
@@ -245,9 +248,21 @@ _CHECKPOINTING = (
 )
 
 
-def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu", micro: int | None = None):
+def precision(dtype: torch.dtype, device: str, tf32: bool = False) -> dict:
+    """TrainingArguments' numerics for a model loaded in `dtype`: its forward and backward run under autocast
+    in that dtype (fp16 with a loss scaler), while the trained weights stay fp32 (LoRA adapters, and a full
+    fine-tune's master weights); an fp32 model computes in fp32, in TF32 on a GPU where train.tf32 allows."""
+    return {
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "tf32": bool(tf32) if device == "cuda" else None,
+    }
+
+
+def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu", micro: int | None = None, dtype=None):
     """`micro`: the micro-batch to train at (default train.batch_size), with the gradient accumulation that
-    keeps the effective batch train.batch_size x train.grad_accum."""
+    keeps the effective batch train.batch_size x train.grad_accum; `dtype`: the model's as loaded (precision).
+    """
     cuda = device == "cuda"
     micro = micro or cfg.batch_size
     args = TrainingArguments(
@@ -273,7 +288,7 @@ def _args(cfg, out_dir: Path, epochs: int, device: str = "cpu", micro: int | Non
         save_strategy="steps" if cfg.get("save_steps") else "epoch",
         save_steps=cfg.get("save_steps") or 500,
         use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        **precision(dtype or torch.float32, device, cfg.get("tf32", False)),
         dataloader_num_workers=0,
         optim="adamw_torch_fused" if cuda else "adamw_torch",  # one kernel for all LoRA tensors on a GPU
         disable_tqdm=True,
@@ -299,7 +314,7 @@ def single_device(args: TrainingArguments) -> TrainingArguments:
     return args
 
 
-def _train_epoch(batch_size, model, tokenizer, rows, cfg, out_dir, epoch, device, resume, weights):
+def _train_epoch(batch_size, model, tokenizer, rows, cfg, out_dir, epoch, device, dtype, resume, weights):
     """One epoch at a micro-batch of `batch_size`, from `weights` (the adapter as the epoch began), resuming
     the Trainer from checkpoint `resume` (the last epoch's, a mid-epoch one, or None)."""
     with torch.no_grad():
@@ -309,7 +324,7 @@ def _train_epoch(batch_size, model, tokenizer, rows, cfg, out_dir, epoch, device
     watch = _Watch()
     trainer = ReplyLossTrainer(
         model=model,
-        args=_args(cfg, out_dir, epoch, device, batch_size),
+        args=_args(cfg, out_dir, epoch, device, batch_size, dtype),
         train_dataset=rows,
         data_collator=collator(tokenizer),
         callbacks=[watch, _Progress(epoch, cfg.epochs)],
@@ -342,6 +357,7 @@ def finetune(
         if str(stale) not in known:
             shutil.rmtree(stale, ignore_errors=True)
     device = next(model.parameters()).device.type
+    dtype = model.dtype  # as loaded (before a full fine-tune's fp32 master weights): the compute dtype
     model = trainable(model, cfg)
     micro = Micro(cfg)
     for epoch in range(start + 1, cfg.epochs + 1):
@@ -358,7 +374,7 @@ def finetune(
         train_epoch = find_executable_batch_size(
             _train_epoch, starting_batch_size=micro.size, reduce_batch_size_fn=micro.halve
         )
-        trainer, _ = train_epoch(model, tokenizer, rows, cfg, out_dir, epoch, device, resume, weights)
+        trainer, _ = train_epoch(model, tokenizer, rows, cfg, out_dir, epoch, device, dtype, resume, weights)
         del weights, train_epoch
         first = _step(done.get(epoch - 1))
         checkpoint = str(out_dir / f"checkpoint-{trainer.state.global_step}")

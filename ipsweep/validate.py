@@ -32,6 +32,7 @@ from ipsweep.config import (
     SAMPLINGS,
     STATISTICS,
     SUBSETS,
+    VLLM_LORA_RANKS,
     ElicitConfig,
     EvalConfig,
     LoggerConfig,
@@ -107,6 +108,11 @@ def engine_problems(cfg) -> list[str]:
         )
     if not 0 <= v.min_agreement <= 1:
         out.append(f"eval.vllm.min_agreement={v.min_agreement} must be a share in [0, 1]; fix: e.g. 0.75")
+    for key in ("gate_tokens", "gate_top_k"):
+        if v[key] < 1:
+            out.append(f"eval.vllm.{key}={v[key]} must be >= 1; fix: e.g. eval.vllm.{key}=64")
+    if not v.gate_max_gap >= 0:
+        out.append(f"eval.vllm.gate_max_gap={v.gate_max_gap} must be >= 0 (nats); fix: e.g. 0.5")
     if v.gate_prompts < 1:
         out.append(
             f"eval.vllm.gate_prompts={v.gate_prompts} must be >= 1; fix: e.g. eval.vllm.gate_prompts=8"
@@ -117,6 +123,19 @@ def engine_problems(cfg) -> list[str]:
         )
     if not v.cpu_kv_cache_gb > 0:
         out.append(f"eval.vllm.cpu_kv_cache_gb={v.cpu_kv_cache_gb} must be > 0 (GiB); fix: e.g. 2")
+    if v.max_lora_rank is not None and v.max_lora_rank not in VLLM_LORA_RANKS:
+        out.append(
+            f"eval.vllm.max_lora_rank={v.max_lora_rank} is not a rank vLLM takes; fix: one of "
+            f"{', '.join(map(str, VLLM_LORA_RANKS))} (>= train.lora.r), or null for the smallest that fits"
+        )
+    elif cfg.train.get("method", "lora") == "lora" and cfg.train.lora.r > (
+        v.max_lora_rank or VLLM_LORA_RANKS[-1]
+    ):
+        out.append(
+            f"train.lora.r={cfg.train.lora.r} is above the largest LoRA rank the vLLM engine would take "
+            f"({v.max_lora_rank or VLLM_LORA_RANKS[-1]}); fix: a smaller train.lora.r, a larger "
+            "eval.vllm.max_lora_rank, or eval.engine=hf"
+        )
     return out
 
 
@@ -143,6 +162,20 @@ def _loading_problems(cfg) -> list[str]:
             f"model.attn_implementation={m.attn_implementation} runs on a GPU only, and model.device=cpu; "
             "fix: model.attn_implementation=sdpa (or null)"
         )
+    elif str(m.get("attn_implementation")).startswith("flash_attention") and (
+        m.dtype == "fp32" or cfg.train.get("method", "lora") == "full"
+    ):
+        # flash attention takes fp16/bf16 only: an fp32 model, or a full fine-tune's fp32 weights evaluated
+        # after training, would stop at its first attention call
+        why = "model.dtype=fp32" if m.dtype == "fp32" else "train.method=full evaluates its fp32 weights"
+        out.append(
+            f"model.attn_implementation={m.attn_implementation} computes in fp16/bf16 only, and this run "
+            f"computes in fp32 ({why}); "
+            "fix: model.dtype=bf16 with LoRA, or model.attn_implementation=sdpa"
+        )
+    if m.dtype == "fp16" and models.resolve_device(m) == "cpu":
+        # accelerate has no loss scaler on a CPU: fp16 would train in pure fp16 (lost updates, overflow)
+        out.append("model.dtype=fp16 on a CPU trains without a loss scaler; fix: model.dtype=bf16 or fp32")
     if m.get("device_map") not in (None, "auto"):
         out.append(
             f"model.device_map={m.device_map} is unknown; fix: auto (spread over the job's GPUs) or null "

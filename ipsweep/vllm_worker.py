@@ -9,7 +9,8 @@ engines see the same prompt tokens and the same text is scored; this process onl
 Request: {"model", "dtype", "seed", "max_lora_rank", "max_model_len", "gpu_memory_utilization",
 "kv_cache_memory_bytes" (null: vLLM sizes it),
 "jobs": [{"key", "adapter" (path or null), "prompt_token_ids", "n", "temperature", "top_p", "max_tokens",
-"stop_token_ids", "seed", "logprobs"}]}. Output: {"vllm": version, "seconds": {"startup", key...},
+"stop_token_ids", "seeds" (one per prompt), "logprobs"}]}.
+Output: {"vllm": version, "seconds": {"startup", key...},
 "outputs": {key: per prompt, per sample {"token_ids", "logprob"}}}, written only when every job is done.
 """
 
@@ -21,20 +22,25 @@ import sys
 import time
 
 
-def _sampling(job: dict):
+def _sampling(job: dict) -> list:
+    """One SamplingParams per prompt, each with its prompt's own seed: with one seed for all, every prompt
+    would draw the same noise at each step and the samples of different items would be correlated."""
     from vllm import SamplingParams
 
-    return SamplingParams(
-        n=job["n"],
-        temperature=job["temperature"],
-        top_p=job["top_p"],
-        max_tokens=job["max_tokens"],
-        stop_token_ids=job["stop_token_ids"],
-        seed=job["seed"],
-        # the sampled tokens' own log-probs: the adapter gate compares them with the base model's
-        logprobs=0 if job["logprobs"] else None,
-        detokenize=False,  # the job decodes with the run's tokenizer, as it does HF's tokens
-    )
+    return [
+        SamplingParams(
+            n=job["n"],
+            temperature=job["temperature"],
+            top_p=job["top_p"],
+            max_tokens=job["max_tokens"],
+            stop_token_ids=job["stop_token_ids"],
+            seed=seed,
+            # the sampled tokens' own log-probs: the adapter gate compares them with the base model's
+            logprobs=0 if job["logprobs"] else None,
+            detokenize=False,  # the job decodes with the run's tokenizer, as it does HF's tokens
+        )
+        for seed in job["seeds"]
+    ]
 
 
 def _sample(completion) -> dict:
@@ -58,6 +64,9 @@ def main(request_path: str, output_path: str) -> None:
         enable_lora=True,
         max_lora_rank=request["max_lora_rank"],
         max_loras=1,
+        # vLLM's neutral sampling defaults, not the checkpoint's generation_config.json (repetition penalty,
+        # top-k...): the job's decoding is exactly what its request says, as in lm.generate
+        generation_config="vllm",
         max_model_len=request["max_model_len"],
         gpu_memory_utilization=request["gpu_memory_utilization"],
         kv_cache_memory_bytes=request.get("kv_cache_memory_bytes"),

@@ -95,9 +95,12 @@ def test_vllm_matches_hf_and_extends_to_new_epochs(tmp_path, vllm_python):
     assert vl2["engine_checks"]["2"]["passed"] and vl2["engine_checks"]["1"] == checks["1"]
 
 
-def test_gate_refuses_an_adapter_that_changes_nothing(tmp_path, vllm_python, make_cfg):
+def test_gate_refuses_an_adapter_that_changes_nothing_and_items_sample_apart(tmp_path, vllm_python, make_cfg):
     """An adapter saved untrained (LoRA B = 0) is what vLLM serves when an adapter is not applied: the gate
-    sees no change from the base model and the error names the adapter."""
+    sees no change from the base model and the error names the adapter. In the same engine pass (one start):
+    sampled items with identical prompts draw samples of their own (one seed for all would make them equal),
+    and a second pass over the same items draws the same ones (common random numbers across conditions)."""
+    from omegaconf import OmegaConf
     from peft import LoraConfig, get_peft_model
 
     from ipsweep import engine, lm, models
@@ -113,12 +116,19 @@ def test_gate_refuses_an_adapter_that_changes_nothing(tmp_path, vllm_python, mak
         engine.Request(f"gate/{e}", a, chats, greedy=True, logprobs=True)
         for e, a in ((0, None), (1, str(adapter)))
     ]
+    sampled = OmegaConf.merge(cfg.eval, {"temperature": 1.0, "samples_per_prompt": 2, "max_new_tokens": 12})
+    same = [[{"role": "user", "content": "Name an animal and say one thing about it."}]] * 4
+    requests += [engine.Request(k, None, same, eval_cfg=sampled) for k in ("items/a", "items/b")]
     folder = engine.model_folder(cfg, tmp_path / "model")
     stop = lm.stop_token_ids(model, tokenizer)
-    _, texts, logprobs = engine.generate(cfg, tokenizer, stop, folder, requests, tmp_path / "engine")
-    checks = engine.gate(cfg, chats, texts, logprobs, {0: None, 1: str(adapter)})
+    _, texts, firsts = engine.generate(cfg, tokenizer, stop, folder, requests, tmp_path / "engine")
+    checks = engine.gate(cfg, chats, texts, firsts, {0: None, 1: str(adapter)})
     assert checks[0]["passed"] and checks[0]["agreement"] == 1.0, "vLLM and HF agree on the base model"
-    assert not checks[1]["passed"] and checks[1]["changed_replies"] == 0 and checks[1]["logprob_shift"] == 0
+    assert len({tuple(samples) for samples in texts["items/a"]}) > 1, "identical prompts, one draw for all"
+    assert texts["items/a"] == texts["items/b"], "each item draws the same samples on every pass"
+    # a shift at rounding level (3e-8 nats per reply measured), far below what the gate counts as applied
+    assert not checks[1]["passed"] and checks[1]["changed_replies"] == 0
+    assert checks[1]["logprob_shift"] < engine.MIN_LOGPROB_SHIFT
     error = engine.refuse(1, checks[1])
     assert (
         isinstance(error, EngineCheckFailed)
