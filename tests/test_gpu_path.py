@@ -1,6 +1,6 @@
-"""What a GPU node changes, checked on the CPU: the lowest transformers version pyproject allows, several
-visible GPUs, GPU ids in every form, memory freed after a failed job, the end of turn of every chat model,
-whole training replies, and run identities that hold the device, the dtype and the eval batch size."""
+"""What a GPU node changes, checked on the CPU: the lowest transformers and accelerate pyproject allow,
+several visible GPUs, GPU ids in every form, memory freed after a failed job, the end of turn of every chat
+model, whole training replies, and run identities that hold the device, the dtype and the eval batch size."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import weakref
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,29 +26,48 @@ from ipsweep.errors import ConfigError
 from ipsweep.plan import plan
 from ipsweep.settings.base import TrainExample, build, insert
 
-FLOOR_OVERLAY = ROOT / ".venv" / "transformers-floor"  # the Makefile installs the floor version here
+FLOOR_OVERLAY = ROOT / ".venv" / "dependency-floors"  # the Makefile installs the floor versions here
+# Run as the job's process: launch.py, then (at exit) which transformers and accelerate the job imported.
+IMPORTED = """
+import atexit, json, os, runpy, sys
+def imported():
+    mods = {n: sys.modules.get(n) for n in ("transformers", "accelerate")}
+    print("IMPORTED " + json.dumps({n: m and [m.__version__, m.__file__] for n, m in mods.items()}))
+atexit.register(imported)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python launch.py` has it
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
-def _floor() -> str:
+def _floor(package: str) -> str:
     text = (ROOT / "pyproject.toml").read_text()
-    return re.search(r'"transformers>=([0-9.]+)', text).group(1)
+    return re.search(rf'"{package}>=([0-9.]+)', text).group(1)
 
 
-def test_training_runs_under_the_lowest_transformers_pyproject_allows(tmp_path):
-    """A floor is never claimed without being run: a whole job (train, evaluate, record) under the oldest
-    transformers pyproject allows, installed as an overlay by the Makefile (`make test`)."""
-    installed = sorted(FLOOR_OVERLAY.glob("transformers-*.dist-info"))
+def _overlay_version(package: str) -> str:
+    installed = sorted(FLOOR_OVERLAY.glob(f"{package}-*.dist-info"))
     assert installed, (
-        f"no transformers overlay in {FLOOR_OVERLAY}; run `make venv` (it installs the floor version there)"
+        f"no {package} overlay in {FLOOR_OVERLAY}; run `make venv` (it installs the floor versions there)"
     )
-    version = installed[0].name.removeprefix("transformers-").removesuffix(".dist-info")
-    assert Version(version) == Version(_floor()), (
-        f"the overlay holds {version}, pyproject's floor is {_floor()}"
+    version = installed[0].name.removeprefix(f"{package}-").removesuffix(".dist-info")
+    assert Version(version) == Version(_floor(package)), (
+        f"the overlay holds {package} {version}, pyproject's floor is {_floor(package)}"
     )
+    return version
+
+
+def test_training_runs_under_the_lowest_transformers_and_accelerate_pyproject_allows(tmp_path):
+    """A floor is never claimed without being run: a whole job (train, evaluate, record) under the oldest
+    transformers and accelerate pyproject allows (accelerate: the OOM back-off's reduce_batch_size_fn),
+    installed as an overlay by the Makefile (`make test`); the job's process imports both from it."""
+    versions = {p: _overlay_version(p) for p in ("transformers", "accelerate")}
     sweep = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": str(FLOOR_OVERLAY), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
+        "-c",
+        IMPORTED,
         str(ROOT / "launch.py"),
         *TINY,
         "train.gradient_checkpointing=true",
@@ -58,8 +78,15 @@ def test_training_runs_under_the_lowest_transformers_pyproject_allows(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = store.records(sweep)
-    assert record["status"] == "done" and record["versions"]["transformers"] == version
+    assert record["status"] == "done" and record["versions"]["transformers"] == versions["transformers"]
     assert record["epochs"]["1"]["steps"] == 2
+    imported = json.loads(proc.stdout.split("IMPORTED ", 1)[1].splitlines()[0])
+    for package, version in versions.items():
+        assert imported[package], f"the job never imported {package}"
+        assert imported[package][0] == version and Path(imported[package][1]).is_relative_to(FLOOR_OVERLAY), (
+            package,
+            imported[package],
+        )
 
 
 def test_a_job_that_sees_several_gpus_trains_on_one_without_data_parallel(make_cfg, tmp_path, caplog):

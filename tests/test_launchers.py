@@ -231,3 +231,64 @@ def test_points_that_share_a_run_run_as_one_task(tmp_path):
     assert record["attempts"][0]["resumed_from_epoch"] == 0 and "4 done" in ipsweep_cli("status", str(sweep))
     dry = launch("-m", *TINY, *points, "hydra/launcher=slurm", "--dry-run", sweep_dir=tmp_path / "dry")
     assert "sbatch script for the array (1 tasks:" in dry.stdout and "--array=0-0" in dry.stdout
+
+
+def test_vllm_engines_that_share_a_gpu_each_take_their_share(tmp_path):
+    """local_gpus with jobs_per_gpu=2 and eval.engine=vllm: each job's engine asks for its share of the GPU
+    (0.9 / 2), not the 0.85 of a GPU of its own, which vLLM refuses while its co-tenant holds the rest. The
+    run is the one the pre-flight planned (eval.vllm is not in its identity). The engine here is a stand-in
+    that fails at start: the request it was given stays in the run's engine folder."""
+    import json
+
+    fake = tmp_path / "vllm-python"  # "has vllm" to the pre-flight; as the engine, exits at once
+    fake.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\necho "RuntimeError: a stand-in" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    sweep = tmp_path / "sweep"
+    engine = ["eval.engine=vllm", f"eval.vllm.python={fake}"]
+    local = ["hydra/launcher=local_gpus", "hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=2"]
+    launch("-m", *TINY, "prompt=none,caps_strong", *engine, *local, sweep_dir=sweep, check=False)
+    requests = {p.parent.parent: json.loads(p.read_text()) for p in sweep.glob("runs/*/engine/request.json")}
+    assert len(requests) == 2, "both jobs reached their engine"
+    assert [r["gpu_memory_utilization"] for r in requests.values()] == [0.45, 0.45]
+    planned = {p["run_dir"] for p in json.loads((sweep / "sweep.json").read_text())["points"]}
+    assert planned == {str(d) for d in requests}, "the same runs as planned"
+    configs = [(d / ".hydra" / "config.yaml").read_text() for d in sweep.glob("jobs/*")]
+    assert len(configs) == 2 and all("gpu_memory_utilization: 0.45" in c for c in configs), (
+        "the job's saved config says what its engine took"
+    )
+
+
+def test_engine_share_keeps_a_smaller_share_and_an_unshared_gpu():
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.ipsweep_plugins.launchers import LocalGpusLauncher
+
+    launcher = LocalGpusLauncher(
+        gpus=["0"], jobs_per_gpu=3, cpus_per_job=1, max_jobs=None, submitit_folder="x", max_num_timeout=0
+    )
+
+    def share(engine: str, asked: float, tenants: int):
+        launcher.tenants = tenants
+        cfg = OmegaConf.create({"eval": {"engine": engine, "vllm": {"gpu_memory_utilization": asked}}})
+        return launcher.engine_share(cfg)
+
+    assert share("vllm", 0.85, 3) == 0.3 and share("vllm", 0.85, 7) == 0.128  # 7 x 0.128 <= 0.9
+    assert share("vllm", 0.2, 3) is None, "a share that fits stands"
+    assert share("vllm", 0.85, 1) is None and share("hf", 0.85, 3) is None
+
+
+def test_local_gpus_refuses_device_map_auto_before_any_job(tmp_path):
+    """A local_gpus job sees one GPU: model.device_map=auto has nothing to spread the model over. Refused in
+    the pre-flight, dry run included, with the launchers that give a job several GPUs."""
+    args = ["-m", *TINY, "prompt=none,caps_strong", "hydra/launcher=local_gpus", "hydra.launcher.gpus=[0]"]
+    for extra in (["--dry-run"], []):
+        sweep = tmp_path / f"sweep{len(extra)}"
+        proc = launch(*args, "model.device_map=auto", *extra, sweep_dir=sweep, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "2 of 2 sweep points are invalid; nothing was launched" in proc.stderr
+        assert (
+            "a hydra/launcher=local_gpus job sees one (its slot's); fix: drop model.device_map" in proc.stderr
+        )
+        assert "hydra/launcher=slurm with hydra.launcher.gpus_per_node=<n>" in proc.stderr
+        assert not sweep.exists()
+    assert "dry run: 2 jobs" in launch(*args, "--dry-run", sweep_dir=tmp_path / "ok").stdout

@@ -6,7 +6,9 @@
 - ipsweep_local_gpus: submitit's local executor behind a bounded pool (submitit_local alone starts
   every job at once). Each slot is one GPU, repeated `jobs_per_gpu` times, and a job sees only its
   slot's GPU (CUDA_VISIBLE_DEVICES). With no GPU, the slots are the machine's cores divided by
-  `cpus_per_job`, and each job's thread pools are capped to its share.
+  `cpus_per_job`, and each job's thread pools are capped to its share. Where jobs share a GPU, each
+  one's vLLM engine takes its share of it (ENGINES_SHARE / jobs on the GPU); model.device_map=auto, which
+  needs a job that sees several GPUs, is refused before launch.
 
 Both run the points that share a run (`train.epochs=2,1`, a PTST point on the control's run) as one task, the
 longest first, so no job waits on another's run while holding a GPU. Both requeue a task that receives the
@@ -15,10 +17,12 @@ timeout/preemption signal (submitit's checkpoint), and the requeued task resumes
 """
 
 import logging
+import math
 import os
 import queue
 import shlex
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -28,13 +32,24 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import open_dict, read_write
 
 from ipsweep.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# Of a GPU that k local_gpus jobs share, what their vLLM engines may take together: each engine asks for
+# ENGINES_SHARE / k (eval.vllm.gpu_memory_utilization, its default 0.85 is for a GPU of its own). vLLM refuses
+# to start where the GPU's free memory is below the share it asks for; a co-tenant holds at most 1/k (its
+# engine's share, or its training, which the memory check fits in 1/k), and the rest is the CUDA contexts.
+ENGINES_SHARE = 0.9
+
+
+def gpu_share(tenants: int) -> float:
+    """Each vLLM engine's share of a GPU `tenants` jobs share (rounded down: together <= ENGINES_SHARE)."""
+    return math.floor(ENGINES_SHARE / tenants * 1000) / 1000
 
 
 @dataclass
@@ -195,6 +210,67 @@ class SlurmLauncher(_Launcher):
 class LocalGpusLauncher(_Launcher):
     _EXECUTOR = "local"
     _OWN_KEYS = ("gpus", "jobs_per_gpu", "cpus_per_job", "max_jobs")
+    tenants = 1  # the most jobs on one GPU at once (launch sets it; the jobs carry it)
+
+    def problems(self, cfg) -> list[str]:
+        """What a job of point config `cfg` cannot run on one of this launcher's slots (the sweeper's
+        pre-flight asks, before any job and in a dry run)."""
+        if cfg.model.get("device_map"):
+            return [
+                f"model.device_map={cfg.model.device_map} spreads the model over the GPUs a job sees, and "
+                "a hydra/launcher=local_gpus job sees one (its slot's); fix: drop model.device_map (for a "
+                "model that does not fit one GPU: train.gradient_checkpointing=true or "
+                "model.quantization=4bit), "
+                "or give one job several GPUs: hydra/launcher=slurm with hydra.launcher.gpus_per_node=<n>, "
+                "or hydra/launcher=local (in-process: the job sees every visible GPU)"
+            ]
+        return []
+
+    def engine_share(self, cfg) -> float | None:
+        """eval.vllm.gpu_memory_utilization for a job of `cfg` on a GPU `tenants` jobs share: at most
+        ENGINES_SHARE / tenants, so that the co-tenants' engines fit the GPU together; None where the
+        configured share stands (an unshared GPU, the HF engine, a share already that small)."""
+        if self.tenants < 2 or cfg.eval.get("engine") != "vllm":
+            return None
+        share = gpu_share(self.tenants)
+        return share if cfg.eval.vllm.gpu_memory_utilization > share else None
+
+    def __call__(
+        self,
+        sweep_overrides: list[str],
+        job_dir_key: str,
+        job_num: int,
+        job_id: str,
+        singleton_state: dict,
+    ) -> JobReturn:
+        """The job, as BaseSubmititLauncher.__call__ runs it, its config given its vLLM engine's share of a
+        shared GPU (eval.vllm is not in a run's identity: the run and its records are the same)."""
+        import submitit
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, sweep_overrides)
+        with open_dict(config.hydra.job) as job:
+            job.id = submitit.JobEnvironment().job_id
+            config.hydra.job.num = job_num
+        share = self.engine_share(config)
+        if share is not None:
+            log.info(
+                "%d jobs share this GPU: the vLLM engine takes eval.vllm.gpu_memory_utilization=%s of it, "
+                "not %s",
+                self.tenants,
+                share,
+                config.eval.vllm.gpu_memory_utilization,
+            )
+            with read_write(config.eval.vllm):
+                config.eval.vllm.gpu_memory_utilization = share
+        return run_job(
+            hydra_context=self.hydra_context,
+            task_function=self.task_function,
+            config=config,
+            job_dir_key=job_dir_key,
+            job_subdir_key="hydra.sweep.subdir",
+        )
 
     def gpu_slots(self) -> bool:
         """Whether the slots are GPUs (not a CPU-only machine's cores)."""
@@ -239,6 +315,7 @@ class LocalGpusLauncher(_Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         slots = self.slots()
         threads = self.cpus_per_job if slots[0] is None else max(1, (os.cpu_count() or 1) // len(slots))
+        self.tenants = 1 if slots[0] is None else max(Counter(slots).values())
         free: queue.Queue = queue.Queue()
         for s in slots:
             free.put(s)
@@ -250,6 +327,13 @@ class LocalGpusLauncher(_Launcher):
             if slots[0] is not None
             else f"{self.cpus_per_job} CPU(s) each",
         )
+        if self.tenants > 1:
+            log.info(
+                "local_gpus: up to %d jobs share a GPU; a vLLM engine (eval.engine=vllm) takes at most %s of "
+                "it (eval.vllm.gpu_memory_utilization)",
+                self.tenants,
+                gpu_share(self.tenants),
+            )
 
         def one(task: list[tuple]) -> list[JobReturn]:
             slot = free.get()
