@@ -110,7 +110,9 @@ def step_train(a, name: str, checkpointing: bool) -> dict:
                 self.start = time.perf_counter()
 
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
-    args = dataclasses.replace(_args(cfg.train, Path(a.out) / "trainer", 1, device_kind), save_strategy="no")
+    args = dataclasses.replace(
+        _args(cfg.train, Path(a.out) / "trainer", 1, device_kind, dtype=model.dtype), save_strategy="no"
+    )
     clock = Clock()
     trainer = ReplyLossTrainer(
         model=model, args=args, train_dataset=rows, data_collator=default_data_collator, callbacks=[clock]
@@ -136,7 +138,10 @@ def step_train(a, name: str, checkpointing: bool) -> dict:
     if peak_flops():
         out["mfu"] = 4 * n_params * tokens / seconds / peak_flops()
     estimate = memory.estimate(
-        memory.shape({**config}, cfg.train.lora), cfg, "bf16" if torch.cuda.is_available() else "fp32"
+        memory.shape({**config}, cfg.train.lora),
+        cfg,
+        "bf16" if torch.cuda.is_available() else "fp32",
+        memory.Rows.of([(len(r["input_ids"]), sum(x != -100 for x in r["labels"])) for r in rows]),
     )
     # what torch allocates, beside the estimate less its allowance for the CUDA context and slack
     out["estimated_gb"] = estimate.training / 1e9 - memory.OVERHEAD_GB

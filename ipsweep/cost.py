@@ -11,6 +11,7 @@ tokenizes them, at the effective rates of RULE below; a measurement replaces it 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -110,21 +111,77 @@ def model_parameters(model_cfg: dict) -> tuple[int, Path] | None:
     return n, local
 
 
-def tokens_per_example(folder: Path, setting_cfg: dict, n_train: int, max_length: int) -> float:
-    """Mean tokens of the setting's training rows (up to 64 of them) as the job tokenizes them, before a
-    prompt is inserted."""
-    from ipsweep.lm import tokenize
-    from ipsweep.settings.base import build
-
-    if (folder / "tokenizer.json").exists():  # the same tokens as the model's class gives; a third the import
+@functools.lru_cache(maxsize=8)
+def _tokenizer(folder: str):
+    # tokenizer.json: the same tokens as the model's class gives, at a third of the import
+    if (Path(folder) / "tokenizer.json").exists():
         from transformers import PreTrainedTokenizerFast as Tokenizer
     else:
         from transformers import AutoTokenizer as Tokenizer
-    tokenizer = Tokenizer.from_pretrained(folder)
-    examples = build(OmegaConf.create(setting_cfg)).train_examples()[: min(n_train, 64)]
-    return statistics.mean(
-        len(tokenize(tokenizer, e.messages, e.completion, max_length)["input_ids"]) for e in examples
+    return Tokenizer.from_pretrained(folder)
+
+
+@functools.lru_cache(maxsize=32)
+def _setting_rows(folder: str, setting_json: str, n_train: int | None, max_length: int, flawed: tuple | None):
+    """The setting's first n_train training examples (all: None), with setting.flawed_share's clean replies
+    where `flawed` = (share, seed), and each one's (tokens, labelled tokens) as the job tokenizes it at
+    max_length, before a prompt is inserted."""
+    from ipsweep.lm import IGNORE, tokenize
+    from ipsweep.settings.base import build, flawed_share
+
+    setting_cfg = OmegaConf.create(json.loads(setting_json))
+    setting = build(setting_cfg)
+    examples = setting.train_examples()[:n_train]
+    if flawed:
+        examples, _ = flawed_share(setting, setting_cfg.name, examples, *flawed)
+    tokenizer = _tokenizer(folder)
+    counts = []
+    for e in examples:
+        row = tokenize(tokenizer, e.messages, e.completion, max_length)
+        counts.append((len(row["input_ids"]), sum(label != IGNORE for label in row["labels"])))
+    return setting, tokenizer, examples, tuple(counts)
+
+
+def training_rows(
+    folder: Path,
+    setting_cfg: dict,
+    n_train: int | None,
+    max_length: int,
+    flawed: tuple | None = None,
+    prompt=None,
+    longest: int = 16,
+) -> tuple[tuple[int, int], ...]:
+    """(tokens, labelled tokens) of each training row as the job tokenizes it (lm.tokenize at max_length):
+    the setting's first n_train examples (all: None), setting.flawed_share's clean replies where `flawed` =
+    (share, seed). Tokenized once per setting and length (the rule here and the memory estimate read the
+    same rows). With `prompt` (a prompts.Prompt), its longest training text is inserted into the `longest`
+    longest rows, which are tokenized again: inserting one text adds about as many tokens to every row, so
+    the longest row with it is one of them; the other rows keep their length without it."""
+    setting, tokenizer, examples, counts = _setting_rows(
+        str(folder), json.dumps(setting_cfg, sort_keys=True), n_train, max_length, flawed
     )
+    if prompt is None or not counts:
+        return counts
+    from dataclasses import replace
+
+    from ipsweep.lm import IGNORE, tokenize
+    from ipsweep.settings.base import insert
+
+    prompt = replace(prompt, text=max(prompt.training_texts, key=len))
+    out = list(counts)
+    for i in sorted(range(len(counts)), key=lambda i: -counts[i][0])[:longest]:
+        row = tokenize(
+            tokenizer, insert(setting, examples[i].messages, prompt), examples[i].completion, max_length
+        )
+        out[i] = (len(row["input_ids"]), sum(label != IGNORE for label in row["labels"]))
+    return tuple(out)
+
+
+def tokens_per_example(folder: Path, setting_cfg: dict, n_train: int, max_length: int) -> float:
+    """Mean tokens of the setting's training rows (the first 64 of them) as the job tokenizes them, before a
+    prompt is inserted."""
+    rows = training_rows(folder, setting_cfg, n_train, max_length)[:64]
+    return statistics.mean(tokens for tokens, _ in rows)
 
 
 def rule_seconds(runs: list[dict], device: str) -> tuple[list[float], str] | None:

@@ -51,19 +51,25 @@ def require_values(cfg) -> None:
         )
 
 
+def point_prompt(cfg) -> prompts.Prompt:
+    """The point's prompt from the setting's library, as it will be trained (train.prompt_mode,
+    train.paraphrases, prompt_placement); its `train_prompt` is what the run's training rows hold."""
+    return prompts.configure(
+        prompts.resolve(cfg.setting, cfg.prompt),
+        cfg.train.prompt_mode,
+        cfg.get("prompt_placement"),
+        cfg.setting.name,
+        cfg.train.get("paraphrases"),
+    )
+
+
 def plan(cfg, settings: dict | None = None) -> Point:
     """Raises ConfigError naming the problem and the fix; loads no model. `settings`: the settings built so
     far, by their config (a sweep's pre-flight plans many points of one setting; each is built once)."""
     require_values(cfg)
     check_values(cfg)
     placement = cfg.get("prompt_placement")
-    prompt = prompts.configure(
-        prompts.resolve(cfg.setting, cfg.prompt),
-        cfg.train.prompt_mode,
-        placement,
-        cfg.setting.name,
-        cfg.train.get("paraphrases"),
-    )
+    prompt = point_prompt(cfg)
     extra = [prompts.resolve(cfg.setting, n) for n in cfg.eval.extra_test_prompts]
     if cfg.eval.test_grid:
         own = [prompt] if prompt.condition == "ip" else []

@@ -82,6 +82,8 @@ class IpsweepSweeper(BasicSweeper):
                 cfg, env_set = compose(list(overrides))
                 with _job_env(env_set):  # e.g. HF_HUB_OFFLINE, as the job will see it
                     point = plan.entry(num, filter_overrides(overrides), cfg, plan.plan(cfg, settings))
+                if isinstance(self.launcher, LocalGpusLauncher) and (refused := self.launcher.problems(cfg)):
+                    raise ConfigError("; ".join(refused))  # what a job on one of its slots cannot run
                 point["config"] = OmegaConf.to_container(cfg)
                 points.append(point)
             except Exception as e:  # noqa: BLE001 - composition errors come in several types; all are reported
