@@ -23,20 +23,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from omegaconf import OmegaConf
 
-from ipsweep import engine, lm, models, prompts, store
-from ipsweep.analysis import inference
+from ipsweep import cache, engine, identity, lm, models, prompts
 from ipsweep.errors import ConfigError
 from ipsweep.evaluate import chats_for, evaluate, score
 from ipsweep.settings.base import ContrastPair, insert
+from ipsweep.stats import paired_difference
 
 
 def cache_root(cfg) -> Path:
     if cfg.elicit.cache_dir:
         return Path(cfg.elicit.cache_dir).expanduser()
-    return models.cache_dir().parent / "elicitation"
+    return cache.root() / "elicitation"
 
 
 def _plain(node) -> dict:
@@ -44,26 +43,20 @@ def _plain(node) -> dict:
 
 
 def _cache_path(cfg, kind: str, key_data: dict) -> Path:
-    key = store.digest({"kind": kind, "v": store.SIGNATURE_VERSION, **key_data})
+    key = cache.digest({"kind": kind, "v": identity.SIGNATURE_VERSION, **key_data})
     path = cache_root(cfg) / kind / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def _cached(cfg, kind: str, key_data: dict, compute) -> dict:
-    path = _cache_path(cfg, kind, key_data)
-    with FileLock(str(path) + ".lock"):  # concurrent jobs compute it once
-        hit = store.read_json(path)
-        if hit is None:
-            hit = compute()
-            store.atomic_write_json(path, hit)
-    return hit
+    return cache.cached_json(_cache_path(cfg, kind, key_data), compute)  # concurrent jobs compute it once
 
 
 def _model_key(cfg) -> dict:
     """The model's config without device, dtype, quantization and attention kernel as written (they enter
     resolved, with the inputs) and without its placement."""
-    return store.without(_plain(cfg.model), *models.RESOLVED)
+    return identity.without(_plain(cfg.model), *models.RESOLVED)
 
 
 def _setting_key(cfg, setting) -> dict:
@@ -71,12 +64,12 @@ def _setting_key(cfg, setting) -> dict:
     miss). Not the flawed share: elicitation reads the untrained model and the setting's flawed replies."""
     return {
         **{k: v for k, v in _plain(cfg.setting).items() if k not in ("prompts", "flawed_share")},
-        "inputs": store.inputs(cfg, setting),
+        "inputs": identity.inputs(cfg, setting),
     }
 
 
 def _base_eval_key(cfg, setting, prompt: prompts.Prompt, eval_cfg) -> dict:
-    eval_key = store.eval_identity(
+    eval_key = identity.eval_identity(
         {
             k: v
             for k, v in _plain(eval_cfg).items()
@@ -119,13 +112,13 @@ def _base_eval_path(cfg, setting, prompt: prompts.Prompt, eval_cfg=None) -> Path
 def cached_base_eval(cfg, setting, prompt: prompts.Prompt, eval_cfg=None) -> dict | None:
     """The untrained model's evaluation under `eval_cfg` (default cfg.eval) from the cache, or None (the vLLM
     engine computes the missing ones in its own process, then keeps them with keep_base_eval)."""
-    hit = store.read_json(_base_eval_path(cfg, setting, prompt, eval_cfg))
+    hit = cache.read_json(_base_eval_path(cfg, setting, prompt, eval_cfg))
     return None if hit is None else _stored(hit)
 
 
 def keep_base_eval(cfg, setting, prompt: prompts.Prompt, result: dict, eval_cfg=None) -> None:
     path = _base_eval_path(cfg, setting, prompt, eval_cfg)
-    store.atomic_write_json(path, {"test_prompt": prompt.name, **_stored(result)})
+    cache.atomic_write_json(path, {"test_prompt": prompt.name, **_stored(result)})
 
 
 def item_rates(evaluation: dict, metric: str) -> dict[str, float]:
@@ -139,7 +132,7 @@ def sampled(plain: dict, prompted: dict, metric: str) -> dict:
     (stats.paired_difference)."""
     x, y = item_rates(prompted, metric), item_rates(plain, metric)
     common = sorted(set(x) & set(y))
-    r = inference.paired_difference([x[i] for i in common], [y[i] for i in common])
+    r = paired_difference([x[i] for i in common], [y[i] for i in common])
     return {**r, "with_prompt": prompted["metrics"][metric], "without": plain["metrics"][metric]}
 
 
@@ -196,7 +189,7 @@ def logprob(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dict:
         with_prompt = _contrasts(model, tokenizer, prompted, cfg.train.max_length)
         kept = np.isfinite(with_prompt) & np.isfinite(without)  # pairs whose replies survive train.max_length
         with_prompt, without = with_prompt[kept], without[kept]
-        r = inference.paired_difference(with_prompt, without)
+        r = paired_difference(with_prompt, without)
         return {
             **r,
             "positive": int((with_prompt > without).sum()),
@@ -249,7 +242,7 @@ def logprob_train(cfg, setting, model, tokenizer, prompt: prompts.Prompt) -> dic
         )
         gain = score([(insert(setting, ex.messages, prompt), ex.completion) for ex in examples])
         kept = np.isfinite(gain) & np.isfinite(base)
-        return {**inference.paired_difference(gain[kept], base[kept]), "positive": int((gain > base).sum())}
+        return {**paired_difference(gain[kept], base[kept]), "positive": int((gain > base).sum())}
 
     return _cached(cfg, "logprob_train", {**key, "prompt": [prompt.text, prompt.placement]}, compute)
 

@@ -7,8 +7,8 @@ import hashlib
 from collections import defaultdict
 
 from ipsweep import lm, prompts
-from ipsweep.analysis.inference import wilson
 from ipsweep.settings.base import EvalExample, insert
+from ipsweep.stats import wilson
 
 
 def rate(k: int, n: int) -> dict:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from ipsweep import elicit, engine, lm, models, prompts, store
+from ipsweep import elicit, engine, identity, lm, models, prompts, store
 from ipsweep.evaluate import chats_for, evaluate, protocol, score
 from ipsweep.plan import plan
 from ipsweep.record import Attempt, Epoch, Evaluation, Record
@@ -71,7 +71,7 @@ def _new_record(cfg, point) -> Record:
         sweep=cfg.name,
         behaviour_metric=point.setting.behaviour_metric,
         capability_metric=point.setting.capability_metric,
-        config=store.semantic_config(cfg, prompt, point.inputs),
+        config=identity.semantic_config(cfg, prompt, point.inputs),
         epochs={},
         status="new",
     )

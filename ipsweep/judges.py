@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from ipsweep import store
+from ipsweep.cache import atomic_write_json, read_json
 from ipsweep.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,12 @@ class Cache:
 
     def get_or_call(self, backend: str, prompt: str, text: str, call):
         path = self._path(backend, prompt, text)
-        hit = store.read_json(path)
+        hit = read_json(path)
         if hit is not None:
             return hit["value"]
         value = call()
         if value is not None:  # failures are retried next time, not cached
-            store.atomic_write_json(path, {"backend": backend, "value": value})
+            atomic_write_json(path, {"backend": backend, "value": value})
         return value
 
 

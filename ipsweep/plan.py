@@ -19,7 +19,7 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError
 
-from ipsweep import memory, models, prompts, store
+from ipsweep import cache, identity, memory, models, prompts, store
 from ipsweep.errors import ConfigError
 from ipsweep.settings.base import Setting, build, flawed_share
 from ipsweep.validate import check_sizes, check_values
@@ -117,8 +117,8 @@ def plan(cfg, settings: dict | None = None) -> Point:
     test_prompts = list({p.name: p for p in [prompts.NO_PROMPT, *filter(None, [headline]), *extra]}.values())
     # a PTST point is the control's run, tested with its prompt
     run_prompt = prompt.train_prompt or prompts.NO_PROMPT
-    digests = store.inputs(cfg, setting)
-    signature = store.digest(store.semantic_config(cfg, run_prompt, digests))
+    digests = identity.inputs(cfg, setting)
+    signature = identity.signature(cfg, run_prompt, digests)
     run = store.Run(
         Path(cfg.store_dir) / "runs" / f"{cfg.setting.name}-{run_prompt.name}-s{cfg.train.seed}-{signature}"
     )
@@ -216,7 +216,7 @@ def write_manifest(sweep_dir: str | Path, points: list[dict], primary: dict | No
     path = Path(sweep_dir) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        old = store.read_json(path) or {"points": []}
+        old = cache.read_json(path) or {"points": []}
         declared = _declare(old.get("primary"), primary, Path(sweep_dir))
 
         def key(p: dict) -> tuple:
@@ -233,7 +233,7 @@ def write_manifest(sweep_dir: str | Path, points: list[dict], primary: dict | No
                 p["num"] = max(taken) + 1
             taken.add(p["num"])
             keyed[key(p)] = {**keyed.get(key(p), {}), **p}
-        store.atomic_write_json(
+        cache.atomic_write_json(
             path,
             {
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -248,7 +248,7 @@ def read_primary(sweep_dir: str | Path) -> dict | None:
     """The primary test the sweep's manifest declares, with when (see _declare), and for a prediction its
     frozen screen table (`prediction`, None if missing) and whether that file is what was declared
     (`screen_unchanged`); None if no test was declared."""
-    data = store.read_json(Path(sweep_dir) / MANIFEST)
+    data = cache.read_json(Path(sweep_dir) / MANIFEST)
     primary = data.get("primary") if data else None
     if primary and "screen_sha256" in primary:
         frozen = Path(sweep_dir) / PREDICTION
@@ -261,7 +261,7 @@ def read_primary(sweep_dir: str | Path) -> dict | None:
 def read_manifest(sweep_dir: str | Path) -> list[dict]:
     """The manifest's points, with each run folder found from the sweep dir, so that `ipsweep status` works
     from any working directory (the manifest stores paths as the sweep was launched)."""
-    data = store.read_json(Path(sweep_dir) / MANIFEST)
+    data = cache.read_json(Path(sweep_dir) / MANIFEST)
     points = data["points"] if data else []
     for p in points:
         here = Path(sweep_dir) / "runs" / Path(p["run_dir"]).name

@@ -1,7 +1,8 @@
 """The run record: what one run trained and measured, as it is stored in record.json.
 
 A job changes a record only through these methods; readers get it from `store` (typed for a job,
-checked JSON for the analysis). Fields that old records may lack have defaults, and extra keys are kept,
+checked JSON for the analysis). Every key a job writes is declared here (tests/test_store.py checks the
+committed records hold no other); fields that old records may lack have defaults, and extra keys are kept,
 so a record written by an earlier ipsweep still loads. `dump` writes what was set and nothing else: a
 default that was never set does not appear in the file.
 """
@@ -72,6 +73,10 @@ class Attempt(_Open):
     job_id: str | None = None
     resumed_from_epoch: int = 0
     end_s: float | None = None
+    cuda_visible_devices: str | None = None
+    torch_threads: int | None = None
+    # the accelerator (models.device_info: kind, and on a GPU its name, capability, how many are visible)
+    device: dict | None = None
 
     @classmethod
     def here(cls, **where) -> Attempt:
@@ -99,8 +104,27 @@ class Record(_Open):
     status: str
     behaviour_metric: str
     capability_metric: str
-    config: dict
+    config: dict  # the semantic config (identity.semantic_config), whose digest is the signature
     epochs: dict[str, Epoch]
+    # the run's training prompt as inserted ("" for the control and PTST), how it is drawn (fixed, mixed),
+    # a mixed run's bank of texts (train.paraphrases; unset: all), where it goes and, when the sweep moved it
+    # off the setting's own placement (prompt_placement), that placement again
+    prompt_text: str | None = None
+    prompt_mode: str | None = None
+    paraphrases: int | None = None
+    placement: str | None = None
+    placement_override: str | None = None
+    sweep: str | None = None  # the sweep's name (cfg.name)
+    run_dir: str | None = None
+    updated: str | None = None  # when the record was last saved
+    # python, torch, transformers, peft, ipsweep and its commit of the latest attempt
+    versions: dict | None = None
+    n_train: int | None = None  # training examples
+    # a mixed run: its texts and which one each training example had (drawn with train.seed)
+    prompt_draws: dict | None = None
+    stop_token_ids: list[int] | None = None  # where generation ends a reply (lm.stop_token_ids)
+    # training replies cut at train.max_length: how many, of how many, at what length
+    train_cut: dict | None = None
     attempts: list[Attempt] = Field(default_factory=list)
     error: dict | None = None
     # roles of the test prompts evaluated: a control tested with a safety prompt is the PTST arm
@@ -115,6 +139,9 @@ class Record(_Open):
     flawed: dict | None = None
     # an IP run: how many distinct prompt texts its training examples got (1 fixed; up to K mixed)
     prompt_texts_trained: int | None = None
+    # legacy: early signature-v3 records name their headline test prompt (always "none" once PTST reused the
+    # control's run); no longer written
+    headline_test_prompt: str | None = None
 
     def trained_epochs(self) -> list[int]:
         return sorted(int(k) for k in self.epochs if k != "0")

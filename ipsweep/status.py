@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ipsweep import plan, store
+from ipsweep import cache, plan, store
 
 
 def slurm_queue() -> set[str]:
@@ -34,7 +34,7 @@ def why_new(point: dict) -> str:
     run_dir = Path(point["run_dir"])
     prefix = run_dir.name.rsplit("-", 1)[0]
     for other in sorted(run_dir.parent.glob(f"{prefix}-*/record.json")):
-        old = (store.read_json(other) or {}).get("config", {}).get("inputs")
+        old = (cache.read_json(other) or {}).get("config", {}).get("inputs")
         new = point.get("inputs")
         if old is None or new is None:
             continue

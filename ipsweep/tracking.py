@@ -90,7 +90,7 @@ class Tracker:
         if cfg.logger.backend == "none" or cfg.logger.mode == "disabled":
             return
         mode = online_mode(cfg.logger)
-        from ipsweep.store import digest
+        from ipsweep.cache import digest
 
         try:
             import wandb
@@ -197,7 +197,7 @@ def log_analysis(result, *, project: str, mode: str, entity: str | None = None) 
     try:
         import wandb
 
-        from ipsweep.store import digest
+        from ipsweep.cache import digest
 
         group = result.records[0].get("sweep")
         run = wandb.init(

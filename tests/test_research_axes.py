@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, launch
 
-from ipsweep import analysis, prompts, store
+from ipsweep import analysis, identity, prompts
 from ipsweep.analysis import report
 from ipsweep.errors import ConfigError
 from ipsweep.job import run
@@ -58,7 +58,7 @@ def test_the_flawed_share_enters_the_signature_only_below_one(make_cfg):
     )
     half = plan(make_cfg("setting=trait_pair", "setting.flawed_share=0.5"))
     assert default.signature == one.signature != half.signature
-    config = store.semantic_config(make_cfg("setting=trait_pair"), prompts.NO_PROMPT)
+    config = identity.semantic_config(make_cfg("setting=trait_pair"), prompts.NO_PROMPT)
     assert "flawed_share" not in config["setting"] and "method" not in config["train"], (
         "runs made before the axes keep their signatures"
     )

@@ -17,6 +17,7 @@ from scipy.special import expit
 
 from ipsweep.analysis import correlation, inference, power
 from ipsweep.errors import ConfigError
+from ipsweep.stats import paired_difference, wilson
 
 # (intercept, IP shift, item spread, seed spread) on the logit scale: a strong and a weak effect, items that
 # differ a lot or little, seeds that matter a lot (like the README demo: per-seed effects 0.35 and 0.20) or
@@ -102,7 +103,7 @@ def test_paired_elicitation_interval_covers():
         down = rng.random(60) < 0.05  # and a few "yes" into "no"
         with_prompt = np.where(base, ~down, up)
         truth = (1 - p_without) * lift / (1 - p_without) - p_without * 0.05
-        r = inference.paired_difference(with_prompt.astype(float), base.astype(float))
+        r = paired_difference(with_prompt.astype(float), base.astype(float))
         hits += r["lo"] <= truth <= r["hi"]
     assert 0.93 <= hits / reps <= 0.97, f"paired CI coverage {hits / reps:.3f}"
 
@@ -112,7 +113,7 @@ def test_paired_interval_is_narrower_than_the_independent_one_when_items_agree()
 
     x = np.r_[np.ones(20), np.zeros(40)]
     y = np.r_[np.ones(14), np.zeros(46)]  # the prompt adds 6 items, takes none away
-    r = inference.paired_difference(x, y)
+    r = paired_difference(x, y)
     lo, hi = confint_proportions_2indep(20, 60, 14, 60, method="newcomb", compare="diff")
     assert r["method"] == "newcombe paired" and r["estimate"] == pytest.approx(0.1)
     assert r["hi"] - r["lo"] < hi - lo and r["lo"] > 0 > lo
@@ -133,7 +134,7 @@ def test_degenerate_data_are_flagged_and_rates_never_zero_width():
     rate = inference.rate_interval(np.ones((3, 40)))
     assert (
         rate["hi"] == 1
-        and rate["lo"] == pytest.approx(inference.wilson(40, 40)[0])
+        and rate["lo"] == pytest.approx(wilson(40, 40)[0])
         and "wilson on 40 items" in rate["method"]
     )
 
@@ -339,3 +340,18 @@ def test_rerun_se_is_the_spread_of_a_rate_over_evaluation_reruns():
     estimates = [inference.rerun_se(k.ravel(), np.full(k.size, 8)) for k in reruns[:200]]
     assert np.mean(estimates) == pytest.approx(spread, rel=0.03), (np.mean(estimates), spread)
     assert np.isnan(inference.rerun_se(np.ones(10), np.ones(10)))
+
+
+def test_the_jobs_wilson_interval_is_statsmodels_bit_for_bit():
+    """ipsweep.stats.wilson (numpy only, so a job need not load statsmodels) gives the very numbers
+    statsmodels' proportion_confint gives, and its normal quantile is scipy's."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    from ipsweep.stats import Z_975
+
+    assert Z_975 == sps.norm.isf(0.025)
+    cases = [(k, n) for n in (*range(1, 121), 250, 1000, 4097) for k in range(0, n + 1, max(1, n // 97))]
+    cases += [(np.int64(3), 10), (3.0, 10.0), (np.float64(7), np.int64(20))]
+    for k, n in cases:
+        lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
+        assert wilson(k, n) == (float(lo), float(hi)), (k, n)

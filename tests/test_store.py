@@ -2,13 +2,13 @@ import json
 
 import pytest
 
-from ipsweep import prompts, store
+from ipsweep import cache, identity, prompts, store
 from ipsweep.record import Record
 
 
 def _sig(cfg):
     p = prompts.resolve(cfg.setting, cfg.prompt)
-    return store.digest(store.semantic_config(cfg, p.train_prompt or prompts.NO_PROMPT))
+    return identity.signature(cfg, p.train_prompt or prompts.NO_PROMPT)
 
 
 def test_signature_ignores_epochs_logger_and_library_but_not_science(make_cfg):
@@ -34,8 +34,8 @@ def test_the_engine_enters_the_signature_and_how_it_runs_does_not(make_cfg):
     """vLLM's outputs may differ from HF's, so the engine is part of a run's identity; the default (hf)
     leaves the config as it was before engines existed, so earlier runs keep their signatures."""
     hf = make_cfg("prompt=caps_strong")
-    assert "engine" not in store.semantic_config(hf, prompts.NO_PROMPT)["eval"]
-    assert "vllm" not in store.semantic_config(hf, prompts.NO_PROMPT)["eval"]
+    assert "engine" not in identity.semantic_config(hf, prompts.NO_PROMPT)["eval"]
+    assert "vllm" not in identity.semantic_config(hf, prompts.NO_PROMPT)["eval"]
     vllm = _sig(make_cfg("prompt=caps_strong", "eval.engine=vllm"))
     assert vllm != _sig(hf)
     how = ["eval.vllm.python=/opt/v/bin/python", "eval.vllm.min_agreement=0.5", "eval.vllm.gate_prompts=2"]
@@ -44,8 +44,8 @@ def test_the_engine_enters_the_signature_and_how_it_runs_does_not(make_cfg):
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     path = tmp_path / "r" / "record.json"
-    store.atomic_write_json(path, {"a": 1})
-    store.atomic_write_json(path, {"a": 2})
+    cache.atomic_write_json(path, {"a": 1})
+    cache.atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in path.parent.iterdir()] == ["record.json"]
 
@@ -71,16 +71,16 @@ def test_damaged_record_is_never_a_result_and_is_reported(tmp_path, text, reason
 
 def test_write_interrupted_midway_keeps_the_previous_record(tmp_path, monkeypatch):
     path = tmp_path / "r" / "record.json"
-    store.atomic_write_json(path, {"status": "done", "epochs": {"1": {}}})
+    cache.atomic_write_json(path, {"status": "done", "epochs": {"1": {}}})
 
     def dies_halfway(data, f, **kwargs):
         f.write('{"status": "runn')
         f.flush()
         raise KeyboardInterrupt  # as if the process were stopped mid-write
 
-    monkeypatch.setattr(store.json, "dump", dies_halfway)
+    monkeypatch.setattr(cache.json, "dump", dies_halfway)
     try:
-        store.atomic_write_json(path, {"status": "running"})
+        cache.atomic_write_json(path, {"status": "running"})
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
@@ -132,7 +132,7 @@ def test_a_file_version_is_hashed_once_per_machine_not_once_per_job(tmp_path, mo
     import hashlib
     import os
 
-    from ipsweep.settings.base import _digest, file_digest
+    from ipsweep.cache import _digest, file_digest
 
     monkeypatch.setenv("IPSWEEP_CACHE", str(tmp_path / "cache"))
     weights = tmp_path / "model.safetensors"
@@ -146,3 +146,22 @@ def test_a_file_version_is_hashed_once_per_machine_not_once_per_job(tmp_path, mo
     assert file_digest(weights) == first, "the digest was read from the on-disk cache, not recomputed"
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new version of the file
     assert file_digest(weights) == hashlib.sha256(b"b" * 4096).hexdigest()[:16]
+
+
+def test_every_committed_record_loads_and_declares_every_key_it_holds():
+    """The record model names every key a job writes (old records, with fewer keys, still load), and a loaded
+    record dumps back to the same JSON."""
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parent.parent / "docs" / "results").glob("*/runs/*/record.json"))
+    assert paths, "no committed records found"
+    undeclared = set()
+    for path in paths:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        record = store.load_record(path)
+        parts = [("Record", record), *(("Attempt", a) for a in record.attempts)]
+        for epoch in record.epochs.values():
+            parts += [("Epoch", epoch), *(("Evaluation", e) for e in epoch.evals.values())]
+        undeclared |= {f"{kind}.{key}" for kind, part in parts for key in part.model_extra or {}}
+        assert record.dump() == data, f"{path} does not dump back to what it holds"
+    assert not undeclared, f"keys the record model does not declare: {sorted(undeclared)}"

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ipsweep import prompts, store
+from ipsweep import identity, prompts
+from ipsweep.cache import digest
 from ipsweep.config import ESTIMATORS
 from ipsweep.errors import ConfigError
 
@@ -55,12 +56,12 @@ def axes(record: dict) -> dict:
 
 def match_key(record: dict) -> str:
     """What an arm and its control share: the run's whole semantic config except the training prompt."""
-    return store.digest(store.without(record["config"], "prompt"))
+    return digest(identity.without(record["config"], "prompt"))
 
 
 def design_key(record: dict) -> str:
     """What the seeds of one arm share: the config except the training prompt and the seed."""
-    return store.digest(store.without(record["config"], "prompt", "train.seed"))
+    return digest(identity.without(record["config"], "prompt", "train.seed"))
 
 
 def headline_evaluations(record: dict) -> list[tuple[str, str, str, str, str]]:
@@ -198,7 +199,8 @@ def recorded_elicitation(record: dict) -> dict:
     """A run's elicitation estimates by estimator. Before run signature v4, `logprob` was the non-contrastive
     estimator that is now called `logprob_train`: old records are read under that name."""
     el = dict(record.get("elicitation") or {})
-    if (record.get("config") or {}).get("signature_version", store.SIGNATURE_VERSION) < 4 and "logprob" in el:
+    version = (record.get("config") or {}).get("signature_version", identity.SIGNATURE_VERSION)
+    if version < 4 and "logprob" in el:
         el["logprob_train"] = el.pop("logprob")
     return el
 

@@ -5,7 +5,8 @@ and test prompt, so comparisons are paired by item, and a rate or an effect is a
 seeds x items matrix. Its interval counts both sources of variation, seed-to-seed (training randomness)
 and item-to-item (which questions were drawn), through the variance components of a crossed two-way
 layout; with one seed only the item part can be estimated, and the result says so.
-Tested against closed forms and by simulation (tests/test_stats.py).
+Tested against closed forms and by simulation (tests/test_stats.py). The intervals a job computes too (a
+rate's Wilson interval, Newcombe's paired interval) are ipsweep/stats.py's.
 """
 
 from __future__ import annotations
@@ -16,52 +17,8 @@ from scipy import special, stats
 from scipy.optimize import brentq
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.proportion import proportion_confint
 
-
-def wilson(k: int, n: int) -> tuple[float, float]:
-    lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
-    return float(lo), float(hi)
-
-
-def newcombe_paired(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """95% CI for P(x) - P(y) from paired binary outcomes (Newcombe 1998, method 10: Wilson score
-    intervals of the two margins, combined with the phi correlation of the pairs)."""
-    x, y = np.asarray(x, bool), np.asarray(y, bool)
-    n = len(x)
-    a, b, c, d = (int(v) for v in ((x & y).sum(), (x & ~y).sum(), (~x & y).sum(), (~x & ~y).sum()))
-    p1, p2 = (a + b) / n, (a + c) / n
-    l1, u1 = wilson(a + b, n)
-    l2, u2 = wilson(a + c, n)
-    denom = np.sqrt(float((a + b) * (c + d) * (a + c) * (b + d)))
-    phi = (a * d - b * c) / denom if denom > 0 else 0.0
-    theta = p1 - p2
-    lo = theta - np.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
-    hi = theta + np.sqrt(max((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0))
-    return float(max(lo, -1.0)), float(min(hi, 1.0))
-
-
-def paired_difference(with_prompt: np.ndarray, without: np.ndarray) -> dict:
-    """Mean of with - without over items scored both ways (e.g. sampled elicitation), 95% CI paired by item:
-    Newcombe's paired interval for one binary outcome per item, else a t-interval on the item differences."""
-    x, y = np.asarray(with_prompt, float), np.asarray(without, float)
-    n = len(x)
-    est = float((x - y).mean()) if n else float("nan")
-    if n < 2:
-        return {
-            "estimate": est,
-            "lo": float("nan"),
-            "hi": float("nan"),
-            "n": n,
-            "method": "none (fewer than 2 items)",
-        }
-    if np.isin(x, (0, 1)).all() and np.isin(y, (0, 1)).all():
-        lo, hi = newcombe_paired(x == 1, y == 1)
-        return {"estimate": est, "lo": lo, "hi": hi, "n": n, "method": "newcombe paired"}
-    d = x - y
-    se = float(d.std(ddof=1) / np.sqrt(n))
-    half = stats.t.ppf(0.975, n - 1) * se
-    return {"estimate": est, "lo": est - half, "hi": est + half, "n": n, "method": "t paired by item"}
+from ipsweep.stats import newcombe_paired, wilson
 
 
 def _mean_squares(m: np.ndarray) -> tuple[float, float, float]:

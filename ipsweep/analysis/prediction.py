@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ipsweep.analysis import correlation, inference, power
+from ipsweep.analysis import correlation, power
 from ipsweep.config import ESTIMATORS, SUBSETS
+from ipsweep.stats import wilson
 
 
 def se_from_ci(lo, hi) -> float:
@@ -172,7 +173,7 @@ def _hits(effects: pd.DataFrame, elicitation: pd.DataFrame, test: dict, setting:
     predicted = el.loc[trained.prompt, estimator].to_numpy() > bar
     measured = trained.effect_lo.to_numpy() > 0
     k, n = int((predicted == measured).sum()), len(trained)
-    lo, hi = inference.wilson(k, n)
+    lo, hi = wilson(k, n)
     return {"hit_rate": k / n, "hit_rate_ci": f"[{lo:.2f}, {hi:.2f}]", "hits": f"{k}/{n}"}
 
 

@@ -21,6 +21,7 @@ from ipsweep.analysis.frames import (
     shared_items,
 )
 from ipsweep.config import ESTIMATORS
+from ipsweep.stats import wilson
 
 
 def fmt_ci(lo, hi) -> str:
@@ -385,7 +386,7 @@ def capability_by_behaviour_table(its: pd.DataFrame) -> pd.DataFrame:
         row = {"setting": setting, "design": design, "epoch": epoch}
         for label, part in (("with", g[g.behaviour == 1]), ("without", g[g.behaviour == 0])):
             k, n = int(part.capability.sum()), len(part)
-            lo, hi = inference.wilson(k, n) if n else (np.nan, np.nan)
+            lo, hi = wilson(k, n) if n else (np.nan, np.nan)
             row |= {
                 f"replies_{label}": n,
                 f"capability_{label}": k / n if n else np.nan,

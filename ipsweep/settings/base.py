@@ -11,16 +11,15 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from functools import cache
 from pathlib import Path
 
 from hydra.utils import get_class, instantiate
 
 from ipsweep import prompts
+from ipsweep.cache import file_digest
 from ipsweep.errors import ConfigError
 from ipsweep.prompts import Prompt
 
@@ -145,7 +144,7 @@ class Setting(ABC):
 
     @property
     def data_digests(self) -> dict[str, str]:
-        """The content of every data file it read: part of the run's identity (store.semantic_config)."""
+        """The content of every data file it read: part of the run's identity (identity.inputs)."""
         return self.reader.digests()
 
     @abstractmethod
@@ -224,32 +223,3 @@ def _data_name(path: Path) -> str:
         return str(path.relative_to(DATA_DIR.resolve()))
     except ValueError:
         return path.name
-
-
-@cache
-def _digest(path: Path, size: int, mtime_ns: int) -> str:
-    """A file version's sha256, read from the on-disk cache or computed once and written there: every job of a
-    sweep is its own process, and re-hashing a 7B model's weights in each read ~16 GB a job."""
-    from ipsweep.models import cache_dir
-
-    key = hashlib.sha256(f"{path.resolve()}\0{size}\0{mtime_ns}".encode()).hexdigest()[:32]
-    cached = cache_dir().parent / "digests" / key
-    if cached.is_file():
-        return cached.read_text()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()[:16]
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(f".{key}.{os.getpid()}")  # jobs racing to write it write the same text
-    partial.write_text(digest)
-    partial.replace(cached)
-    return digest
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, computed once per file version (path, size and modification time) on this
-    machine's cache (models.cache_dir's parent, `digests/`) and kept per process."""
-    st = Path(path).stat()
-    return _digest(Path(path), st.st_size, st.st_mtime_ns)
