@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from ipsweep.errors import ConfigError
@@ -45,14 +46,20 @@ def _analyze(args) -> None:
         entity=args.entity,
     )
     wandb_runs = [r for d in args.sweep_dir for r in sorted(Path(d).glob("runs/*/wandb/offline-run-*"))]
-    print(
-        f"\nreport: {result.report}\nplots:  {', '.join(p.name for p in result.plots.values())}\n"
-        f"tables: {result.out_dir}/{{{','.join(n for n in result.tables if n != 'by_test_prompt')}}}.csv"
-    )
-    print(
-        f"W&B offline runs: {len(wandb_runs)} under "
-        f"{' '.join(d + '/runs/*/wandb/' for d in args.sweep_dir)} (upload: ipsweep sync <sweep dir>)"
-    )
+    tables = ", ".join(f"{n}.csv" for n in result.tables if n != "by_test_prompt")
+    print()
+    for line in (
+        f"report: {result.report}",
+        f"plots:  {', '.join(p.name for p in result.plots.values())} (in {result.out_dir})",
+        f"tables: {tables} (in {result.out_dir})",
+        f"W&B offline runs: {len(wandb_runs)} under {' '.join(d + '/runs/*/wandb/' for d in args.sweep_dir)} "
+        "(upload: ipsweep sync <sweep dir>)",
+    ):
+        print(
+            textwrap.fill(
+                line, report.WIDTH, subsequent_indent=" " * 8, break_long_words=False, break_on_hyphens=False
+            )
+        )
 
 
 def _sweep_dir(path: str) -> Path:
@@ -122,7 +129,7 @@ def _sync(args) -> None:
         )
 
 
-# conf/, RESULTS.md and docs/results belong to the checkout an editable install points at (README, "Layout")
+# conf/, RESULTS.md and docs/results belong to the checkout an editable install points at (docs/layout.md)
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 

@@ -1,5 +1,6 @@
 """The analysis on synthetic run records with per-item outcomes: pooling, matching, PTST, outputs."""
 
+import re
 import shutil
 
 import numpy as np
@@ -417,3 +418,75 @@ def test_a_frozen_prediction_is_scored_and_an_edited_one_is_not_pre_registered(t
     frozen.write_text(frozen.read_text().replace("0.3,", "0.05,"))  # the prediction edited after the runs
     row = analyze(sweep, n_permutations=99).tables["primary"].iloc[0]
     assert not row.pre_registered and not row.screen_unchanged, row
+
+
+def test_a_one_prompt_design_says_what_the_correlation_needs_and_fits_the_terminal(
+    sweep, capsys, monkeypatch
+):
+    """The demo's shape (control vs one IP prompt, 2 seeds, epochs 1 and 2): `ipsweep analyze` prints no row
+    of nan under the correlation heading but what the design lacks and the preset that has it, draws no empty
+    correlation panel, and prints nothing wider than report.WIDTH; report.md and the CSVs keep every row."""
+    from ipsweep import cli
+    from ipsweep.analysis import plots, report
+
+    for seed in (0, 1):
+        rec = _record("caps", "ip", seed, (3, 5))
+        rec["elicitation"] = {
+            "sampled": {"estimate": 0.0, "lo": -0.1, "hi": 0.1},
+            "logprob": {"estimate": 0.36, "lo": 0.2, "hi": 0.5},
+        }
+        _save(sweep, rec)  # in place of the fixture's record, which has no estimates
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append((path.name, fig)) or path)
+    assert cli.main(["analyze", str(sweep), "--wandb-mode", "disabled"]) == 0
+    out = capsys.readouterr().out
+    printed = out.split("\nreport: ")[0]
+    words = " ".join(printed.split())  # the note is wrapped to the terminal's width
+    assert "Does elicitation predict the inoculation effect?" in printed
+    assert "needs >= 3 IP-style prompts per setting and epoch, and this design has 1 (caps)" in words
+    assert "The preset that has them: experiment=elicitation_correlation (trait_pair)." in words
+    assert re.search(r"\bnan\b", printed) is None, printed
+    assert max(map(len, out.splitlines())) <= report.WIDTH, out
+    trajectory = dict(figures)["trajectory.png"]
+    titles = [ax.get_title() for ax in trajectory.axes]
+    for _, fig in figures:
+        plots.pyplot().close(fig)
+    assert len(titles) == 2 and "Elicitation vs effect by epoch" not in titles, titles
+    correlations = pd.read_csv(sweep / "analysis" / "correlations.csv")
+    assert len(correlations) == 8 and correlations.pearson.isna().all()  # 2 estimators x 2 subsets x 2 epochs
+    text = (sweep / "analysis" / "report.md").read_text()
+    assert "| sampled " in text and "Not computed (8 of 8 rows of correlations.csv)" in text
+
+
+def test_a_table_too_wide_for_the_terminal_is_split_into_blocks_that_repeat_its_row_names():
+    from ipsweep.analysis import report
+
+    wide = pd.DataFrame(
+        {
+            "setting": ["trait_pair", "gcd_sycophancy"],
+            "arm": ["ip:caps_strong", "ip:behave"],
+            "epoch": [1, 2],
+            **{f"column_{i:02d}": [0.123 * i, float("nan")] for i in range(14)},
+        }
+    )
+    text = report.terminal(wide, width=80)
+    blocks = text.split("\n\n")
+    assert len(blocks) > 1 and max(map(len, text.splitlines())) <= 80
+    assert all(b.startswith("setting ") and "ip:behave" in b for b in blocks)
+    assert all(f"column_{i:02d}" in text for i in range(14))
+    assert report.terminal(wide.iloc[:1]).startswith("setting=trait_pair\n"), "one value: said once, above"
+
+
+def test_the_presets_the_correlation_note_names_sweep_enough_prompts_of_their_setting():
+    from pathlib import Path
+
+    import yaml
+
+    from ipsweep.analysis import report
+
+    conf = Path(__file__).parents[1] / "conf" / "experiment"
+    for setting, preset in report.CORRELATION_PRESETS.items():
+        cfg = yaml.safe_load((conf / f"{preset}.yaml").read_text())
+        assert {"override /setting": setting} in cfg["defaults"], preset
+        prompts = str(cfg["hydra"]["sweeper"]["params"]["prompt"]).split(",")
+        assert len(set(prompts) - {"none", "safety"}) >= report.MIN_PROMPTS, preset

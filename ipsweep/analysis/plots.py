@@ -57,11 +57,16 @@ def plot_behaviour(table: pd.DataFrame, path: Path) -> Path:
 
 def plot_trajectory(trajectory: pd.DataFrame, effects: pd.DataFrame, path: Path) -> Path | None:
     """Over training: each arm's effect by epoch, each estimator's correlation with the effects by epoch
-    (Spearman across the IP-style prompts), both with 95% CIs; and capability cost vs effect."""
+    (Spearman across the IP-style prompts; no panel where the design has none), both with 95% CIs; and
+    capability cost vs effect."""
     if trajectory.empty:
         return None
     plt = pyplot()
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.4))
+    correlated = trajectory.series.str.startswith("spearman(").any()
+    if correlated:
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.4))
+    else:
+        (fig, (a1, a3)), a2 = plt.subplots(1, 2, figsize=(11, 4.4)), None
     several = trajectory.setting.nunique() > 1
     for (setting, values, series), g in trajectory.groupby(["setting", "axis_values", "series"], sort=False):
         g = g.sort_values("epoch")
@@ -69,10 +74,10 @@ def plot_trajectory(trajectory: pd.DataFrame, effects: pd.DataFrame, path: Path)
         ax = a2 if series.startswith("spearman(") else a1
         yerr = [(g.estimate - g.lo).clip(lower=0), (g.hi - g.estimate).clip(lower=0)]
         ax.errorbar(g.epoch, g.estimate, yerr=yerr, marker="o", capsize=3, label=label)
-    for ax, title, ylabel in (
-        (a1, "Inoculation effect by epoch", "effect b(control) - b(arm), share of replies, 95% CI"),
-        (a2, "Elicitation vs effect by epoch", "Spearman r across IP-style prompts, 95% CI"),
-    ):
+    panels = [(a1, "Inoculation effect by epoch", "effect b(control) - b(arm), share of replies, 95% CI")]
+    if correlated:
+        panels.append((a2, "Elicitation vs effect by epoch", "Spearman r across IP-style prompts, 95% CI"))
+    for ax, title, ylabel in panels:
         ax.axhline(0, color="lightgrey", lw=0.8)
         ax.set_title(title)
         ax.set_xlabel("epoch")
