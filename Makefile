@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench venv vllm clean gpu-check gpu-wheels
+.PHONY: demo test test-fast bench venv vllm clean gpu-check gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -50,6 +50,13 @@ test: venv vllm
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ipsweep prepare --tiny
 	$(PY) -m pytest -q --timeout=1800
+
+# The edit-test loop: everything but real models (and vLLM, which serves one), SLURM, and the files that
+# start launch.py sweeps in subprocesses; `make test` (CI) runs them all.
+FAST_SKIP := --ignore=tests/test_launchers.py --ignore=tests/test_sweep.py --ignore=tests/test_reliability.py
+test-fast: venv
+	$(VENV)/bin/ipsweep prepare --tiny
+	$(PY) -m pytest -q -m "not slow and not slurm" $(FAST_SKIP)
 
 # The CPU benchmarks at their default sizes (see BENCHMARKS.md for the GPU commands; 11 is make gpu-check).
 BENCHMARKS := train_throughput eval_generation elicitation epochs_axis fixed_cost gpu_packing demo_sweep config_commands eval_engines preflight code_scoring

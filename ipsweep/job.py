@@ -10,10 +10,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from ipsweep import elicit, engine, identity, lm, models, prompts, store
-from ipsweep.evaluate import chats_for, evaluate, protocol, score
+from ipsweep import elicit, evaluation, identity, lm, models, prompts, store
 from ipsweep.plan import plan
-from ipsweep.record import Attempt, Epoch, Evaluation, Record
+from ipsweep.record import Attempt, Record
 from ipsweep.settings.base import TrainExample, flawed_share, insert
 from ipsweep.tracking import Tracker
 
@@ -156,29 +155,22 @@ def release(error: BaseException) -> None:
     """Free what a failed job held. Hydra keeps the exception in the sweep's JobReturn, and its traceback's
     frames hold the model, the trainer and their GPU memory: cleared, the next job of an in-process sweep
     starts with the memory the first had."""
-    import gc
-
     seen = set()
     while error is not None and id(error) not in seen:  # the exception and what it was raised from
         seen.add(id(error))
         traceback.clear_frames(error.__traceback__)
         error = error.__cause__ or error.__context__
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    models.free_accelerator()
 
 
 class _Work:
-    """A point's work on its record: the base model loaded once and evaluated (epoch 0, elicitation),
-    then fine-tuned epoch by epoch, each epoch evaluated under every test prompt and saved as it ends."""
+    """A point's work on its record, as a recipe: load the base model once, evaluate it (epoch 0), elicit,
+    fine-tune epoch by epoch with each epoch evaluated and recorded as it ends, finish the evaluations. When
+    and how the evaluations are made is the evaluator's (ipsweep.evaluation: HF in the loop, vLLM after)."""
 
     def __init__(self, cfg, point, record: Record, tracker: Tracker):
         self.cfg, self.point, self.record, self.tracker = cfg, point, record, tracker
         self.setting, self.run_dir = point.setting, point.run
-        self.examples = self.setting.eval_examples(cfg.eval.n_eval)
-        self.epoch_start = time.time()
         # a setting that chooses among fixed replies reads first-token log-probs: no generation to hand off
         self.engine = "hf" if self.setting.choices else cfg.eval.engine
         if self.engine != cfg.eval.engine:
@@ -193,52 +185,54 @@ class _Work:
         t0 = time.time()
         model, tokenizer = models.load(cfg.model)
         record.add_timing(model_load_s=time.time() - t0)
-        self.tokenizer = tokenizer
         # where generation ends a reply (lm.generate)
-        record.stop_token_ids = self.stop = lm.stop_token_ids(model, tokenizer)
+        record.stop_token_ids = stop = lm.stop_token_ids(model, tokenizer)
         # fails here, before any work
         rows, cut = dataset(
             tokenizer, self._training_examples(), cfg.train.max_length, cfg.train.max_cut_share
         )
         record.train_cut = cut.as_dict()
-        if self.engine == "hf":
-            self._evaluate_missing(model)
-        # with vLLM, the sampled estimator's generations join the engine's pass after training
-        now = [e for e in self._missing_estimators() if not (self.engine == "vllm" and e == "sampled")]
-        if record.elicitation is None or now:
+        ctx = evaluation.Context(
+            cfg,
+            self.point,
+            record,
+            self.tracker,
+            tokenizer,
+            stop,
+            self.setting.eval_examples(cfg.eval.n_eval),
+        )
+        evaluator = evaluation.evaluator(self.engine, ctx)
+        evaluator.before_training(model)
+        self._elicit(ctx, model, [e for e in ctx.missing_estimators() if e not in evaluator.elicits])
+        for e in sorted(record.epochs, key=int):  # epochs trained before but not yet on this W&B run
+            ctx.log_once(int(e), record.epochs[e], {})
+        evaluator.start()
+        done = record.checkpoints()
+        finetune(
+            model, tokenizer, rows, cfg.train, self.run_dir.dir / "checkpoints", done, evaluator.epoch_end
+        )
+        del model  # training's memory is released before the evaluator finishes (vLLM takes the accelerator)
+        models.free_accelerator()
+        evaluator.finish()
+
+    def _elicit(self, ctx, model, estimators: list[str]) -> None:
+        """The elicitation estimates the record lacks (`estimators`), on the untrained model."""
+        record = self.record
+        if record.elicitation is None or estimators:
             record.elicitation = {
                 **(record.elicitation or {}),
                 **elicit.elicitation(
-                    cfg, self.setting, model, tokenizer, self.examples, self.point.run_prompt, now
+                    self.cfg,
+                    self.setting,
+                    model,
+                    ctx.tokenizer,
+                    ctx.examples,
+                    self.point.run_prompt,
+                    estimators,
                 ),
             }
-            self.run_dir.save(record)
-        self._log_elicitation()
-        for e in sorted(record.epochs, key=int):  # epochs trained before but not yet on this W&B run
-            self._log_once(int(e), record.epochs[e], {})
-        self.epoch_start = time.time()
-        done = record.checkpoints()
-        finetune(
-            model, tokenizer, rows, cfg.train, self.run_dir.dir / "checkpoints", done, self._on_epoch_end
-        )
-        if self.engine == "vllm":
-            folder = engine.model_folder(cfg, self.run_dir.dir / "engine" / "model")
-            del model  # training's memory is released before the engine takes the accelerator
-            release(None)
-            self._evaluate_with_engine(folder)
-
-    def _missing_estimators(self) -> list[str]:
-        return [e for e in self.cfg.elicit.estimators if e not in (self.record.elicitation or {})]
-
-    def _log_elicitation(self) -> None:
-        self.tracker.summary(
-            {
-                f"elicitation/{est}/{k}": v[k]
-                for est, v in self.record.elicitation.items()
-                for k in ("estimate", "lo", "hi")
-                if k in v
-            }
-        )
+            ctx.save()
+        ctx.log_elicitation()
 
     def _training_examples(self) -> list[TrainExample]:
         """The run's training chats, its training prompt inserted (a mixed run's draws recorded)."""
@@ -275,207 +269,3 @@ class _Work:
                     len(texts),
                 )
         return train
-
-    def _evaluate_missing(self, model) -> None:
-        """Evaluations the record lacks for epochs it has: epoch 0 on the base model, trained epochs on
-        their saved adapters (e.g. a PTST point that reuses the control's run)."""
-        cfg, record = self.cfg, self.record
-        missing = record.missing_evals(
-            cfg.train.epochs, [t.name for t in self.point.test_prompts], cfg.eval.base
-        )
-        if 0 in missing:
-            for test_prompt in self._test_prompts(missing[0]):
-                result = elicit.base_eval(
-                    cfg, self.setting, model, self.tokenizer, self.examples, test_prompt
-                )
-                self._keep(0, test_prompt.name, {**result, "protocol": self._protocol("hf")})
-            self.run_dir.save(record)
-        for epoch in sorted(e for e in missing if e > 0 and str(e) in record.epochs):
-            self._evaluate_checkpoint(model, epoch, self._test_prompts(missing[epoch]))
-
-    def _test_prompts(self, names: list[str]) -> list:
-        return [t for t in self.point.test_prompts if t.name in names]
-
-    def _evaluate(self, model, test_prompt, adapter: str, step: int) -> dict:
-        result = evaluate(model, self.tokenizer, self.setting, self.examples, test_prompt, self.cfg.eval)
-        return {**result, "protocol": self._protocol("hf", adapter=adapter, step=step)}
-
-    def _protocol(
-        self, engine_name: str, version: str | None = None, adapter=None, step: int = 0, eval_cfg=None
-    ) -> dict:
-        """What made an evaluation: the engine, the decoding (`eval_cfg`, default cfg.eval), and the adapter
-        (None: the untrained model) and optimizer step it scored."""
-        import transformers
-
-        if adapter and Path(adapter).is_relative_to(self.run_dir.dir.parent):
-            # named from the sweep's runs/ folder: a moved or repeated sweep records the same protocol
-            adapter = str(Path(adapter).relative_to(self.run_dir.dir.parent))
-        scored = {"adapter": adapter, "step": step}
-        if self.setting.choices:
-            scored["decoding"] = "first-token choice among the setting's replies"
-        return protocol(
-            eval_cfg or self.cfg.eval,
-            self.tokenizer,
-            self.stop,
-            engine_name,
-            version or transformers.__version__,
-            models.numerics(self.cfg.model)["dtype"],
-            **scored,
-        )
-
-    def _evaluate_with_engine(self, folder: str) -> None:
-        """Every evaluation the record lacks, generated by one vLLM engine process; the adapter gate runs
-        on each model it has not checked before, and a failed check keeps no score."""
-        cfg, record = self.cfg, self.record
-        missing = record.missing_evals(
-            cfg.train.epochs, [t.name for t in self.point.test_prompts], cfg.eval.base
-        )
-        todo = []
-        for epoch, names in sorted(missing.items()):
-            for test_prompt in self._test_prompts(names):
-                hit = elicit.cached_base_eval(cfg, self.setting, test_prompt) if epoch == 0 else None
-                if hit:  # the untrained model under this decoding was evaluated before (any run)
-                    self._keep(0, test_prompt.name, hit)
-                else:
-                    todo.append((epoch, test_prompt))
-        pending = []  # the sampled estimator's generations on the untrained model, if the cache lacks them
-        if "sampled" in self._missing_estimators():
-            pending = elicit.sampled_requests(cfg, self.setting, self.examples, [self.point.run_prompt])
-            if elicit.decodes_as_eval(cfg, self.setting):  # epoch 0's evaluations serve it: not twice
-                epoch0 = {t.name for e, t in todo if e == 0}
-                pending = [(p, r) for p, r in pending if p.name not in epoch0]
-        if not todo and not pending:
-            self._complete_elicitation()
-            return
-        adapters = {e: record.epochs[str(e)].checkpoint if e else None for e, _ in todo}
-        if pending:
-            adapters[0] = None
-        ungated = {e: a for e, a in adapters.items() if str(e) not in record.engine_checks}
-        gate_chats = chats_for(self.setting, self.examples[: cfg.eval.vllm.gate_prompts], None)
-        requests = [
-            engine.Request(f"{e}/{t.name}", adapters[e], chats_for(self.setting, self.examples, t))
-            for e, t in todo
-        ]
-        requests += [r for _, r in pending]
-        if ungated:
-            requests += engine.gate_requests(gate_chats, ungated)
-        t = time.time()
-        version, texts, firsts = engine.generate(
-            cfg, self.tokenizer, self.stop, folder, requests, self.run_dir.dir / "engine"
-        )
-        record.add_timing(engine_s=time.time() - t)
-        if ungated:
-            checks = engine.gate(cfg, gate_chats, texts, firsts, ungated)
-            record.engine_checks = {**record.engine_checks, **{str(e): c for e, c in checks.items()}}
-            self.run_dir.save(record)
-            engine.require_passed(checks)
-        samples: dict[int, dict] = {}
-        for (epoch, test_prompt), request in zip(todo, requests):
-            result = score(self.setting, self.examples, request.chats, texts[request.key], test_prompt)
-            step = record.steps_before(epoch + 1) if epoch else 0
-            result["protocol"] = self._protocol("vllm", version, adapters[epoch], step)
-            if epoch == 0:
-                elicit.keep_base_eval(cfg, self.setting, test_prompt, result)
-            self._keep(epoch, test_prompt.name, result)
-            samples.setdefault(epoch, {})[test_prompt.name] = result["samples"]
-        self.run_dir.save(record)
-        elicit.keep_sampled(
-            cfg,
-            self.setting,
-            self.examples,
-            pending,
-            texts,
-            lambda d: self._protocol("vllm", version, eval_cfg=d),
-        )
-        self._complete_elicitation()  # after epoch 0's evaluations are cached: they may serve it
-        for e in record.trained_epochs():
-            self._log_once(e, record.epochs[str(e)], samples.get(e, {}))
-
-    def _complete_elicitation(self) -> None:
-        """The sampled estimator from the evaluations the engine cached (no model needed)."""
-        if "sampled" not in self._missing_estimators():
-            return
-        self.record.elicitation = {
-            **self.record.elicitation,
-            **elicit.elicitation(
-                self.cfg,
-                self.setting,
-                None,
-                self.tokenizer,
-                self.examples,
-                self.point.run_prompt,
-                ["sampled"],
-            ),
-        }
-        self.run_dir.save(self.record)
-        self._log_elicitation()
-
-    def _keep(self, epoch: int, test_prompt: str, result: dict) -> None:
-        self.run_dir.write_samples(epoch, test_prompt, result["samples"])
-        self.record.add_evaluation(epoch, test_prompt, Evaluation.of(result))
-
-    def _evaluate_checkpoint(self, base, epoch: int, test_prompts: list) -> None:
-        """Evaluate an epoch trained earlier (e.g. a PTST point on the control's run): its saved adapter put
-        onto the loaded base model, then taken off again (`unload`: the base's own layers back, untouched), so
-        no second copy of the base is loaded and training goes on from the model as loaded."""
-        import torch
-        from peft import PeftModel
-
-        checkpoint, step = self.record.epochs[str(epoch)].checkpoint, self.record.steps_before(epoch + 1)
-        full = self.cfg.train.method == "full"  # the checkpoint is a whole model: loaded beside the base
-        model = (
-            # in fp32, as training kept it (train.trainable) and evaluated it at the epoch's end
-            type(base).from_pretrained(checkpoint, dtype=torch.float32).to(base.device)
-            if full
-            else PeftModel.from_pretrained(base, checkpoint)
-        )
-        try:
-            for test_prompt in test_prompts:
-                self._keep(epoch, test_prompt.name, self._evaluate(model, test_prompt, checkpoint, step))
-        finally:
-            if not full:
-                model.unload()
-        self.run_dir.save(self.record)
-
-    def _on_epoch_end(self, ep, model) -> None:
-        train_s = time.time() - self.epoch_start
-        t = time.time()
-        evals, samples = {}, {}
-        # with vLLM, every epoch is evaluated after training, by one engine
-        for test_prompt in self.point.test_prompts if self.engine == "hf" else []:
-            step = self.record.steps_before(ep.epoch) + ep.steps
-            result = self._evaluate(model, test_prompt, ep.checkpoint, step)
-            self.run_dir.write_samples(ep.epoch, test_prompt.name, result["samples"])
-            evals[test_prompt.name], samples[test_prompt.name] = Evaluation.of(result), result["samples"]
-        entry = Epoch(
-            loss=ep.loss,
-            steps=ep.steps,
-            losses=ep.losses,
-            checkpoint=ep.checkpoint,
-            train_s=round(train_s, 2),
-            eval_s=round(time.time() - t, 2),
-            evals=evals,
-            # else unset: records as before
-            **({"micro_batch": ep.micro_batch} if ep.micro_batch else {}),
-            **({"resumed_from_step": ep.resumed_from_step} if ep.resumed_from_step else {}),
-        )
-        self.record.add_epoch(ep.epoch, entry)
-        self.run_dir.save(self.record)
-        if self.engine == "hf":
-            self._log_once(ep.epoch, entry, samples)
-        rates = entry.evals[prompts.NONE].metrics.items() if evals else []
-        log.info(
-            "epoch %d: loss %.3f, %s",
-            ep.epoch,
-            ep.loss,
-            ", ".join(f"{m}={r['rate']:.2f}" for m, r in rates if r["rate"] is not None),
-        )
-        self.epoch_start = time.time()
-
-    def _log_once(self, epoch: int, entry: Epoch, samples: dict) -> None:
-        """Log an epoch to the run's W&B run unless it already was (a resumed or extended run logs only
-        new epochs)."""
-        if epoch in self.record.wandb_logged_epochs or self.tracker.run is None or not entry.evals:
-            return  # (an epoch the vLLM engine has not evaluated yet is logged once it has)
-        self.tracker.log_epoch(epoch, entry.dump(), samples, self.record.steps_before(epoch))
-        self.record.mark_logged(epoch)

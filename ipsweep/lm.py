@@ -196,7 +196,9 @@ def decoding(cfg, stop: list[int], pad_token_id: int | None):
         do_sample=sample,
         temperature=cfg.temperature if sample else 1.0,
         top_p=cfg.top_p if sample else 1.0,
-        top_k=0,  # off (None would take transformers' default, 50)
+        # off when sampling (None would take transformers' default, 50); unset when greedy, which reads no
+        # top-k (a set one only draws transformers' "flag not valid" warning)
+        top_k=0 if sample else None,
         num_return_sequences=cfg.samples_per_prompt,
         pad_token_id=pad_token_id,
         eos_token_id=stop,

@@ -230,6 +230,18 @@ def load_options(model_cfg, device: str, dtype: str) -> dict:
     return out
 
 
+def free_accelerator() -> None:
+    """Give back what nothing references any more: Python's cycles (a model is self-referential once
+    accelerate wraps its forward), then the CUDA allocator's cache, so the next user of the GPU finds it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def device_info() -> dict:
     """The accelerator this process runs on, for the run record (the signature holds only the kind)."""
     import torch

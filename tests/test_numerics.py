@@ -53,6 +53,15 @@ def test_an_fp32_run_computes_in_fp32(make_cfg, tmp_path):
     assert _autocast_seen(make_cfg, tmp_path, torch.float32) == {(False, None, torch.float32)}
 
 
+def test_tf32_applies_to_a_gpus_fp32_compute_only_where_allowed():
+    from ipsweep.train import precision
+
+    assert precision(torch.float32, "cuda", tf32=True) == {"bf16": False, "fp16": False, "tf32": True}
+    assert precision(torch.float32, "cuda")["tf32"] is False
+    assert precision(torch.float16, "cuda") == {"bf16": False, "fp16": True, "tf32": False}
+    assert precision(torch.float32, "cpu", tf32=True)["tf32"] is None  # TrainingArguments refuses it on a CPU
+
+
 def test_numerics_that_cannot_train_are_refused_before_any_job(make_cfg):
     problems = validate._loading_problems(make_cfg("model.dtype=fp16", "model.device=cpu"))
     assert any("without a loss scaler" in p and "model.dtype=bf16" in p for p in problems)
