@@ -140,7 +140,8 @@ def layer_bytes_per_token(s: Shape, lora_r: int, dtype_bytes: int) -> float:
     mlp = bool(s.lora_targets & {*MLP_IN, *MLP_OUT})
     # in bf16, the norms and the (fp32) adapters keep these in fp32; a full fine-tune (rank 0: no adapters)
     # computes from fp32 master weights under autocast, so its residual stream stays fp32: the two norms keep
-    # their fp32 inputs and outputs (measured 18.2-18.4·h bytes per token on 4 shapes, tests/test_memory.py)
+    # their fp32 inputs and outputs (measured 18.2-18.4·h bytes per token on 4 shapes; tests/test_memory.py
+    # checks 3)
     adapters = 18 * s.hidden + mlp * (7 * s.hidden + 2 * s.intermediate) if lora_r else 18 * s.hidden
     fp32_extra = adapters if dtype_bytes == 2 else 0
     return elements * dtype_bytes + fp32_extra
