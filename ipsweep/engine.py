@@ -95,6 +95,18 @@ def lora_rank(cfg) -> int:
     return cfg.eval.vllm.max_lora_rank or next(r for r in VLLM_LORA_RANKS if r >= cfg.train.lora.r)
 
 
+def prompt_ids(tokenizer, chats: list[list[dict]]) -> list[list[int]]:
+    """Each chat's prompt tokens as both engines see them: the chat template with the generation prompt,
+    tokenized as it stands (the template holds the special tokens)."""
+    return [
+        tokenizer(
+            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for c in chats
+    ]
+
+
 def item_seeds(seed: int, n: int) -> list[int]:
     """A sampling seed per item, from eval.seed and the item's position: items draw independent samples, and
     an item draws the same ones under every condition and adapter (common random numbers)."""
@@ -106,16 +118,7 @@ def generate(cfg, tokenizer, stop: list[int], folder: str, requests: list[Reques
     {key: per chat, the first sample: {"token_ids", "logprob" (summed; with Request.logprobs)}}). Raises
     EngineFailed, naming the log, if the engine does not start or does not finish."""
     e = cfg.eval
-    encode = [
-        [
-            tokenizer(
-                tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-                add_special_tokens=False,
-            )["input_ids"]
-            for c in r.chats
-        ]
-        for r in requests
-    ]
+    encode = [prompt_ids(tokenizer, r.chats) for r in requests]
     longest = max((len(ids) for prompts in encode for ids in prompts), default=1)
 
     def job(r: Request, ids: list[list[int]]) -> dict:
@@ -211,20 +214,14 @@ def gate(cfg, gate_chats, vllm_texts: dict, vllm_firsts: dict, adapters: dict[in
 
     v = cfg.eval.vllm
     base, tokenizer = models.load(cfg.model)
-    prompts = [
-        tokenizer(
-            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-            add_special_tokens=False,
-        )["input_ids"]
-        for c in gate_chats
-    ]
+    prompts = prompt_ids(tokenizer, gate_chats)  # the prompt tokens vLLM generated from
     base_texts = vllm_texts["gate/0"]
     base_lp = [s["logprob"] for s in vllm_firsts["gate/0"]]
     checks = {}
     for epoch, adapter in sorted(adapters.items()):
         model = PeftModel.from_pretrained(base, adapter) if adapter else base
         replies = [s["token_ids"][: v.gate_tokens] for s in vllm_firsts[f"gate/{epoch}"]]
-        per_token = lm.token_ranks(model, prompts, replies)
+        per_token = lm.token_ranks(model, tokenizer, prompts, replies)
         follows = [all(rank < v.gate_top_k and gap <= v.gate_max_gap for gap, rank in t) for t in per_token]
         gaps = [gap for t in per_token for gap, _ in t]
         ours = vllm_texts[f"gate/{epoch}"]

@@ -152,28 +152,25 @@ def reply_logprobs(
 
 
 @torch.no_grad()
-def token_ranks(model, prompts: list[list[int]], replies: list[list[int]], batch_size: int = 8) -> list:
+def token_ranks(
+    model, tokenizer, prompts: list[list[int]], replies: list[list[int]], batch_size: int = 8
+) -> list:
     """Teacher-forced on each reply's token ids after its prompt's: per reply token, (its log-prob gap below
     the model's most likely token there, its rank among the model's tokens: 0 = the greedy choice)."""
     rows = [
         {"input_ids": p + r, "attention_mask": [1] * (len(p) + len(r)), "labels": [IGNORE] * len(p) + r}
         for p, r in zip(prompts, replies)
     ]
+    pad = collator(tokenizer)  # the same batching as training and reply_logprobs
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(r["input_ids"]) for r in chunk)
-
-        def padded(key, value, chunk=chunk, width=width):  # right padding
-            return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in chunk], device=device)
-
-        ids, mask = padded("input_ids", 0), padded("attention_mask", 0)
-        target = padded("labels", IGNORE)[:, 1:]
+        batch = pad(rows[start : start + batch_size]).to(device)
+        target = batch["labels"][:, 1:]
         keep = target != IGNORE
-        lp = torch.log_softmax(label_logits(model, ids, mask, keep), dim=-1)
+        lp = torch.log_softmax(label_logits(model, batch["input_ids"], batch["attention_mask"], keep), dim=-1)
         chosen = lp.gather(-1, target[keep].to(lp.device).unsqueeze(-1))
         gaps, ranks = (lp.max(-1).values - chosen.squeeze(-1)).tolist(), (lp > chosen).sum(-1).tolist()
         for n in keep.sum(1).tolist():
