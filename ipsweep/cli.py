@@ -24,7 +24,11 @@ def _analyze(args) -> None:
     from ipsweep.tracking import log_analysis
 
     result = analyze(
-        args.sweep_dir, args.out, skip_damaged=args.skip_damaged, elicitation_from=args.elicitation
+        args.sweep_dir,
+        args.out,
+        skip_damaged=args.skip_damaged,
+        elicitation_from=args.elicitation,
+        compare=args.compare,
     )
 
     print(report.summary(result.tables))
@@ -351,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="CSV",
         help="take elicitation estimates from `ipsweep screen` tables (elicitation.csv) instead of the runs",
+    )
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="CONTRAST",
+        help="a paired contrast of a design's arms' effects, e.g. 'ip:a - ip:b' or a 2x2's interaction "
+        "'ip:a - ip:b - ip:c + ip:d' (repeatable); leak tests and research axes are compared by default",
     )
     p.add_argument(
         "--skip-damaged",

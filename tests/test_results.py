@@ -33,6 +33,7 @@ def test_a_number_the_prose_cites_must_be_in_its_sections_tables(tmp_path):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+@pytest.mark.heavy
 def test_committed_csvs_are_what_analyze_makes_of_the_committed_records(experiment, tmp_path):
     analyze(experiment, tmp_path)
     for name in (
@@ -44,6 +45,7 @@ def test_committed_csvs_are_what_analyze_makes_of_the_committed_records(experime
         "power",
         "frontier",
         "leaks",
+        "comparisons",
         "capability_by_behaviour",
     ):
         committed, fresh = (_read(d / f"{name}.csv") for d in (experiment / "analysis", tmp_path))
@@ -56,6 +58,7 @@ SCREENED = [e for e in EXPERIMENTS if list((e / "screen").glob("*.csv"))]
 
 
 @pytest.mark.parametrize("experiment", SCREENED, ids=[p.name for p in SCREENED])
+@pytest.mark.heavy
 def test_committed_screened_analysis_is_what_analyze_makes_with_the_committed_screen(experiment, tmp_path):
     """docs/results/<name>/analysis_screened/: the same runs with the elicitation estimates of the committed
     `ipsweep screen` table(s) in docs/results/<name>/screen/ (ipsweep analyze ... --elicitation)."""

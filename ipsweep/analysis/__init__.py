@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from ipsweep import plan, store
-from ipsweep.analysis import frames, plots, prediction, report, tables
+from ipsweep.analysis import comparisons, frames, plots, prediction, report, tables
 from ipsweep.config import ESTIMATORS
 from ipsweep.errors import ConfigError
 
@@ -75,9 +75,10 @@ def build_tables(
     sources: str,
     screened: pd.DataFrame | None = None,
     declared: list[dict] = (),
+    compare: list[str] = (),
 ) -> dict[str, pd.DataFrame]:
     """Every table of an analysis, by name. `screened`: elicitation estimates replacing the recorded ones;
-    `declared`: the sweeps' primary tests (_declared)."""
+    `declared`: the sweeps' primary tests (_declared); `compare`: contrasts of arms (comparisons.parse)."""
     its, arms = frames.item_outcomes(records), frames.arm_evaluations(records)
     if its.empty:
         raise ConfigError(
@@ -100,6 +101,7 @@ def build_tables(
         "conditions": conditions,
         "groups": tables.condition_table(arms, its, by=("eval_set", "group")),
         "effects": effects,
+        "comparisons": comparisons.comparison_table(its, arms, compare),
         "effects_per_seed": per_seed,
         "elicitation": elicitation,
         "correlations": correlations,
@@ -133,11 +135,13 @@ def analyze(
     n_permutations: int = 9999,
     skip_damaged: bool = False,
     elicitation_from: list | None = None,
+    compare: list[str] = (),
 ) -> Analysis:
     """Write the tables (CSV), plots and report.md of one or several sweeps.
 
     Several sweep dirs (e.g. one per setting) are analysed together: the pooled correlation then spans them.
-    elicitation_from: `ipsweep screen` tables whose estimates replace those the runs recorded."""
+    elicitation_from: `ipsweep screen` tables whose estimates replace those the runs recorded.
+    compare: contrasts of arms to compute besides the default comparisons (comparisons.parse)."""
     dirs = [Path(d) for d in (sweep_dirs if isinstance(sweep_dirs, (list, tuple)) else [sweep_dirs])]
     if len(dirs) > 1 and out_dir is None:
         raise ConfigError("several sweep dirs need one output folder; fix: add --out <folder>")
@@ -147,7 +151,12 @@ def analyze(
     if elicitation_from is None and frozen:  # the sweep declared its prediction: use those estimates
         elicitation_from = frozen
     screened = frames.screened_elicitation(elicitation_from, records) if elicitation_from else None
-    t = build_tables(records, n_permutations, sources, screened, declared)
+    for text in compare:
+        try:
+            comparisons.parse(text)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    t = build_tables(records, n_permutations, sources, screened, declared, list(compare))
     out = Path(out_dir or dirs[0] / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     for name, table in t.items():
