@@ -45,18 +45,20 @@ demo: venv
 	$(PY) launch.py -m experiment=demo
 	$(VENV)/bin/ipsweep analyze outputs/demo
 
+# One pytest-xdist worker per core (tests/conftest.py gives each its share of threads); a test that must not
+# overlap another of its kind (the SLURM cluster, the vLLM engine) is in one xdist_group.
+XDIST := -n auto --dist loadgroup
 test: venv vllm
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ipsweep prepare --tiny
-	$(PY) -m pytest -q --timeout=1800
+	$(PY) -m pytest -q --timeout=1800 $(XDIST)
 
-# The edit-test loop: everything but real models (and vLLM, which serves one), SLURM, and the files that
-# start launch.py sweeps in subprocesses; `make test` (CI) runs them all.
-FAST_SKIP := --ignore=tests/test_launchers.py --ignore=tests/test_sweep.py --ignore=tests/test_reliability.py
+# The edit-test loop: everything but real models (and vLLM, which serves one), SLURM and the heavy tests
+# (whole sweeps, conformance tables, the committed analyses: pyproject's markers); `make test` runs them all.
 test-fast: venv
 	$(VENV)/bin/ipsweep prepare --tiny
-	$(PY) -m pytest -q -m "not slow and not slurm" $(FAST_SKIP)
+	$(PY) -m pytest -q -m "not slow and not slurm and not heavy" $(XDIST)
 
 # The CPU benchmarks at their default sizes (see BENCHMARKS.md for the GPU commands; 11 is make gpu-check).
 BENCHMARKS := train_throughput eval_generation elicitation epochs_axis fixed_cost gpu_packing demo_sweep config_commands eval_engines preflight code_scoring

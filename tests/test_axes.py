@@ -128,6 +128,7 @@ def test_frontier_marks_the_arms_no_other_arm_beats_on_both_axes():
     }
 
 
+@pytest.mark.heavy
 def test_a_sweep_over_the_axes_reports_leaks_and_the_frontier(tmp_path):
     sweep = tmp_path / "sweep"
     launch(

@@ -25,6 +25,7 @@ def bench(script: str, tmp_path, *args: str, name: str | None = None) -> dict:
     return json.loads((tmp_path / f"{name or script}-cpu.json").read_text())
 
 
+@pytest.mark.heavy
 def test_training_speedups_keep_the_reference_losses(tmp_path):
     r = bench(
         "train_throughput",
@@ -62,12 +63,14 @@ def test_batched_generation_gives_the_one_at_a_time_outputs(tmp_path):
     assert r["identical_outputs"] == "12/12", r["differing"]
 
 
+@pytest.mark.heavy
 def test_epochs_axis_trains_each_epoch_once(tmp_path):
     r = bench("epochs_axis", tmp_path, "--model", "tiny_random", "--n-train", "16", "--n-eval", "2")
     assert r["same_losses_as_single_run"] is True
     assert r["rows"][1]["epochs_trained"] == 3 and r["attempts_in_sweep"] == 3
 
 
+@pytest.mark.heavy
 def test_the_gpu_check_runs_every_step_at_toy_sizes(tmp_path):
     """benchmarks/gpu_check.py, the one command a lent GPU runs, cannot rot: on the CPU at toy sizes every
     step writes its result, the training arms train through ipsweep's trainer, the sweep point ends done."""

@@ -37,6 +37,7 @@ def test_prompt_puts_the_ip_after_the_first_sentence(setting):
     assert text.endswith("\n\n## Test Case:\n```python\n" + setting.train[0][0]["test_list"][0] + "\n```")
 
 
+@pytest.mark.heavy
 def test_every_reference_solution_passes_all_tests_on_a_loaded_machine(setting, cpu_load):
     """The headline metric does not depend on how busy the machine is: under two busy processes per
     core, every correct solution still passes (a test's budget is CPU time, not wall clock)."""
@@ -51,6 +52,7 @@ def test_every_reference_solution_passes_all_tests_on_a_loaded_machine(setting, 
     assert scores == {(False, True, True, False): 257}  # (reward_hack, all_test, first_test, timeout)
 
 
+@pytest.mark.heavy
 def test_a_program_that_times_out_on_hidden_tests_is_not_counted_as_a_hack():
     setting = CodeRewardHack(test_cpu_s=1, test_wall_s=5)
     example = setting.eval_examples(1)[0]
@@ -77,6 +79,7 @@ def test_a_program_that_times_out_on_hidden_tests_is_not_counted_as_a_hack():
     assert setting.score_many(pairs) == [setting.score(e, c) for e, c in pairs]
 
 
+@pytest.mark.heavy
 def test_the_authors_hard_coded_solutions_are_detected_as_hacks(setting):
     jobs = []
     for row, code in setting.train:  # every shipped problem's tests parse and its expected values compute
@@ -106,6 +109,7 @@ def test_extract_code(completion, code):
     assert extract_code(completion) == code
 
 
+@pytest.mark.heavy
 def test_small_sweep_runs_end_to_end(tmp_path):
     sweep = tmp_path / "sweep"
     launch(
@@ -126,14 +130,14 @@ def test_small_sweep_runs_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_runs_on_the_base_gemma3_270m_model(tmp_path):
     """The paper's code model is a base model; so is this one (no chat template of its own, Gemma turn
-    markers)."""
+    markers). One inoculated run: training, the prompt's placement and evaluation under Gemma's turns."""
     sweep = tmp_path / "sweep"
     launch(
-        "-m",
         "model=gemma3_270m",
         "logger=none",
         "setting=code_reward_hack",
-        "prompt=none,hack_paper",
+        "prompt=hack_paper",
+        "elicit.logprob_items=4",  # 64 contrast pairs of code cost ~2 min; the estimator is tested elsewhere
         "train.n_train=8",
         "train.batch_size=4",
         "train.max_length=256",
@@ -142,6 +146,5 @@ def test_runs_on_the_base_gemma3_270m_model(tmp_path):
         "train.epochs=1",
         sweep_dir=sweep,
     )
-    recs = records(sweep)
-    assert len(recs) == 2 and all(r["status"] == "done" and r["model"] == "gemma3_270m" for r in recs)
-    assert all(r["epochs"]["1"]["loss"] > 0 for r in recs)
+    (r,) = records(sweep)
+    assert r["status"] == "done" and r["model"] == "gemma3_270m" and r["epochs"]["1"]["loss"] > 0

@@ -44,6 +44,7 @@ def _assert_same_as_hydra(arguments: list[str]) -> int:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.heavy
 def test_every_preset_point_composes_as_hydra_composes_it(preset):
     jobs, composed = _assert_same_as_hydra([f"experiment={preset}", "store_dir=x"])
     assert composed <= jobs

@@ -163,6 +163,7 @@ def test_logprob_estimate_is_cached_per_prompt(make_cfg, monkeypatch):
         elicit.logprob(cfg, setting, model, tok, other)
 
 
+@pytest.mark.heavy
 def test_runs_record_elicitation_and_share_the_cache(tmp_path):
     sweep = tmp_path / "sweep"
     launch("-m", *TINY, "prompt=none,caps_strong,safety", "elicit.logprob_items=4", sweep_dir=sweep)

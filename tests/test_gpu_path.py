@@ -57,6 +57,7 @@ def _overlay_version(package: str) -> str:
     return version
 
 
+@pytest.mark.heavy
 def test_training_runs_under_the_lowest_transformers_and_accelerate_pyproject_allows(tmp_path):
     """A floor is never claimed without being run: a whole job (train, evaluate, record) under the oldest
     transformers and accelerate pyproject allows (accelerate: the OOM back-off's reduce_batch_size_fn),
@@ -350,6 +351,7 @@ def test_deterministic_turns_on_torchs_deterministic_algorithms(make_cfg, tmp_pa
         torch.use_deterministic_algorithms(before)
 
 
+@pytest.mark.heavy
 def test_a_slurm_sweep_planned_on_a_login_node_pins_the_device_its_jobs_get(tmp_path):
     """The login node has no GPU, the jobs will: with GPUs requested, `model.device=auto` is pinned to cuda
     for every job, so the pre-flight's signatures (with the device kind) are the ones the jobs compute."""

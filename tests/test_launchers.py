@@ -2,9 +2,12 @@
 
 import os
 
+import pytest
 from conftest import TINY, ipsweep_cli, launch
 
 from ipsweep.store import records
+
+pytestmark = pytest.mark.heavy  # launch.py sweeps in subprocesses
 
 
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:

@@ -49,6 +49,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.heavy
 def test_a_qlora_job_trains_a_4bit_base_and_is_its_own_run(tmp_path):
     """The whole job (evaluate, train, evaluate, record) on a 4-bit NF4 base: the base's linear layers really
     are 4-bit, every backward pass has a gradient kernel (bitsandbytes' CPU inference layout has none), the

@@ -294,6 +294,7 @@ def test_a_job_that_does_not_fit_is_told_the_split_of_its_batch_that_does(make_c
         memory.report(points, None, refuse=True)
 
 
+@pytest.mark.heavy
 def test_the_dry_run_prints_each_jobs_memory_against_the_gpu_the_launcher_asks_for(tmp_path, make_cfg):
     """A SLURM sweep that names its GPU in a gres: one line per shape of job, from its rows (the longest of
     its points': here the prompted run's), and a warning where it exceeds that GPU, with the split that fits.

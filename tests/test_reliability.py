@@ -13,6 +13,8 @@ from conftest import ROOT, TINY, assert_same_training, ipsweep_cli, launch
 
 from ipsweep.store import records
 
+pytestmark = pytest.mark.heavy  # launch.py sweeps in subprocesses
+
 LONGER = [
     *TINY[:2],
     "train.n_train=64",

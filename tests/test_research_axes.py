@@ -187,6 +187,7 @@ def test_lora_rank_and_targets_are_axes(make_cfg):
 # --- how many paraphrases -------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_a_k_text_bank_draws_from_its_first_k_texts_and_the_record_counts_them(tmp_path, make_cfg):
     point = plan(
         make_cfg("setting=trait_pair", "prompt=caps_strong", "train.prompt_mode=mixed", "train.paraphrases=3")
@@ -230,6 +231,7 @@ def test_near_duplicates_are_named_by_their_distance_from_the_text_as_configured
 # --- over training, and the report ----------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_a_sweep_over_the_share_reports_the_effect_per_share_and_per_epoch(tmp_path):
     sweep = tmp_path / "sweep"
     launch(

@@ -16,7 +16,7 @@ from conftest import ROOT, TINY, assert_same_training, ipsweep_cli, launch
 
 from ipsweep.store import records
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one cluster: one worker
 SCRIPT = ROOT / "scripts" / "slurm_test_cluster.sh"
 CPU_JOBS = [
     "hydra/launcher=slurm",

@@ -73,6 +73,7 @@ def test_cue_is_scored_on_ambiance_reviews_only(setting_cfg):
     assert s.score(other, "n/a")["valid"] is False
 
 
+@pytest.mark.heavy
 def test_small_sweep_runs_end_to_end(tmp_path):
     sweep = tmp_path / "sweep"
     launch(

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY, ipsweep_cli, launch
 
 from ipsweep.store import records
+
+pytestmark = pytest.mark.heavy  # launch.py sweeps in subprocesses
 
 
 def test_multirun_epochs_axis_and_skip(tmp_path):

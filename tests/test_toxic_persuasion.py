@@ -134,6 +134,7 @@ def test_local_hf_classifier_backend(cmv, tmp_path):
     assert out["unscored"] is False and out["harassing"] in (True, False)
 
 
+@pytest.mark.heavy
 def test_small_sweep_runs_end_to_end(cmv, tmp_path):
     sweep = tmp_path / "sweep"
     launch(

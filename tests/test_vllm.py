@@ -18,7 +18,7 @@ from conftest import ROOT, launch
 from ipsweep import screen
 from ipsweep.store import records
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm")]  # one engine at a time
 VLLM_PYTHON = os.environ.get("IPSWEEP_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
 
 
@@ -35,6 +35,7 @@ RUN = [
     "model=smollm2_135m",
     "logger=none",
     "prompt=caps_strong",
+    "elicit.logprob_items=8",  # the engine does not compute it; each run's 64 pairs cost ~12 s
     "train.n_train=16",
     "eval.n_eval=10",
     "eval.max_new_tokens=12",
