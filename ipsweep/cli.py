@@ -327,7 +327,16 @@ def _results(args) -> None:
                 f"{'; '.join(unsourced)}; fix: cite a generated table's value, or mark a figure from the "
                 "literature with <!-- literature --> ... <!-- /literature -->"
             )
-        print("RESULTS.md agrees with the committed CSVs, and its prose cites only their numbers")
+        misread = results.verdict_problems()
+        if misread:
+            raise ConfigError(
+                f"RESULTS.md's prose reads {len(misread)} conclusion(s) the numbers do not give:\n  "
+                + "\n  ".join(misread)
+            )
+        print(
+            "RESULTS.md agrees with the committed CSVs, its prose cites only their numbers, and draws no "
+            "conclusion from overlapping intervals or an interval that includes 0"
+        )
         return
     print(f"RESULTS.md: {results.update()} tables regenerated from {results.RESULTS_DIR}")
 

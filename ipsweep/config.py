@@ -203,6 +203,9 @@ class PrimaryTest:
     # an `ipsweep screen` table (elicitation.csv) whose estimates are the prediction: copied into the sweep
     # dir and hashed when declared, so the analysis can tell whether the prediction preceded the training
     screen: str | None = None
+    # a prediction launches only from a clean git tree that holds its screen table (the manifest records the
+    # commit); false: run it unattested, as every table that shows it then says
+    attest: bool = True
 
 
 @dataclass
@@ -231,6 +234,9 @@ class Config:
     name: str = MISSING  # sweep name: outputs go to outputs/<name>, W&B group = name
     store_dir: str = MISSING  # where run records live (the sweep dir)
     primary: PrimaryTest = field(default_factory=PrimaryTest)  # the declared primary test, if any
+    # paired contrasts of arms the analysis computes besides its default comparisons, e.g. a 2x2's
+    # interaction "ip:a - ip:b - ip:c + ip:d" (ipsweep/analysis/comparisons.py); kept in the manifest
+    compare: list[str] = field(default_factory=list)
 
 
 def register() -> None:

@@ -54,6 +54,7 @@ DEFAULTS = {"setting.flawed_share": 1.0, "train.method": "lora", "train.tf32": F
 EXCLUDED = (
     "logger",
     "primary",
+    "compare",
     "name",
     "store_dir",
     "prompt",

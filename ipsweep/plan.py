@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -189,11 +190,57 @@ def primary_test(points: list[dict]) -> dict | None:
     return test if test and test["estimator"] else None
 
 
+def attestation(screen: str | None) -> dict:
+    """What git can attest of a declaration made now: the commit checked out where the screen table lives
+    (else in the working directory), its time, and whether the tree is that commit (`attested`: no tracked
+    file changed, the screen table committed; `why_not` otherwise). A prediction attested this way was in a
+    commit older than every run of its sweep: anyone can check the commit's date and contents."""
+    where = Path(screen).resolve().parent if screen else Path.cwd()
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode:
+        return {"attested": False, "why_not": f"{where} is not in a git repository"}
+    out = {
+        "commit": head.stdout.strip(),
+        "commit_time": git("show", "-s", "--format=%cI", "HEAD").stdout.strip(),
+    }
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()]
+    why = None
+    if screen and git("ls-files", "--error-unmatch", str(Path(screen).resolve())).returncode:
+        why = f"the screen table {screen} is not committed"
+    elif changed:
+        names = ", ".join(changed[:3])
+        why = f"{len(changed)} tracked file(s) differ from commit {out['commit'][:12]}: {names}"
+    return {**out, "attested": why is None, **({"why_not": why} if why else {})}
+
+
+def refuse_unattested(test: dict | None) -> None:
+    """A declared prediction (primary.screen) launches only from a clean git tree that holds it, unless
+    primary.attest=false says to run it unattested (every table that shows it says so)."""
+    if not test or not test.get("screen") or not test.get("attest", True):
+        return
+    a = attestation(test["screen"])
+    if not a["attested"]:
+        raise ConfigError(
+            f"the declared prediction (primary.screen={test['screen']}) cannot be attested by git: "
+            f"{a['why_not']}; fix: commit the screen table and the config it was made with (git add ...; git "
+            "commit) and launch again, or set primary.attest=false to run it unattested"
+        )
+
+
+def _same_test(a: dict, b: dict) -> bool:
+    """Equal declarations; `attest` (added later) is how it was recorded, not what was declared."""
+    return {k: v for k, v in a.items() if k != "attest"} == {k: v for k, v in b.items() if k != "attest"}
+
+
 def _declare(old: dict | None, test: dict | None, sweep_dir: Path) -> dict | None:
     """The manifest's primary test: declared once, with the time and how many run records the sweep dir
     already held (0: declared before any training, i.e. pre-registered). Changing it after runs exist is
     refused: choosing the test after seeing results is what declaring it prevents."""
-    if test is None or (old and old["test"] == test):
+    if test is None or (old and _same_test(old["test"], test)):
         return old
     runs = len(list(Path(sweep_dir).glob("runs/*/record.json")))
     if old and runs:
@@ -202,7 +249,12 @@ def _declare(old: dict | None, test: dict | None, sweep_dir: Path) -> dict | Non
             f"exist; primary={test} would change it after the fact; fix: keep the declared test, or start a "
             "new sweep dir (name=...) for a new primary test"
         )
-    declared = {"test": test, "declared": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs_before": runs}
+    declared = {
+        "test": test,
+        "declared": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "runs_before": runs,
+        **attestation(test.get("screen")),
+    }
     if test.get("screen"):  # the prediction: a frozen copy of the screen table, and its hash
         frozen = Path(sweep_dir) / PREDICTION
         shutil.copyfile(test["screen"], frozen)
@@ -210,9 +262,17 @@ def _declare(old: dict | None, test: dict | None, sweep_dir: Path) -> dict | Non
     return declared
 
 
-def write_manifest(sweep_dir: str | Path, points: list[dict], primary: dict | None = None) -> Path:
-    """Add these points to the sweep's manifest (a rerun or an extended sweep keeps the earlier ones), and
-    the primary test the sweep declares (`primary`, see _declare)."""
+def comparisons(points: list[dict]) -> list[str]:
+    """The contrasts of arms the sweep's points ask the analysis for (`compare`), each once, in order."""
+    return list(dict.fromkeys(c for p in points for c in p["config"].get("compare", [])))
+
+
+def write_manifest(
+    sweep_dir: str | Path, points: list[dict], primary: dict | None = None, compare: list[str] = ()
+) -> Path:
+    """Add these points to the sweep's manifest (a rerun or an extended sweep keeps the earlier ones), the
+    primary test the sweep declares (`primary`, see _declare), and the contrasts its analysis computes
+    (`compare`, added to the earlier ones)."""
     path = Path(sweep_dir) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -233,15 +293,23 @@ def write_manifest(sweep_dir: str | Path, points: list[dict], primary: dict | No
                 p["num"] = max(taken) + 1
             taken.add(p["num"])
             keyed[key(p)] = {**keyed.get(key(p), {}), **p}
+        together = list(dict.fromkeys([*old.get("compare", []), *compare]))
         cache.atomic_write_json(
             path,
             {
                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **({"primary": declared} if declared else {}),
+                **({"compare": together} if together else {}),
                 "points": list(keyed.values()),
             },
         )
     return path
+
+
+def read_comparisons(sweep_dir: str | Path) -> list[str]:
+    """The contrasts of arms the sweep's manifest asks the analysis for."""
+    data = cache.read_json(Path(sweep_dir) / MANIFEST)
+    return list(data.get("compare", [])) if data else []
 
 
 def read_primary(sweep_dir: str | Path) -> dict | None:

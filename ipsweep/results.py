@@ -109,3 +109,52 @@ def unsourced_numbers(path: Path = RESULTS_MD) -> list[str]:
         title = section.splitlines()[0].lstrip("# ")[:60]
         out += [f"{title}: {x}" for x in NUMBER.findall(prose) if abs(float(x)) not in held]
     return out
+
+
+# Words that draw a conclusion, and what the prose must do instead (a comparison's words are generated:
+# comparisons.csv's verdicts, ipsweep/analysis/comparisons.py).
+READINGS = {
+    re.compile(r"\boverlap", re.I): "two intervals overlapping is not a comparison; cite the paired "
+    "comparison's verdict (comparisons.csv)",
+    re.compile(r"\bdo(es)? not differ\b", re.I): "say 'no difference detected' with the smallest detectable "
+    "difference (comparisons.csv)",
+    # ('a test of no effect' names the null hypothesis)
+    re.compile(r"(?<!of )\bno (difference|effect)\b(?!( was| is)? detected)", re.I): "say 'no ... detected' "
+    "(an interval that includes 0 does not show there is none)",
+}
+INTERVAL = re.compile(r"\[(-?\d+\.\d+), (-?\d+\.\d+)\]")
+ZERO_CLAIM = re.compile(r"\b(excludes|include[sd]?) 0\b")
+WINDOW = 50  # characters before a claim about 0 that its interval is cited in
+
+
+def _sentences(prose: str) -> list[str]:
+    return re.split(r"(?<=[.;:!?])\s+(?=[A-Z*(])|\n\s*\n|\n- ", prose)
+
+
+def verdict_problems(path: Path = RESULTS_MD) -> list[str]:
+    """Prose (outside generated tables, literature, code) that reads a conclusion the numbers do not give:
+    a word of READINGS, or 'excludes 0' / 'includes 0' right after an interval (WINDOW) that says
+    otherwise. As 'section: problem: the sentence'."""
+    out = []
+    for section in re.split(r"\n(?=## )", path.read_text()):
+        title = section.splitlines()[0].lstrip("# ")[:60]
+        prose = section
+        for pattern in NOT_PROSE:
+            prose = pattern.sub(" ", prose)
+        for sentence in _sentences(prose):
+            said = " ".join(sentence.split())
+            for word, fix in READINGS.items():
+                if word.search(said):
+                    out.append(f"{title}: {fix}: '{said[:160]}'")
+            for claim in ZERO_CLAIM.finditer(said):
+                before = INTERVAL.findall(said[max(claim.start() - WINDOW, 0) : claim.start()])
+                if not before:
+                    continue
+                lo, hi = map(float, before[-1])
+                excludes = lo > 0 or hi < 0
+                if excludes != (claim.group(1) == "excludes"):
+                    out.append(
+                        f"{title}: '{claim.group(0)}' after [{lo:.2f}, {hi:.2f}], which "
+                        f"{'excludes' if excludes else 'includes'} 0: '{said[:160]}'"
+                    )
+    return out

@@ -18,7 +18,7 @@ from typing import get_type_hints
 
 from omegaconf import OmegaConf
 
-from ipsweep import models, prompts
+from ipsweep import contrast, models, prompts
 from ipsweep.config import (
     ATTN_IMPLEMENTATIONS,
     DEVICES,
@@ -302,6 +302,11 @@ def _problems(cfg) -> list[str]:
             "train.max_cut_share=0.01"
         )
     out += _primary_problems(cfg)
+    for text in cfg.get("compare") or []:
+        try:
+            contrast.parse(text)
+        except ValueError as e:
+            out.append(f"compare: {e}")
     unknown = sorted(set(cfg.elicit.estimators) - set(ESTIMATORS))
     if unknown:
         out.append(

@@ -2,6 +2,7 @@
 
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from ipsweep.errors import ConfigError
 from ipsweep.evaluate import rate
 from ipsweep.record import Record
 from ipsweep.store import Run
+from ipsweep.validate import check_values
 
 ITEMS = [f"q{i}" for i in range(10)]
 
@@ -490,3 +492,53 @@ def test_the_presets_the_correlation_note_names_sweep_enough_prompts_of_their_se
         assert {"override /setting": setting} in cfg["defaults"], preset
         prompts = str(cfg["hydra"]["sweeper"]["params"]["prompt"]).split(",")
         assert len(set(prompts) - {"none", "safety"}) >= report.MIN_PROMPTS, preset
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_a_prediction_is_attested_by_the_commit_it_was_declared_from(tmp_path, monkeypatch):
+    """primary.screen: declared from a clean git tree that holds the screen table, the manifest records the
+    commit and the analysis shows it; a changed tracked file or an uncommitted screen table refuses the launch
+    with the fix, unless primary.attest=false runs it unattested (and the table says why)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _git(repo, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "start")
+    screen = repo / "elicitation.csv"
+    screen.write_text("setting,prompt\n")
+    test = {"estimator": "logprob", "prompts": "ip_style", "statistic": "spearman", "epoch": 1}
+    with pytest.raises(ConfigError, match="elicitation.csv is not committed; fix: commit the screen table"):
+        plan.refuse_unattested({**test, "screen": str(screen)})
+    plan.refuse_unattested({**test, "screen": str(screen), "attest": False})  # unattested, on purpose
+    _git(repo, "add", "elicitation.csv")
+    _git(repo, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "prediction")
+    plan.refuse_unattested({**test, "screen": str(screen)})
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    declared = plan.attestation(str(screen))
+    assert declared["attested"] and declared["commit"] == head.stdout.strip() and declared["commit_time"]
+    (repo / "elicitation.csv").write_text("setting,prompt\nedited\n")
+    with pytest.raises(ConfigError, match=r"1 tracked file\(s\) differ from commit .*elicitation.csv; fix"):
+        plan.refuse_unattested({**test, "screen": str(screen)})
+    # the analysis shows what the manifest recorded: here a sweep declared outside any git repository
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep"
+    plan.write_manifest(sweep, [], test)
+    _save(sweep, _record("none", "control", 0, (9, 10)))
+    row = analyze(sweep, n_permutations=99).tables["primary"].iloc[0]
+    assert not row.attested and row.commit == "" and "is not in a git repository" in row.unattested_why
+
+
+def test_a_declared_comparison_is_kept_in_the_manifest_and_computed_by_analyze(sweep, make_cfg):
+    """A preset's `compare:` (checked before launch) reaches the analysis through the sweep's manifest."""
+    with pytest.raises(ConfigError, match="compare: comparison 'ip:caps' is not a contrast of arms; fix"):
+        check_values(make_cfg("compare=[ip:caps]"))
+    _save(sweep, _record("other", "ip", 0, (2, 2)))
+    _save(sweep, _record("other", "ip", 1, (2, 2)))
+    plan.write_manifest(sweep, [], None, ["ip:caps - ip:other"])
+    plan.write_manifest(sweep, [], None, [])  # a later launch without it keeps it
+    assert plan.read_comparisons(sweep) == ["ip:caps - ip:other"]
+    t = analyze(sweep, n_permutations=99).tables["comparisons"]
+    (row,) = t[(t.comparison == "declared") & (t.epoch == 1)].itertuples()
+    assert (row.a, row.b, row.seeds) == ("effect of ip:caps", "effect of ip:other", 2)

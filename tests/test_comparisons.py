@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 from scipy.special import expit
 
+from ipsweep import contrast
 from ipsweep.analysis import _records, comparisons, frames, inference
 from ipsweep.errors import ConfigError
 
@@ -78,17 +79,17 @@ def test_paired_contrasts_cover_the_true_difference_and_are_narrower_than_two_ma
 
 
 def test_a_contrast_must_weigh_arms_to_zero():
-    assert comparisons.parse("ip:a - ip:b") == [(1.0, "ip:a"), (-1.0, "ip:b")]
-    assert comparisons.parse("ip:a[mixed 20] - ip:b - ip:c + ip:d") == [
+    assert contrast.parse("ip:a - ip:b") == [(1.0, "ip:a"), (-1.0, "ip:b")]
+    assert contrast.parse("ip:a[mixed 20] - ip:b - ip:c + ip:d") == [
         (1.0, "ip:a[mixed 20]"),
         (-1.0, "ip:b"),
         (-1.0, "ip:c"),
         (1.0, "ip:d"),
     ]
-    assert comparisons.parse("0.5*ip:a + 0.5*ip:b - ip:c") == [(0.5, "ip:a"), (0.5, "ip:b"), (-1.0, "ip:c")]
+    assert contrast.parse("0.5*ip:a + 0.5*ip:b - ip:c") == [(0.5, "ip:a"), (0.5, "ip:b"), (-1.0, "ip:c")]
     for bad in ("ip:a", "ip:a + ip:b", "ip:a-ip:b", "x*ip:a - ip:b"):
         with pytest.raises(ValueError, match="not a contrast of arms; fix"):
-            comparisons.parse(bad)
+            contrast.parse(bad)
 
 
 def _tables(name: str, compare=()):

@@ -19,6 +19,7 @@ GROUND = {
     "ipsweep.identity",
     "ipsweep.store",
     "ipsweep.settings.base",
+    "ipsweep.contrast",
 }
 
 

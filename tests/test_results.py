@@ -85,3 +85,21 @@ def test_a_block_is_filled_from_its_csv_and_a_stale_one_is_found(tmp_path):
         "| ip:a | 0.26 |\n<!-- /table -->\nend\n"
     )
     assert results.stale_blocks(md, tmp_path) == []
+
+
+def test_prose_may_not_conclude_from_overlap_or_from_an_interval_that_includes_0(tmp_path):
+    """results --check's vocabulary: a reading of two intervals' overlap, 'no difference' without 'detected',
+    and 'excludes 0' after an interval that includes it are refused; the generated verdicts' words pass."""
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        "## A\n\n- The two intervals overlap, so case does not change the effect.\n"
+        "- An effect of 0.26 [-0.04, 0.48], which excludes 0.\n"
+        "- An effect of 0.26 [0.04, 0.48], which excludes 0; no difference detected for the keywords.\n"
+        "- A test of no effect. The arms show no effect.\n"
+    )
+    problems = results.verdict_problems(md)
+    assert len(problems) == 3, problems
+    assert "overlapping is not a comparison" in problems[0]
+    assert "'excludes 0' after [-0.04, 0.48], which includes 0" in problems[1]
+    assert "The arms show no effect" in problems[2]
+    assert results.verdict_problems() == [], "RESULTS.md's prose"

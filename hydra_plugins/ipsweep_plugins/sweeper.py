@@ -128,6 +128,7 @@ class IpsweepSweeper(BasicSweeper):
         self._pin_device()
         points = self.preflight([job for batch in self.overrides for job in batch])
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        plan.refuse_unattested(plan.primary_test(points))  # a prediction git cannot attest: before anything
         if self.dry_run:
             self._print_plan(points, sweep_dir)
             return []
@@ -145,7 +146,7 @@ class IpsweepSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         manifest = [{k: v for k, v in p.items() if k != "config"} for p in points]
-        plan.write_manifest(sweep_dir, manifest, plan.primary_test(points))
+        plan.write_manifest(sweep_dir, manifest, plan.primary_test(points), plan.comparisons(points))
         already = {p["num"] for p in manifest if status.point_state(p)["state"] == "done"}
         returns, initial_job_idx, start = [], 0, time.time()
         while not self.is_done():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ipsweep import plan, store
+from ipsweep import contrast, plan, store
 from ipsweep.analysis import comparisons, frames, plots, prediction, report, tables
 from ipsweep.config import ESTIMATORS
 from ipsweep.errors import ConfigError
@@ -78,7 +78,7 @@ def build_tables(
     compare: list[str] = (),
 ) -> dict[str, pd.DataFrame]:
     """Every table of an analysis, by name. `screened`: elicitation estimates replacing the recorded ones;
-    `declared`: the sweeps' primary tests (_declared); `compare`: contrasts of arms (comparisons.parse)."""
+    `declared`: the sweeps' primary tests (_declared); `compare`: contrasts of arms (ipsweep/contrast.py)."""
     its, arms = frames.item_outcomes(records), frames.arm_evaluations(records)
     if its.empty:
         raise ConfigError(
@@ -141,7 +141,8 @@ def analyze(
 
     Several sweep dirs (e.g. one per setting) are analysed together: the pooled correlation then spans them.
     elicitation_from: `ipsweep screen` tables whose estimates replace those the runs recorded.
-    compare: contrasts of arms to compute besides the default comparisons (comparisons.parse)."""
+    compare: contrasts of arms to compute besides the default comparisons and those the sweeps' manifests
+    declare (a preset's `compare:`; ipsweep/contrast.py)."""
     dirs = [Path(d) for d in (sweep_dirs if isinstance(sweep_dirs, (list, tuple)) else [sweep_dirs])]
     if len(dirs) > 1 and out_dir is None:
         raise ConfigError("several sweep dirs need one output folder; fix: add --out <folder>")
@@ -151,12 +152,13 @@ def analyze(
     if elicitation_from is None and frozen:  # the sweep declared its prediction: use those estimates
         elicitation_from = frozen
     screened = frames.screened_elicitation(elicitation_from, records) if elicitation_from else None
+    compare = list(dict.fromkeys([*(c for d in dirs for c in plan.read_comparisons(d)), *compare]))
     for text in compare:
         try:
-            comparisons.parse(text)
+            contrast.parse(text)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    t = build_tables(records, n_permutations, sources, screened, declared, list(compare))
+    t = build_tables(records, n_permutations, sources, screened, declared, compare)
     out = Path(out_dir or dirs[0] / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     for name, table in t.items():

@@ -19,8 +19,6 @@ and a verdict in fixed words chosen from the numbers (VERDICTS).
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -29,6 +27,7 @@ from ipsweep import prompts
 from ipsweep.analysis import inference
 from ipsweep.analysis.frames import AXES
 from ipsweep.analysis.tables import fmt_ci
+from ipsweep.contrast import parse
 
 # The verdicts a comparison can get, chosen from its interval (verdict()).
 VERDICTS = {
@@ -40,9 +39,6 @@ VERDICTS = {
 }
 # The smallest difference detectable with 80% power at two-sided 5%, per unit of the interval's half-width.
 DETECTABLE_PER_HALF = (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) / stats.norm.ppf(0.975)
-OPERATOR = re.compile(
-    r"\s+([+-])\s+"
-)  # between the terms of a declared contrast (arm names hold no spaced +/-)
 
 
 def _matrix(part: pd.DataFrame) -> pd.DataFrame:
@@ -184,30 +180,6 @@ def axis_contrasts(cells: dict[tuple, tuple], arms: pd.DataFrame) -> list[dict]:
                 where = {"setting": setting, "design": design, "arm": other, "epoch": epoch}
                 out.append(_row("variant", where, f"effect of {other}", f"effect of {variants[0]}", r))
     return [r for r in out if r]
-
-
-def parse(contrast: str) -> list[tuple[float, str]]:
-    """'ip:a - ip:b' -> [(1, 'ip:a'), (-1, 'ip:b')]; a weight goes before its arm with '*' ('0.5*ip:a'). The
-    operators have spaces around them; the weights must sum to 0 (a contrast between arms, not a level)."""
-    parts = OPERATOR.split(" + " + contrast.strip() if contrast.strip()[:1] not in "+-" else contrast.strip())
-    terms = []
-    for sign, term in zip(parts[1::2], parts[2::2]):
-        weight, _, arm = term.rpartition("*")
-        try:
-            w = float(weight or 1)
-        except ValueError:
-            w, arm = np.nan, term
-        terms.append(((-1 if sign == "-" else 1) * w, arm.strip()))
-    if (
-        len(terms) < 2
-        or not all(np.isfinite(w) and a for w, a in terms)
-        or abs(sum(w for w, _ in terms)) > 1e-9
-    ):
-        raise ValueError(
-            f"comparison {contrast!r} is not a contrast of arms; fix: arms joined by ' + ' and ' - ' (spaces "
-            "around), weights as '0.5*ip:a', summing to 0: e.g. 'ip:a - ip:b' or 'ip:a - ip:b - ip:c + ip:d'"
-        )
-    return terms
 
 
 def declared_contrasts(cells: dict[tuple, tuple], declared: list[str]) -> list[dict]:

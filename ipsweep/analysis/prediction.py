@@ -183,7 +183,8 @@ def primary_table(
     """The declared primary test of each sweep (plan.read_primary, with `sweep` and the first run's start
     `first_run`), with its result: the correlation-table row(s) it names, and for a declared prediction (a
     frozen screen) its hit rate (_hits). `pre_registered`: declared before any run of its sweep existed or
-    started, and for a prediction, its frozen screen table unchanged since."""
+    started, and for a prediction, its frozen screen table unchanged since; `attested`: git holds it (the
+    commit checked out, with a clean tree, when it was declared): it does not rest on ipsweep's own files."""
     rows = []
     for d in declared:
         test = d["test"]
@@ -208,6 +209,13 @@ def primary_table(
             and (d["first_run"] is None or d["declared"] <= d["first_run"])
             and d.get("screen_unchanged", True),
             "screen_unchanged": d.get("screen_unchanged"),
+            # what git attests: the commit the sweep was declared from, with a clean tree (plan.attestation)
+            "attested": bool(d.get("attested")),
+            "commit": (d.get("commit") or "")[:12],
+            "commit_time": d.get("commit_time"),
+            "unattested_why": None
+            if d.get("attested")
+            else d.get("why_not", "declared before the manifest recorded a git commit"),
         }
         for r in hit.to_dict("records") or [{}]:
             hits = test.get("screen") and _hits(effects, elicitation, test, r.get("setting"))
