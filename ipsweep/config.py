@@ -188,6 +188,7 @@ class ElicitConfig:
 # The correlation table's prompt subsets, by the name a primary test uses for them.
 SUBSETS = {"ip_style": "IP-style prompts", "inoculation": "inoculation prompts"}
 STATISTICS = ("spearman", "pearson")
+ALTERNATIVES = ("greater", "less", "two-sided")  # of the declared statistic against 0
 
 
 @dataclass
@@ -200,6 +201,9 @@ class PrimaryTest:
     prompts: str = "ip_style"  # a key of SUBSETS
     statistic: str = "spearman"  # one of STATISTICS
     epoch: int = 1
+    # the success criterion, declared with the test: the direction (one of ALTERNATIVES) and the level
+    alternative: str = "two-sided"
+    alpha: float = 0.05
     # an `ipsweep screen` table (elicitation.csv) whose estimates are the prediction: copied into the sweep
     # dir and hashed when declared, so the analysis can tell whether the prediction preceded the training
     screen: str | None = None

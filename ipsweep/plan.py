@@ -231,8 +231,14 @@ def refuse_unattested(test: dict | None) -> None:
         )
 
 
-def _same_test(a: dict, b: dict) -> bool:
-    """Equal declarations; `attest` (added later) is how it was recorded, not what was declared."""
+# Keys added to the primary test after sweeps declared it, with the value an older declaration meant.
+LATER_KEYS = {"attest": True, "alternative": "two-sided", "alpha": 0.05}
+
+
+def _same_test(old: dict, new: dict) -> bool:
+    """Equal declarations: a key the old one lacks counts as its LATER_KEYS value; `attest` is how the
+    declaration was recorded, not what was declared."""
+    a, b = {**LATER_KEYS, **old}, {**LATER_KEYS, **new}
     return {k: v for k, v in a.items() if k != "attest"} == {k: v for k, v in b.items() if k != "attest"}
 
 

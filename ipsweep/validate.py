@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from ipsweep import contrast, models, prompts
 from ipsweep.config import (
+    ALTERNATIVES,
     ATTN_IMPLEMENTATIONS,
     DEVICES,
     DTYPES,
@@ -59,6 +60,10 @@ def _primary_problems(cfg) -> list[str]:
         out.append(f"primary.prompts={p.prompts} is unknown; fix: one of {', '.join(SUBSETS)}")
     if p.statistic not in STATISTICS:
         out.append(f"primary.statistic={p.statistic} is unknown; fix: one of {', '.join(STATISTICS)}")
+    if p.alternative not in ALTERNATIVES:
+        out.append(f"primary.alternative={p.alternative} is unknown; fix: one of {', '.join(ALTERNATIVES)}")
+    if not 0 < p.alpha < 1:
+        out.append(f"primary.alpha={p.alpha} is not a level in (0, 1); fix: e.g. primary.alpha=0.05")
     if p.get("screen") and not Path(p.screen).is_file():
         out.append(
             f"primary.screen={p.screen} is not a file; fix: the elicitation.csv `ipsweep screen --out DIR` "

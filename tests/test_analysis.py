@@ -542,3 +542,25 @@ def test_a_declared_comparison_is_kept_in_the_manifest_and_computed_by_analyze(s
     t = analyze(sweep, n_permutations=99).tables["comparisons"]
     (row,) = t[(t.comparison == "declared") & (t.epoch == 1)].itertuples()
     assert (row.a, row.b, row.seeds) == ("effect of ip:caps", "effect of ip:other", 2)
+
+
+def test_the_declared_success_criterion_decides_the_primary_verdict(make_cfg):
+    """primary.alternative and primary.alpha, declared with the test: a one-sided p is half the two-sided
+    permutation p on the declared side, and the verdict applies the declared level; bad values are refused."""
+    from ipsweep.analysis.prediction import _declared_p, _verdict
+
+    assert _declared_p(0.6, 0.04, "greater") == pytest.approx(0.02)
+    assert _declared_p(-0.6, 0.04, "greater") == pytest.approx(0.98)
+    assert _declared_p(-0.6, 0.04, "less") == pytest.approx(0.02)
+    assert _declared_p(0.6, 0.04, "two-sided") == pytest.approx(0.04)
+    test = {"statistic": "spearman", "alternative": "greater", "alpha": 0.05}
+    assert _verdict(0.02, test) == "holds: spearman > 0, p = 0.020 < 0.05"
+    assert _verdict(0.07, test) == "does not hold: spearman > 0, p = 0.070 >= 0.05"
+    with pytest.raises(ConfigError, match="primary.alternative=bigger is unknown; fix: one of greater"):
+        check_values(make_cfg("primary.estimator=logprob", "primary.alternative=bigger"))
+    with pytest.raises(ConfigError, match=r"primary.alpha=1.5 is not a level in \(0, 1\)"):
+        check_values(make_cfg("primary.estimator=logprob", "primary.alpha=1.5"))
+    # a sweep declared before these keys existed declared a two-sided test at 0.05: not a change
+    old = {"estimator": "logprob", "prompts": "ip_style", "statistic": "spearman", "epoch": 1}
+    assert plan._same_test(old, {**old, "alternative": "two-sided", "alpha": 0.05, "attest": True})
+    assert not plan._same_test(old, {**old, "alternative": "greater"})

@@ -177,6 +177,27 @@ def _hits(effects: pd.DataFrame, elicitation: pd.DataFrame, test: dict, setting:
     return {"hit_rate": k / n, "hit_rate_ci": f"[{lo:.2f}, {hi:.2f}]", "hits": f"{k}/{n}"}
 
 
+def _declared_p(r, p_two_sided, alternative: str) -> float:
+    """The p-value of the declared alternative, from the two-sided permutation p (the pairings permutation
+    null is symmetric about 0: a one-sided p is half the two-sided one on the declared side)."""
+    if r is None or p_two_sided is None or not np.isfinite(r) or not np.isfinite(p_two_sided):
+        return np.nan
+    if alternative == "two-sided":
+        return float(p_two_sided)
+    on_side = r > 0 if alternative == "greater" else r < 0
+    return float(p_two_sided / 2 if on_side else 1 - p_two_sided / 2)
+
+
+def _verdict(p: float, test: dict) -> str:
+    """The declared success criterion, applied: the test holds when its declared p is below its alpha."""
+    alpha, alternative = test.get("alpha", 0.05), test.get("alternative", "two-sided")
+    if not np.isfinite(p):
+        return "not computed"
+    side = {"greater": "> 0", "less": "< 0", "two-sided": "!= 0"}[alternative]
+    held = "holds" if p < alpha else "does not hold"
+    return f"{held}: {test['statistic']} {side}, p = {p:.3f} {'<' if p < alpha else '>='} {alpha:g}"
+
+
 def primary_table(
     correlations: pd.DataFrame, declared: list[dict], effects: pd.DataFrame, elicitation: pd.DataFrame
 ) -> pd.DataFrame:
@@ -219,6 +240,7 @@ def primary_table(
         }
         for r in hit.to_dict("records") or [{}]:
             hits = test.get("screen") and _hits(effects, elicitation, test, r.get("setting"))
+            p = _declared_p(r.get(stat), r.get(f"{stat}_p"), test.get("alternative", "two-sided"))
             rows.append(
                 {
                     **head,
@@ -229,6 +251,8 @@ def primary_table(
                     f"{stat}_lo": r.get(f"{stat}_lo"),
                     f"{stat}_hi": r.get(f"{stat}_hi"),
                     f"{stat}_p": r.get(f"{stat}_p"),
+                    "p_declared": p,
+                    "verdict": _verdict(p, test),
                     **(hits or {}),
                 }
             )
