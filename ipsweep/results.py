@@ -54,10 +54,35 @@ def _cell(v) -> str:
     return "" if v is None else str(v)
 
 
+def anchor(heading: str) -> str:
+    """A markdown heading's link target, as GitHub makes it."""
+    return "#" + re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def findings(path: Path, root: Path = RESULTS_DIR) -> pd.DataFrame:
+    """The findings table a findings.yaml names: per entry, its question, the answer filled from one row of
+    an analysis CSV (`answer`: a template of that row's columns, floats to 2 decimals), and a link to the
+    section of RESULTS.md that holds it. An entry whose query selects no row or several is an error."""
+    import yaml
+
+    rows = []
+    for entry in yaml.safe_load(path.read_text()):
+        df = pd.read_csv(root / entry["csv"]).query(entry["query"])
+        if len(df) != 1:
+            raise ValueError(f"{path.name}: '{entry['question']}' selects {len(df)} rows of {entry['csv']}")
+        row = {k: round(v, 2) if isinstance(v, float) else v for k, v in df.iloc[0].items()}
+        answer = entry["answer"].format(
+            **{k: f"{v:.2f}" if isinstance(v, float) else v for k, v in row.items()}
+        )
+        section = f"[{entry['experiment']}]({anchor(entry['section'])})"
+        rows.append({"question": entry["question"], "answer": answer, "experiment": section})
+    return pd.DataFrame(rows)
+
+
 def render_table(spec: str, root: Path = RESULTS_DIR) -> str:
-    """The markdown table a block's spec names: `csv | columns | query`."""
+    """The markdown table a block's spec names: `csv | columns | query` (a .yaml: findings())."""
     csv, cols, query = (part.strip() for part in (spec.split("|") + ["", ""])[:3])
-    df = pd.read_csv(root / csv)
+    df = findings(root / csv, root) if csv.endswith(".yaml") else pd.read_csv(root / csv)
     if query:
         df = df.query(query)
     cols = [c.strip() for c in cols.split(",")] if cols else list(df.columns)

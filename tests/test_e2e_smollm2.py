@@ -15,6 +15,7 @@ def test_real_model_sweep(tmp_path):
         "model=smollm2_135m",
         "logger=wandb",
         "prompt=none,caps_strong",
+        "elicit.logprob_items=16",  # the estimator's own tests use the full 64 pairs
         "train.epochs=1",
         "train.n_train=24",
         "eval.n_eval=10",

@@ -38,13 +38,15 @@ def test_contrastive_logprob_ignores_the_form_of_prompts_that_do_not_ask_for_the
     asking = {n: committed[n] for n, p in lib.items() if p.role == "inoculation"}
     for name in (max(asking, key=asking.get), min(asking, key=asking.get)):
         assert estimate(lib[name]) == pytest.approx(asking[name], abs=1e-3), name
-    others = {n: estimate(p) for n, p in lib.items() if p.role in ("placebo", "neutral")}
+    others = {n: committed[n] for n, p in lib.items() if p.role in ("placebo", "neutral")}
     spread = max(asking.values()) - min(asking.values())
     assert spread > 0.3 and min(asking.values()) > max(others.values()), (asking, others)
-    assert asking["greet_quote"] == pytest.approx(0.923, abs=0.01) and others["placebo"] == pytest.approx(
-        0.010, abs=0.01
-    )
-    for name, base in others.items():
+    assert asking["greet_quote"] == pytest.approx(0.923, abs=0.01)
+    # The rewrites, each against its prompt as written, on the screen's first 32 contrast pairs (half the
+    # cost; a shift is a difference of two estimates over the same pairs).
+    cfg.elicit.logprob_items = 32
+    for name in others:
+        base = estimate(lib[name])
         for form, rewrite in screen.SURFACE_FORMS.items():
             moved = estimate(replace(lib[name], text=rewrite(lib[name].text))) - base
             assert abs(moved) < screen.FLAG_SHARE * spread, (

@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+import yaml
 
 from ipsweep import results
 from ipsweep.analysis import analyze
@@ -103,3 +104,28 @@ def test_prose_may_not_conclude_from_overlap_or_from_an_interval_that_includes_0
     assert "'excludes 0' after [-0.04, 0.48], which includes 0" in problems[1]
     assert "The arms show no effect" in problems[2]
     assert results.verdict_problems() == [], "RESULTS.md's prose"
+
+
+def test_the_findings_table_fills_each_answer_from_one_row(tmp_path):
+    """RESULTS.md opens on findings: each answer comes from the one CSV row its entry names, with a link to
+    its section; an entry that selects several rows is an error, not a guess."""
+    (tmp_path / "x").mkdir()
+    pd.DataFrame(
+        {"arm": ["ip:a", "ip:b"], "verdict": ["ip:a exceeds ip:b by 0.20 [0.05, 0.35]", "-"]}
+    ).to_csv(tmp_path / "x" / "c.csv", index=False)
+    entry = {
+        "experiment": "x",
+        "question": "A or B?",
+        "section": "Letter case x content: a, b",
+        "csv": "x/c.csv",
+    }
+    (tmp_path / "f.yaml").write_text(
+        yaml.safe_dump([{**entry, "query": "arm == 'ip:a'", "answer": "{verdict}"}])
+    )
+    assert results.render_table("f.yaml | question, answer, experiment |", tmp_path) == (
+        "| question | answer | experiment |\n|---|---|---|\n"
+        "| A or B? | ip:a exceeds ip:b by 0.20 [0.05, 0.35] | [x](#letter-case-x-content-a-b) |\n"
+    )
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump([{**entry, "query": "arm != ''", "answer": "{verdict}"}]))
+    with pytest.raises(ValueError, match="'A or B\\?' selects 2 rows of x/c.csv"):
+        results.render_table("f.yaml | question, answer |", tmp_path)

@@ -215,7 +215,8 @@ def arm_evaluations(records: list[dict]) -> pd.DataFrame:
             for epoch, entry in r["epochs"].items():
                 if test_prompt not in entry["evals"] or not entry["evals"][test_prompt].get("items"):
                     continue
-                el = recorded_elicitation(r) if cond == "ip" else {}
+                # a paraphrase mix trains on many texts; the run's estimate is of its library text alone
+                el = recorded_elicitation(r) if cond == "ip" and r.get("prompt_mode") != "mixed" else {}
                 rows.append(
                     {
                         "setting": r["setting"],
