@@ -51,6 +51,17 @@ def test_unknown_setting_lists_choices(make_cfg):
     )
 
 
+def test_a_misspelt_preset_fails_with_the_presets_instead_of_running_the_default(make_cfg):
+    """experiment is a config group with no default: a name that is not a preset is an error that lists
+    them (an optional group would skip it and launch the default sweep)."""
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg("experiment=paraphrase_cout")
+    assert "Could not find 'experiment/paraphrase_cout'" in str(e.value) and "paraphrase_count" in str(
+        e.value
+    )
+    assert make_cfg().get("compare") == [] and make_cfg("experiment=case_2x2").compare
+
+
 def test_bad_type_fails_at_compose(make_cfg):
     with pytest.raises((ValidationError, ConfigCompositionException)) as e:
         make_cfg("train.epochs=two")
