@@ -295,3 +295,28 @@ def test_local_gpus_refuses_device_map_auto_before_any_job(tmp_path):
         assert "hydra/launcher=slurm with hydra.launcher.gpus_per_node=<n>" in proc.stderr
         assert not sweep.exists()
     assert "dry run: 2 jobs" in launch(*args, "--dry-run", sweep_dir=tmp_path / "ok").stdout
+
+
+def test_local_gpus_options_are_checked_by_the_dry_run(tmp_path):
+    """jobs_per_gpu=0 (it fell back to CPU slots), cpus_per_job=0 (a division by zero), max_jobs<0 (it
+    dropped slots) and a GPU listed twice (two jobs the memory check counts once) stop the sweep, dry run
+    included, before any point is planned."""
+    proc = launch(
+        "--dry-run",
+        *TINY,
+        "hydra/launcher=local_gpus",
+        "hydra.launcher.gpus=[0,0]",
+        "hydra.launcher.jobs_per_gpu=0",
+        "hydra.launcher.cpus_per_job=0",
+        "hydra.launcher.max_jobs=-1",
+        sweep_dir=tmp_path / "sweep",
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for said in (
+        "jobs_per_gpu=0 gives a GPU no job; fix: 1 or more",
+        "cpus_per_job=0 gives a job no core",
+        "max_jobs=-1 allows no job",
+        "gpus lists 0 more than once",
+    ):
+        assert said in proc.stderr, proc.stderr[-2000:]

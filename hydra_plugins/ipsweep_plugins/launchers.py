@@ -212,6 +212,36 @@ class LocalGpusLauncher(_Launcher):
     _OWN_KEYS = ("gpus", "jobs_per_gpu", "cpus_per_job", "max_jobs")
     tenants = 1  # the most jobs on one GPU at once (launch sets it; the jobs carry it)
 
+    def check_options(self) -> None:
+        """The launcher's own options, before any point is planned (a dry run included): each bad one with
+        its fix."""
+        bad = []
+        if self.jobs_per_gpu < 1:
+            bad.append(f"jobs_per_gpu={self.jobs_per_gpu} gives a GPU no job; fix: 1 or more")
+        if self.cpus_per_job < 1:
+            bad.append(f"cpus_per_job={self.cpus_per_job} gives a job no core; fix: 1 or more")
+        if self.max_jobs is not None and self.max_jobs < 1:
+            bad.append(f"max_jobs={self.max_jobs} allows no job; fix: 1 or more, or null (no cap)")
+        if self.gpus is not None:
+            ids = [str(g) for g in self.gpus]
+            if twice := sorted({g for g in ids if ids.count(g) > 1}):
+                bad.append(
+                    f"gpus lists {', '.join(twice)} more than once (the memory check counts each GPU once); "
+                    "fix: list each GPU once and set jobs_per_gpu for jobs that share one"
+                )
+        if bad:
+            raise ConfigError("hydra/launcher=local_gpus: " + "; ".join(bad))
+
+    @staticmethod
+    def _visible() -> list[str]:
+        """The GPUs this machine shows jobs: CUDA_VISIBLE_DEVICES's entries, else torch's indices."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            return [g.strip() for g in visible.split(",") if g.strip()]
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+
     def problems(self, cfg) -> list[str]:
         """What a job of point config `cfg` cannot run on one of this launcher's slots (the sweeper's
         pre-flight asks, before any job and in a dry run)."""
@@ -279,15 +309,7 @@ class LocalGpusLauncher(_Launcher):
     def slots(self) -> list[str | None]:
         """One entry per concurrent job: its GPU id as CUDA_VISIBLE_DEVICES takes it (an index, a GPU-... UUID
         or a MIG-... id, as SLURM or a user gives them), or None on a CPU-only machine."""
-        gpus = None if self.gpus is None else [str(g) for g in self.gpus]
-        if gpus is None:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if visible is not None:
-                gpus = [g.strip() for g in visible.split(",") if g.strip()]
-            else:
-                import torch
-
-                gpus = [str(i) for i in range(torch.cuda.device_count())]
+        gpus = self._visible() if self.gpus is None else [str(g) for g in self.gpus]
         slots = [g for g in gpus for _ in range(self.jobs_per_gpu)] or [None] * max(
             1, (os.cpu_count() or 1) // self.cpus_per_job
         )

@@ -126,6 +126,8 @@ class IpsweepSweeper(BasicSweeper):
             overrides, 1 if in_process and self.max_batch_size is None else self.max_batch_size
         )
         self._pin_device()
+        if isinstance(self.launcher, LocalGpusLauncher):
+            self.launcher.check_options()
         points = self.preflight([job for batch in self.overrides for job in batch])
         sweep_dir = Path(self.config.hydra.sweep.dir)
         plan.refuse_unattested(plan.primary_test(points))  # a prediction git cannot attest: before anything
