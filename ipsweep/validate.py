@@ -128,6 +128,8 @@ def engine_problems(cfg) -> list[str]:
         )
     if not v.cpu_kv_cache_gb > 0:
         out.append(f"eval.vllm.cpu_kv_cache_gb={v.cpu_kv_cache_gb} must be > 0 (GiB); fix: e.g. 2")
+    if v.timeout_s <= 0:
+        out.append(f"eval.vllm.timeout_s={v.timeout_s} gives the engine no time; fix: e.g. 7200 (seconds)")
     if v.max_lora_rank is not None and v.max_lora_rank not in VLLM_LORA_RANKS:
         out.append(
             f"eval.vllm.max_lora_rank={v.max_lora_rank} is not a rank vLLM takes; fix: one of "
@@ -257,6 +259,14 @@ def _problems(cfg) -> list[str]:
         out.append(
             f"train.lora.dropout={t.lora.dropout} must be in [0, 1); fix: e.g. train.lora.dropout=0.05"
         )
+    if t.get("method", "lora") == "lora" and t.lora.alpha <= 0:
+        out.append(
+            f"train.lora.alpha={t.lora.alpha} scales the adapter by alpha/r = 0 or less: every run would be "
+            "the base model (or its opposite); fix: a positive alpha, e.g. train.lora.alpha=16"
+        )
+    for key in ("weight_decay", "max_grad_norm"):  # AdamW's decay and the clip norm: finite, not negative
+        if not (math.isfinite(t[key]) and t[key] >= 0):
+            out.append(f"train.{key}={t[key]} must be a finite number >= 0; fix: e.g. train.{key}=0.0")
     at_least("eval.n_eval", e.n_eval, 1, optional=True)
     for key in ("max_new_tokens", "samples_per_prompt", "batch_size"):
         at_least(f"eval.{key}", e[key], 1)

@@ -243,3 +243,23 @@ def test_truncated_json_data_file_names_file_position_and_fix(tmp_path):
     )
     assert proc.returncode == 1 and f"{target}: not valid JSON at line" in proc.stderr
     assert "fix: restore the file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lora.alpha=0", "train.lora.alpha=0 scales the adapter by alpha/r = 0 or less"),
+        ("train.weight_decay=nan", "train.weight_decay=nan must be a finite number >= 0"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0 must be a finite number >= 0"),
+        ("train.weight_decay=inf", "train.weight_decay=inf must be a finite number >= 0"),
+    ],
+)
+def test_optimiser_and_adapter_values_that_would_train_nothing_or_nan_are_refused(
+    make_cfg, override, message
+):
+    """Values the schema accepts but a run cannot use: refused by the pre-flight with the fix."""
+    from ipsweep.errors import ConfigError
+    from ipsweep.validate import check_values
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(") + ".*fix"):
+        check_values(make_cfg(override))
