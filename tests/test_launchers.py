@@ -320,3 +320,14 @@ def test_local_gpus_options_are_checked_by_the_dry_run(tmp_path):
         "gpus lists 0 more than once",
     ):
         assert said in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_sweep_past_max_points_asks_for_the_flag_before_its_pre_flight(tmp_path):
+    """The pre-flight plans every point before any job: a sweep larger than hydra.sweeper.max_points (2000 by
+    default) is stopped at once with its size and the flag that lets it go on."""
+    args = ["-m", *TINY, "prompt=none,caps_strong", "train.seed=0,1", "--dry-run"]
+    proc = launch(*args, "hydra.sweeper.max_points=3", sweep_dir=tmp_path / "a", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "this sweep has 4 points, more than hydra.sweeper.max_points=3" in proc.stderr
+    assert "fix: hydra.sweeper.max_points=4 to go on" in proc.stderr
+    assert "dry run: 4 jobs" in launch(*args, "hydra.sweeper.max_points=4", sweep_dir=tmp_path / "b").stdout

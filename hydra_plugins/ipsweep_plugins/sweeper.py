@@ -38,6 +38,8 @@ class IpsweepSweeperConf:
     max_batch_size: int | None = None
     params: dict[str, str] | None = None
     dry_run: bool = False
+    # the pre-flight composes and checks every point before any job: a larger sweep asks for this raised
+    max_points: int = 2000
 
 
 ConfigStore.instance().store(
@@ -67,10 +69,15 @@ def _requests_gpus(launcher) -> bool:
 
 class IpsweepSweeper(BasicSweeper):
     def __init__(
-        self, max_batch_size: int | None, params: dict[str, str] | None = None, dry_run: bool = False
+        self,
+        max_batch_size: int | None,
+        params: dict[str, str] | None = None,
+        dry_run: bool = False,
+        max_points: int = 2000,
     ):
         super().__init__(max_batch_size, params)
         self.dry_run = dry_run
+        self.max_points = max_points
         self._states: dict[int, str] = {}  # the state of each point whose job has run, by number
 
     def preflight(self, jobs: list[list[str]]) -> list[dict]:
@@ -128,7 +135,15 @@ class IpsweepSweeper(BasicSweeper):
         self._pin_device()
         if isinstance(self.launcher, LocalGpusLauncher):
             self.launcher.check_options()
-        points = self.preflight([job for batch in self.overrides for job in batch])
+        jobs = [job for batch in self.overrides for job in batch]
+        if len(jobs) > self.max_points:
+            raise ConfigError(
+                f"this sweep has {len(jobs):,} points, more than hydra.sweeper.max_points="
+                f"{self.max_points:,}: the pre-flight composes and checks every one before any job starts, "
+                "which takes long at this size, and each is a training; fix: "
+                f"hydra.sweeper.max_points={len(jobs)} to go on (try --dry-run first), or sweep fewer values"
+            )
+        points = self.preflight(jobs)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         plan.refuse_unattested(plan.primary_test(points))  # a prediction git cannot attest: before anything
         if self.dry_run:
