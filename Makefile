@@ -48,7 +48,8 @@ demo: venv
 # One pytest-xdist worker per core (tests/conftest.py gives each its share of threads); a test that must not
 # overlap another of its kind (the SLURM cluster, the vLLM engine) is in one xdist_group.
 XDIST := -n auto --dist loadgroup
-test: venv vllm
+test:
+	$(MAKE) -j2 venv vllm  # the two environments install side by side (separate folders)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ipsweep prepare --tiny
