@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ipsweep.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parent.parent  # the checkout (results are committed files, not package data)
 RESULTS_MD = ROOT / "RESULTS.md"
 RESULTS_DIR = ROOT / "docs" / "results"
@@ -69,7 +71,10 @@ def findings(path: Path, root: Path = RESULTS_DIR) -> pd.DataFrame:
     for entry in yaml.safe_load(path.read_text()):
         df = pd.read_csv(root / entry["csv"]).query(entry["query"])
         if len(df) != 1:
-            raise ValueError(f"{path.name}: '{entry['question']}' selects {len(df)} rows of {entry['csv']}")
+            raise ConfigError(
+                f"{path.name}: '{entry['question']}' selects {len(df)} rows of {entry['csv']}; fix: a query "
+                "that selects one row"
+            )
         row = {k: round(v, 2) if isinstance(v, float) else v for k, v in df.iloc[0].items()}
         answer = entry["answer"].format(
             **{k: f"{v:.2f}" if isinstance(v, float) else v for k, v in row.items()}

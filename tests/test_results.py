@@ -6,6 +6,7 @@ import yaml
 
 from ipsweep import results
 from ipsweep.analysis import analyze
+from ipsweep.errors import ConfigError
 
 EXPERIMENTS = sorted(p.parent for p in results.RESULTS_DIR.glob("*/runs"))
 
@@ -127,5 +128,5 @@ def test_the_findings_table_fills_each_answer_from_one_row(tmp_path):
         "| A or B? | ip:a exceeds ip:b by 0.20 [0.05, 0.35] | [x](#letter-case-x-content-a-b) |\n"
     )
     (tmp_path / "f.yaml").write_text(yaml.safe_dump([{**entry, "query": "arm != ''", "answer": "{verdict}"}]))
-    with pytest.raises(ValueError, match="'A or B\\?' selects 2 rows of x/c.csv"):
+    with pytest.raises(ConfigError, match="'A or B\\?' selects 2 rows of x/c.csv; fix"):
         results.render_table("f.yaml | question, answer |", tmp_path)

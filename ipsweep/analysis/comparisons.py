@@ -207,17 +207,24 @@ def declared_contrasts(cells: dict[tuple, tuple], declared: list[str]) -> list[d
                     )
                 )
                 continue
-            side = {
-                sign: sum(abs(w) * have[arm][0] for w, arm in terms if np.sign(w) == sign) for sign in (1, -1)
-            }
-            name = {
-                sign: " + ".join(
-                    f"{abs(w):g}*{arm}" if abs(w) != 1 else arm for w, arm in terms if np.sign(w) == sign
-                )
-                for sign in (1, -1)
-            }
-            r = paired(side[1], side[-1])
-            out.append(_row("declared", where, f"effects of {name[1]}", f"effects of {name[-1]}", r))
+            if [w for w, _ in terms] == [1, -1, -1, 1]:  # a 2x2's interaction: one difference vs another
+                (_, a), (_, b), (_, c), (_, d) = terms
+                first, second = (a, b), (c, d)
+                r = paired(have[a][0] - have[b][0], have[c][0] - have[d][0])
+                names = [f"(effect of {x} - effect of {y})" for x, y in (first, second)]
+            else:
+                side = {
+                    sign: sum(abs(w) * have[arm][0] for w, arm in terms if np.sign(w) == sign)
+                    for sign in (1, -1)
+                }
+                r = paired(side[1], side[-1])
+                names = [
+                    "("
+                    + " + ".join(f"{abs(w):g} x effect of {arm}" for w, arm in terms if np.sign(w) == sign)
+                    + ")"
+                    for sign in (1, -1)
+                ]
+            out.append(_row("declared", where, *names, r))
     return [r for r in out if r]
 
 
