@@ -118,7 +118,9 @@ def test_an_axis_compares_one_arms_effect_across_designs():
 
 
 def test_a_declared_interaction_is_one_contrast_over_shared_seeds_and_items():
-    """The 2x2's interaction (case x content): the weighted sum of four effects per (seed, item)."""
+    """A declared four-arm contrast is the weighted sum of four effects per (seed, item), and a two-arm one
+    the paired difference of the arms' rates (the control cancels). (The arms are the 2x2's; this pairing of
+    two different wordings tests the machinery, not a finding.)"""
     interaction = "ip:caps_upper_shout - ip:caps_shout_lower - ip:irrelevant_shout + ip:irrelevant"
     t = _tables("trait_pair_case_2x2_cpu", [interaction, "ip:caps_upper_shout - ip:caps_shout_lower"])
     declared = t[t.comparison == "declared"]
