@@ -75,10 +75,8 @@ def findings(path: Path, root: Path = RESULTS_DIR) -> pd.DataFrame:
                 f"{path.name}: '{entry['question']}' selects {len(df)} rows of {entry['csv']}; fix: a query "
                 "that selects one row"
             )
-        row = {k: round(v, 2) if isinstance(v, float) else v for k, v in df.iloc[0].items()}
-        answer = entry["answer"].format(
-            **{k: f"{v:.2f}" if isinstance(v, float) else v for k, v in row.items()}
-        )
+        row = {k: f"{v:.2f}" if isinstance(v, float) else v for k, v in df.iloc[0].items()}
+        answer = entry["answer"].format(**row)
         section = f"[{entry['experiment']}]({anchor(entry['section'])})"
         rows.append({"question": entry["question"], "answer": answer, "experiment": section})
     return pd.DataFrame(rows)
@@ -127,16 +125,23 @@ FENCED, INLINE, IMAGE = re.compile(r"```.*?```", re.S), re.compile(r"`[^`\n]*`")
 NOT_PROSE = (BLOCK, LITERATURE, FENCED, INLINE, IMAGE)
 
 
+def _sections(path: Path) -> list[tuple[str, str, str]]:
+    """RESULTS.md's sections (split at `## `): their title, text, and prose (NOT_PROSE blanked out)."""
+    out = []
+    for section in re.split(r"\n(?=## )", path.read_text()):
+        prose = section
+        for pattern in NOT_PROSE:
+            prose = pattern.sub(" ", prose)
+        out.append((section.splitlines()[0].lstrip("# ")[:60], section, prose))
+    return out
+
+
 def unsourced_numbers(path: Path = RESULTS_MD) -> list[str]:
     """Decimals in RESULTS.md's prose that no generated table of their section (a `## ` heading) holds, as
     'section: number'. A claim cites the table beside it; a figure from the literature is marked as such."""
     out = []
-    for section in re.split(r"\n(?=## )", path.read_text()):
+    for title, section, prose in _sections(path):
         held = {abs(float(x)) for m in BLOCK.finditer(section) for x in NUMBER.findall(m.group("body"))}
-        prose = section
-        for pattern in NOT_PROSE:
-            prose = pattern.sub(" ", prose)
-        title = section.splitlines()[0].lstrip("# ")[:60]
         out += [f"{title}: {x}" for x in NUMBER.findall(prose) if abs(float(x)) not in held]
     return out
 
@@ -166,11 +171,7 @@ def verdict_problems(path: Path = RESULTS_MD) -> list[str]:
     a word of READINGS, or 'excludes 0' / 'includes 0' right after an interval (WINDOW) that says
     otherwise. As 'section: problem: the sentence'."""
     out = []
-    for section in re.split(r"\n(?=## )", path.read_text()):
-        title = section.splitlines()[0].lstrip("# ")[:60]
-        prose = section
-        for pattern in NOT_PROSE:
-            prose = pattern.sub(" ", prose)
+    for title, _, prose in _sections(path):
         for sentence in _sentences(prose):
             said = " ".join(sentence.split())
             for word, fix in READINGS.items():

@@ -63,7 +63,7 @@ def paired(a: pd.DataFrame, b: pd.DataFrame) -> dict | None:
         r = inference.difference_interval(x, y)  # rates: Newcombe's paired interval when every pair agrees
     else:
         r = inference.crossed_mean(x - y)
-        r["p"] = float(2 * stats.t.sf(abs(r["estimate"] / r["se"]), r["df"])) if r["se"] > 0 else np.nan
+        r["p"] = inference.t_p(r)
     half = (r["hi"] - r["lo"]) / 2 if r["hi"] > r["lo"] else np.nan  # degenerate: nothing to size it by
     return {
         "seeds": len(x),

@@ -169,6 +169,11 @@ def _equivalent_df(se: float, half: float) -> float:
     return float(brentq(lambda d: special.stdtrit(d, 0.975) - q, 0.05, 1e7))
 
 
+def t_p(r: dict) -> float:
+    """The two-sided t p-value of a crossed_mean result against 0 (on its interval's equivalent df)."""
+    return float(2 * stats.t.sf(abs(r["estimate"] / r["se"]), r["df"])) if r.get("se", 0) > 0 else np.nan
+
+
 def rate_interval(m: np.ndarray, pooled: dict | None = None) -> dict:
     """A rate (mean of 0/1 or k/n cells over seeds x items), its seed part pooled over the design's arms
     when `pooled` is given; a degenerate matrix (all 0 or all 1) falls back to a Wilson interval on the
@@ -201,7 +206,7 @@ def difference_interval(control: np.ndarray, arm: np.ndarray, pooled: dict | Non
             ).pvalue
         )
         return r
-    r["p"] = float(2 * stats.t.sf(abs(r["estimate"] / r["se"]), r["df"])) if r.get("se", 0) > 0 else np.nan
+    r["p"] = t_p(r)
     r["lo"], r["hi"] = max(r["lo"], -1.0), min(r["hi"], 1.0)  # a difference of rates lies in [-1, 1]
     return r
 
